@@ -1,0 +1,194 @@
+"""Model and GPU profiles: one JSON file each, looked up by name.
+
+`--model` takes a profile name, a path to a Hugging Face config.json (or a folder
+holding one), or a bare size such as `20b`; `--gpu` takes a GPU profile name.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from .schema import GB, GIB, GpuProfile, ModelProfile
+
+__all__ = [
+    "GB",
+    "GIB",
+    "GpuProfile",
+    "ModelProfile",
+    "ProfileError",
+    "gpu_names",
+    "load_gpu",
+    "load_model",
+    "model_from_hf_config",
+    "model_names",
+    "resolve_model",
+]
+
+_HERE = Path(__file__).parent
+_MODELS = _HERE / "models"
+_GPUS = _HERE / "gpus"
+
+
+class ProfileError(ValueError):
+    """A bad model or GPU name, or an unreadable config.json (a user mistake, exit 2)."""
+
+
+def _names(folder: Path) -> list[str]:
+    return sorted(p.stem for p in folder.glob("*.json"))
+
+
+def model_names() -> list[str]:
+    return _names(_MODELS)
+
+
+def gpu_names() -> list[str]:
+    return _names(_GPUS)
+
+
+def _did_you_mean(kind: str, name: str, choices: list[str]) -> ProfileError:
+    close = difflib.get_close_matches(name.lower(), choices, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(choices)}"
+    return ProfileError(f"unknown {kind} '{name}'{hint}")
+
+
+def _load_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ProfileError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except OSError as e:
+        raise ProfileError(f"{path}: cannot read ({e.strerror})") from None
+
+
+@lru_cache(maxsize=None)
+def load_model(name: str) -> ModelProfile:
+    """A model profile by its name (`internlm2-20b`)."""
+    key = name.lower()
+    if key not in model_names():
+        raise _did_you_mean("model", name, model_names())
+    return ModelProfile(**_load_json(_MODELS / f"{key}.json"))
+
+
+@lru_cache(maxsize=None)
+def load_gpu(name: str) -> GpuProfile:
+    """A GPU profile by its name (`a100-80g`)."""
+    key = name.lower()
+    if key not in gpu_names():
+        raise _did_you_mean("GPU", name, gpu_names())
+    return GpuProfile(**_load_json(_GPUS / f"{key}.json"))
+
+
+# ---------------------------------------------------------------- Hugging Face config.json
+
+_SUPPORTED_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "internlm2": "internlm2"}
+_MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def model_from_hf_config(path: str | Path) -> ModelProfile:
+    """Read a Hugging Face config.json (or a folder holding one) without transformers."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ProfileError(f"{path}: no such config.json")
+    cfg = _load_json(path)
+    model_type = cfg.get("model_type")
+    if model_type is None:
+        raise ProfileError(f"{path}: missing key 'model_type'")
+    for key in _MOE_KEYS:
+        if cfg.get(key):
+            raise ProfileError(
+                f"{path}: '{model_type}' is a mixture-of-experts model ({key}={cfg[key]}); "
+                "ltune models dense decoders only"
+            )
+    if model_type not in _SUPPORTED_TYPES:
+        raise ProfileError(
+            f"{path}: unsupported model_type '{model_type}' (supported: {', '.join(sorted(_SUPPORTED_TYPES))})"
+        )
+
+    def need(key: str):
+        if key not in cfg:
+            raise ProfileError(f"{path}: missing key '{key}'")
+        return cfg[key]
+
+    heads = need("num_attention_heads")
+    fields = dict(
+        name=path.parent.name or path.stem,
+        source=str(path),
+        family=_SUPPORTED_TYPES[model_type],
+        hidden_size=need("hidden_size"),
+        num_layers=need("num_hidden_layers"),
+        num_attention_heads=heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        intermediate_size=need("intermediate_size"),
+        vocab_size=need("vocab_size"),
+        head_dim=cfg.get("head_dim"),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2") or cfg.get("bias", False)),
+        max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+        rope_theta=float(cfg.get("rope_theta", 10000.0)),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+    )
+    try:
+        return ModelProfile(**fields)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise ProfileError(f"{path}: bad value for '{err['loc'][0]}': {err['msg']}") from None
+
+
+# ---------------------------------------------------------------- bare sizes ("20b")
+
+_SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([bm])$", re.IGNORECASE)
+
+
+def generic_model(target_params: int) -> ModelProfile:
+    """A llama-shaped stand-in with about `target_params` parameters.
+
+    Shape rules from the Llama 2 family (Touvron et al. 2023): head_dim 128,
+    about 128 hidden units per layer, gated MLP of ~8/3 h rounded to 256, 8 KV heads
+    from 32 layers on, vocabulary 32000.
+    """
+    best: ModelProfile | None = None
+    for h in range(256, 16385, 128):
+        layers = max(2, round(h / 128))
+        heads = h // 128 if h % 128 == 0 else h // 64
+        ffn = -(-int(8 * h / 3) // 256) * 256
+        kv = 8 if layers >= 32 and heads % 8 == 0 else heads
+        cand = ModelProfile(
+            name=f"generic-{h}x{layers}",
+            source="generic llama-shaped estimate (no published config)",
+            family="generic",
+            hidden_size=h,
+            num_layers=layers,
+            num_attention_heads=heads,
+            num_kv_heads=kv,
+            intermediate_size=ffn,
+            vocab_size=32000,
+            generic=True,
+        )
+        if best is None or abs(cand.num_params() - target_params) < abs(best.num_params() - target_params):
+            best = cand
+    assert best is not None
+    return best
+
+
+def resolve_model(spec: str) -> ModelProfile:
+    """`--model`: a profile name, a config.json path or folder, or a bare size (`7.5b`)."""
+    m = _SIZE_RE.match(spec.strip())
+    if m:
+        scale = 1e9 if m.group(2).lower() == "b" else 1e6
+        target = int(float(m.group(1)) * scale)
+        if target <= 0:
+            raise ProfileError(f"model size '{spec}' must be positive")
+        return generic_model(target)
+    if spec.lower() in model_names():
+        return load_model(spec)
+    if spec.endswith(".json") or "/" in spec or Path(spec).is_dir():
+        return model_from_hf_config(spec)
+    raise _did_you_mean("model", spec, model_names())
