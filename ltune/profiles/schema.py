@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field
+from pydantic import BaseModel, ConfigDict, Field
 
 GIB = 2**30
 GB = 10**9
@@ -32,7 +32,6 @@ class ModelProfile(BaseModel):
     rms_norm_eps: float = 1e-5
     generic: bool = Field(default=False, description="a llama-shaped stand-in for a bare size, not a real model")
 
-    @computed_field  # type: ignore[prop-decorator]
     @property
     def head_size(self) -> int:
         return self.head_dim or self.hidden_size // self.num_attention_heads
