@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny real-shaped plans for the trainer tests."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from ltune.planner.schema import Plan
+from ltune.profiles.schema import ModelProfile
+
+# DeepSpeed JIT-builds a CPU comm op on first use; keep it in a cache folder.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/ltune/torch_extensions"))
+
+
+def tiny_arch(**overrides) -> ModelProfile:
+    """A llama-shaped model of ~1M parameters (hidden 64, 2 layers, GQA 4/2)."""
+    fields = dict(
+        name="tiny-test",
+        source="test fixture",
+        family="llama",
+        hidden_size=64,
+        num_layers=2,
+        num_attention_heads=4,
+        num_kv_heads=2,
+        intermediate_size=128,
+        vocab_size=384,
+        max_position_embeddings=1024,
+    )
+    fields.update(overrides)
+    return ModelProfile(**fields)
+
+
+def make_plan(
+    *,
+    arch: ModelProfile | None = None,
+    layout: dict | None = None,
+    training: dict | None = None,
+    model: dict | None = None,
+    gpu: str = "cpu",
+) -> Plan:
+    """A Plan built from small dicts of overrides (validated like a plan.yaml)."""
+    arch = arch or tiny_arch()
+    model_fields = {"name": arch.name, "architecture": arch.model_dump()}
+    model_fields.update(model or {})
+    layout_fields = {"num_gpus": 2, "zero_stage": 3}
+    layout_fields.update(layout or {})
+    training_fields = {"seq_len": 128, "max_steps": 4}
+    training_fields.update(training or {})
+    return Plan.model_validate(
+        {
+            "model": model_fields,
+            "hardware": {"gpu": gpu},
+            "layout": layout_fields,
+            "training": training_fields,
+        }
+    )
+
+
+@pytest.fixture
+def plan_factory():
+    return make_plan
