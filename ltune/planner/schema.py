@@ -57,6 +57,7 @@ class MemoryBreakdown(_Frozen):
     usable_bytes: int = Field(description="capacity less the safety margin")
     host_bytes_per_node: int = 0
     host_capacity_bytes_per_node: int = 0
+    peak_phase: str = Field(default="backward", description="the moment of the step the terms describe")
 
     @property
     def fits_gpu(self) -> bool:

@@ -132,7 +132,7 @@ def model_from_hf_config(path: str | Path) -> ModelProfile:
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2") or cfg.get("bias", False)),
         max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-        rope_theta=float(cfg.get("rope_theta", 10000.0)),
+        rope_theta=float(cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
     )
     try:

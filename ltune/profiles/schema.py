@@ -73,8 +73,8 @@ class ModelProfile(BaseModel):
         return max(self.embedding_params(), self.hidden_size * self.intermediate_size)
 
     def to_hf_config(self) -> dict:
-        """A transformers LlamaConfig-compatible dict for building this architecture."""
-        return {
+        """A transformers config dict (Llama, or Qwen2 for q/k/v biases) that builds this architecture."""
+        cfg = {
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
             "hidden_size": self.hidden_size,
@@ -91,6 +91,11 @@ class ModelProfile(BaseModel):
             "rms_norm_eps": self.rms_norm_eps,
             "hidden_act": "silu",
         }
+        if self.family == "qwen2":
+            # Llama's attention_bias also puts a bias on o_proj; Qwen2 biases q/k/v only.
+            cfg = {**cfg, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}
+            cfg.pop("attention_bias")
+        return cfg
 
 
 class GpuProfile(BaseModel):
