@@ -316,30 +316,48 @@ def host_offload_bytes_per_gpu(s: Shape, lay: Layout) -> int:
 PHASES = ("loss", "backward", "step")
 
 
-def phase_terms(s: Shape, lay: Layout, gpu: GpuProfile, phase: str) -> dict[str, int]:
-    """Every term live at one moment of the step, by name."""
-    terms = {
+STATE_TERMS = ("weights", "gradients", "gradients_fp32", "master_weights", "optimizer_states", "zero_buffers")
+ACTIVATION_TERMS = ("activations_checkpoints", "activations_layer", "logits_loss")
+
+
+def state_terms(s: Shape, lay: Layout, phase: str) -> dict[str, int]:
+    """Model states and ZeRO buffers: depend on the GPU count, ZeRO stage and offload only."""
+    return {
         "weights": weights_bytes(s, lay),
         "gradients": gradients_bytes(s, lay),
         "gradients_fp32": gradients_fp32_bytes(s, lay, phase),
         "master_weights": master_weights_bytes(s, lay),
         "optimizer_states": optimizer_states_bytes(s, lay),
         "zero_buffers": zero_buffers_bytes(s, lay, phase),
-        "activations_checkpoints": 0,
-        "activations_layer": 0,
-        "logits_loss": 0,
     }
+
+
+def activation_terms(s: Shape, lay: Layout, phase: str) -> dict[str, int]:
+    """Activations, logits and loss: depend on sp degree, micro-batch, recompute, loss
+    and attention only (the optimizer step holds none)."""
+    terms = dict.fromkeys(ACTIVATION_TERMS, 0)
     if phase == "loss":
         terms["activations_checkpoints"] = activation_checkpoints_bytes(s, lay) + final_norm_bytes(s, lay)
         terms["logits_loss"] = logits_loss_bytes(s, lay)
     elif phase == "backward":
         terms["activations_checkpoints"] = activation_checkpoints_bytes(s, lay)
         terms["activations_layer"] = activation_working_bytes(s, lay)
-    allocated = sum(terms.values())
-    terms["cuda_context"] = cuda_context_bytes(gpu)
-    terms["comm_buffers"] = comm_buffers_bytes(gpu, lay)
-    terms["fragmentation"] = fragmentation_bytes(allocated)
     return terms
+
+
+def reserve_terms(gpu: GpuProfile, lay: Layout, allocated_bytes: int) -> dict[str, int]:
+    """The runtime reserve beside what tensors take."""
+    return {
+        "cuda_context": cuda_context_bytes(gpu),
+        "comm_buffers": comm_buffers_bytes(gpu, lay),
+        "fragmentation": fragmentation_bytes(allocated_bytes),
+    }
+
+
+def phase_terms(s: Shape, lay: Layout, gpu: GpuProfile, phase: str) -> dict[str, int]:
+    """Every term live at one moment of the step, by name."""
+    terms = state_terms(s, lay, phase) | activation_terms(s, lay, phase)
+    return terms | reserve_terms(gpu, lay, sum(terms.values()))
 
 
 def peak_terms(s: Shape, lay: Layout, gpu: GpuProfile) -> tuple[str, dict[str, int]]:

@@ -1,0 +1,29 @@
+"""Turning a search result into a plan.yaml."""
+
+from __future__ import annotations
+
+from .schema import Evaluation, Hardware, ModelSpec, Plan, Prediction, Training
+from .search import Request
+
+
+def build_plan(req: Request, ev: Evaluation, model_name: str, training: dict, host_mem_gib: float | None) -> Plan:
+    """The plan for one evaluated layout: model, hardware, layout, training, prediction."""
+    per_node = req.gpu.gpus_per_node
+    nodes = -(-ev.layout.num_gpus // per_node)
+    if nodes > 1 and ev.layout.num_gpus % per_node:
+        raise ValueError(
+            f"num_gpus ({ev.layout.num_gpus}) must be a multiple of the GPUs per node ({per_node}) "
+            f"for {req.gpu.name} across nodes"
+        )
+    return Plan(
+        model=ModelSpec(name=model_name, architecture=req.model),
+        hardware=Hardware(gpu=req.gpu.name, num_nodes=nodes, host_mem_gib=host_mem_gib),
+        layout=ev.layout,
+        training=Training(
+            seq_len=req.seq_len,
+            precision=req.precision,
+            loss_chunk_tokens=req.chunk_tokens,
+            **training,
+        ),
+        prediction=Prediction(memory=ev.memory, throughput=ev.throughput, safety_margin=req.safety_margin),
+    )

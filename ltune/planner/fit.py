@@ -1,0 +1,30 @@
+"""Re-checking a saved plan against its target: what `ltune check` and `ltune launch` use."""
+
+from __future__ import annotations
+
+from ..profiles import GIB, load_gpu
+from .schema import Evaluation, Plan
+from .search import Request, evaluate
+
+
+def request_for(plan: Plan) -> Request:
+    """The search request a plan stands for (its model, GPU, context and precision)."""
+    gpu = load_gpu(plan.hardware.gpu)
+    host = int(plan.hardware.host_mem_gib * GIB) if plan.hardware.host_mem_gib else None
+    margin = plan.prediction.safety_margin if plan.prediction else None
+    fields = dict(
+        model=plan.model.architecture,
+        gpu=gpu,
+        seq_len=plan.training.seq_len,
+        precision=plan.training.precision,
+        chunk_tokens=plan.training.loss_chunk_tokens,
+        host_mem_bytes=host,
+    )
+    if margin is not None:
+        fields["safety_margin"] = margin
+    return Request(**fields)
+
+
+def check_fit(plan: Plan) -> Evaluation:
+    """The plan's layout judged by today's model: `.fits`, the breakdown, the step time."""
+    return evaluate(request_for(plan), plan.layout)

@@ -1,0 +1,294 @@
+"""The search over layouts: every candidate judged, the fastest that fits recommended."""
+
+from __future__ import annotations
+
+import time
+from itertools import product
+from typing import Iterable, NamedTuple
+
+from pydantic import Field
+
+from ..profiles.schema import GIB, GpuProfile, ModelProfile
+from .memory import (
+    PHASES,
+    SAFETY_MARGIN,
+    Shape,
+    activation_terms,
+    comm_buffers_bytes,
+    estimate_memory,
+    fragmentation_bytes,
+    host_offload_bytes_per_gpu,
+    peak_terms,
+    state_terms,
+)
+from .schema import Evaluation, Layout, _Frozen, check_sp_degree
+from .throughput import estimate_throughput, tokens_per_s_per_gpu
+
+DEFAULT_GPU_COUNTS = tuple(2**i for i in range(11))  # 1 .. 1024
+MICRO_BATCHES = (1, 2, 4, 8)
+#: ZeRO stage and offload pairs DeepSpeed supports
+ZERO_OFFLOAD = ((0, "none"), (1, "none"), (1, "optimizer"), (2, "none"), (2, "optimizer"),
+                (3, "none"), (3, "optimizer"), (3, "all"))
+
+
+class Candidate(NamedTuple):
+    """A layout as the hot loop sees it (same attribute names as schema.Layout)."""
+
+    num_gpus: int
+    zero_stage: int
+    sp_degree: int
+    micro_batch_size: int
+    offload: str
+    recompute: str
+    loss: str
+    attention: str
+
+
+class Pins(_Frozen):
+    """What the user fixed on the command line; None leaves it to the search."""
+
+    num_gpus: int | None = None
+    zero_stage: int | None = None
+    sp_degree: int | None = None
+    micro_batch_size: int | None = None
+    offload: str | None = None
+    recompute: str | None = None
+    loss: str | None = None
+    attention: str = "varlen"
+    max_gpus: int = 1024
+
+
+class Request(_Frozen):
+    model: ModelProfile
+    gpu: GpuProfile
+    seq_len: int = Field(gt=0)
+    precision: str = "bf16"
+    chunk_tokens: int = 4096
+    safety_margin: float = SAFETY_MARGIN
+    host_mem_bytes: int | None = None
+    pins: Pins = Pins()
+
+
+class Shortfall(_Frozen):
+    """The closest a GPU count came to fitting."""
+
+    num_gpus: int
+    layout: Layout
+    over_bytes: int
+    largest_term: str
+    largest_term_bytes: int
+    host_over_bytes: int = 0
+
+
+class SearchResult(_Frozen):
+    best: Evaluation | None
+    runners_up: list[Evaluation]
+    shortfalls: list[Shortfall] = Field(description="the closest layout at each smaller GPU count")
+    conventional: Evaluation | None = Field(
+        description="the smallest fitting layout with ZeRO-3, no sequence parallel, no offload, "
+        "full recompute, full loss, micro-batch 1 (XTuner's long-context recipe)"
+    )
+    evaluated: int
+    seconds: float
+
+
+# ---------------------------------------------------------------- candidates
+
+
+def sp_degrees(model: ModelProfile, num_gpus: int) -> list[int]:
+    """Sequence-parallel degrees that divide the GPU count and the attention heads."""
+    out = []
+    for sp in range(1, num_gpus + 1):
+        if num_gpus % sp:
+            continue
+        try:
+            check_sp_degree(sp, model)
+        except ValueError:
+            continue
+        out.append(sp)
+    return out
+
+
+def gpu_counts(pins: Pins) -> tuple[int, ...]:
+    if pins.num_gpus is not None:
+        return (pins.num_gpus,)
+    return tuple(n for n in DEFAULT_GPU_COUNTS if n <= pins.max_gpus)
+
+
+def _choices(pinned, default: Iterable) -> tuple:
+    return (pinned,) if pinned is not None else tuple(default)
+
+
+def candidates(req: Request) -> Iterable[Candidate]:
+    """Every layout the pins allow."""
+    p = req.pins
+    zero_offload = [
+        (z, o)
+        for z, o in ZERO_OFFLOAD
+        if (p.zero_stage is None or z == p.zero_stage) and (p.offload is None or o == p.offload)
+    ]
+    for n in gpu_counts(p):
+        sps = _choices(p.sp_degree, sp_degrees(req.model, n))
+        for (z, o), sp, rc, loss in product(zero_offload, sps, _choices(p.recompute, ("full", "none")),
+                                            _choices(p.loss, ("full", "chunked"))):
+            if n % sp:
+                continue
+            for mb in _choices(p.micro_batch_size, MICRO_BATCHES):
+                yield Candidate(n, z, sp, mb, o, rc, loss, p.attention)
+
+
+# ---------------------------------------------------------------- the search
+
+
+def _layout(c: Candidate) -> Layout:
+    return Layout(**c._asdict())
+
+
+def evaluate(req: Request, layout: Layout | Candidate, shape: Shape | None = None) -> Evaluation:
+    """Memory and time of one layout, as frozen models."""
+    s = shape or Shape.of(req.model, req.seq_len, req.precision, req.chunk_tokens)
+    lay = layout if isinstance(layout, Layout) else _layout(layout)
+    memory = estimate_memory(
+        req.model, req.gpu, lay, req.seq_len, safety_margin=req.safety_margin,
+        host_mem_bytes=req.host_mem_bytes, shape=s,
+    )
+    return Evaluation(layout=lay, memory=memory, throughput=estimate_throughput(s, lay, req.gpu))
+
+
+def _rank_key(ev_tps: float, c: Candidate) -> tuple:
+    """Fewest GPUs, then most tokens/s/GPU, then the simplest layout."""
+    return (c.num_gpus, -round(ev_tps, 6), c.sp_degree, c.offload != "none", c.micro_batch_size)
+
+
+def search(req: Request, runners_up: int = 4) -> SearchResult:
+    """Judge every candidate; recommend the fastest fitting layout at the smallest GPU count.
+
+    Offload is a last resort: unless --offload is pinned, offloading layouts are only
+    searched when nothing fits without them (they trade a lot of speed for memory).
+    """
+    start = time.perf_counter()
+    result = _search(req, runners_up, allow_offload=req.pins.offload is not None)
+    if result[0] is None and req.pins.offload is None:
+        offloading = _search(req, runners_up, allow_offload=True)
+        result = (offloading[0], offloading[1], offloading[2], result[3] + offloading[3])
+    fitting, closest, s, evaluated = result
+    best = evaluate(req, fitting[0][1], s) if fitting else None
+    others = [evaluate(req, c, s) for _, c in fitting[1 : 1 + runners_up]]
+    min_fit = best.layout.num_gpus if best else None
+    host_cap = req.host_mem_bytes or req.gpu.host_mem_bytes_per_node
+    shortfalls = [
+        _shortfall(s, req, c, name, size, host_cap)
+        for n, (_, c, name, size) in sorted(closest.items())
+        if min_fit is None or n < min_fit
+    ]
+    return SearchResult(
+        best=best,
+        runners_up=others,
+        shortfalls=shortfalls,
+        conventional=_conventional(req, s),
+        evaluated=evaluated,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _search(req: Request, runners_up: int, allow_offload: bool):
+    """The hot loop. Model states depend only on (GPUs, stage, offload) and activations
+    only on (sp, micro-batch, recompute, loss, attention): each part is computed once per
+    key and combined per candidate."""
+    s = Shape.of(req.model, req.seq_len, req.precision, req.chunk_tokens)
+    usable = int(req.gpu.hbm_bytes * (1 - req.safety_margin))
+    host_cap = req.host_mem_bytes or req.gpu.host_mem_bytes_per_node
+    states: dict[tuple, tuple[int, ...]] = {}
+    acts: dict[tuple, tuple[int, ...]] = {}
+    context = req.gpu.cuda_context_bytes
+    fitting: list[tuple[tuple, Candidate]] = []
+    closest: dict[int, tuple[int, Candidate, str, int]] = {}
+    evaluated = 0
+    for c in candidates(req):
+        if c.offload != "none" and not allow_offload:
+            continue
+        evaluated += 1
+        skey = (c.num_gpus, c.zero_stage, c.offload)
+        st = states.get(skey)
+        if st is None:
+            st = states[skey] = tuple(sum(state_terms(s, c, ph).values()) for ph in PHASES)
+        akey = (c.sp_degree, c.micro_batch_size, c.recompute, c.loss, c.attention)
+        ac = acts.get(akey)
+        if ac is None:
+            ac = acts[akey] = tuple(sum(activation_terms(s, c, ph).values()) for ph in PHASES)
+        allocated = max(a + b for a, b in zip(st, ac))
+        total = allocated + fragmentation_bytes(allocated) + context + comm_buffers_bytes(req.gpu, c)
+        over = total - usable
+        host_over = _host_over(s, c, req.gpu, host_cap) if c.offload != "none" else 0
+        if over <= 0 and host_over <= 0:
+            tps = tokens_per_s_per_gpu(s, c, req.gpu)
+            fitting.append((_rank_key(tps, c), c))
+        else:
+            worst = max(over, host_over)
+            prev = closest.get(c.num_gpus)
+            if prev is None or worst < prev[0]:
+                closest[c.num_gpus] = (worst, c, "", 0)
+    fitting.sort(key=lambda kc: kc[0])
+    for n, (worst, c, _, _) in closest.items():
+        _, terms = peak_terms(s, c, req.gpu)
+        name = max(terms, key=terms.__getitem__)
+        closest[n] = (worst, c, name, terms[name])
+    return (fitting or None) and fitting, closest, s, evaluated
+
+
+def _host_over(s: Shape, c: Candidate, gpu: GpuProfile, host_cap: int) -> int:
+    if c.offload == "none":
+        return 0
+    return host_offload_bytes_per_gpu(s, c) * min(c.num_gpus, gpu.gpus_per_node) - host_cap
+
+
+def _shortfall(s: Shape, req: Request, c: Candidate, name: str, size: int, host_cap: int) -> Shortfall:
+    ev = evaluate(req, c, s)
+    return Shortfall(
+        num_gpus=c.num_gpus,
+        layout=ev.layout,
+        over_bytes=max(0, ev.memory.total_bytes - ev.memory.usable_bytes),
+        largest_term=name,
+        largest_term_bytes=size,
+        host_over_bytes=max(0, _host_over(s, c, req.gpu, host_cap)),
+    )
+
+
+def _conventional(req: Request, s: Shape) -> Evaluation | None:
+    """XTuner's recipe for long context: ZeRO-3, full recompute, full loss, micro-batch 1."""
+    for n in gpu_counts(req.pins.model_copy(update={"num_gpus": None})):
+        if n % (req.pins.num_gpus or n) and n < (req.pins.num_gpus or 0):
+            continue
+        lay = Layout(num_gpus=n, zero_stage=3, sp_degree=1, micro_batch_size=1,
+                     offload="none", recompute="full", loss="full")
+        ev = evaluate(req, lay, s)
+        if ev.fits:
+            return ev
+    return None
+
+
+def describe_shortfall(sf: Shortfall) -> str:
+    """One line: how far a GPU count falls short and the biggest term."""
+    if sf.host_over_bytes > sf.over_bytes:
+        return f"host memory over by {sf.host_over_bytes / GIB:.1f} GiB per node"
+    return f"over by {sf.over_bytes / GIB:.1f} GiB; largest term {sf.largest_term} {sf.largest_term_bytes / GIB:.1f} GiB"
+
+
+def remedies(req: Request, sf: Shortfall) -> list[str]:
+    """What would make the closest layout fit, most direct first."""
+    p = req.pins
+    out: list[str] = []
+    pinned = [f"--{k.replace('_', '-')}" for k, v in p.model_dump(exclude={"attention", "max_gpus"}).items()
+              if v is not None]
+    if pinned:
+        out.append(f"unpin {', '.join(pinned)} to let the search choose")
+    if p.num_gpus is None and sf.num_gpus >= p.max_gpus:
+        out.append(f"allow more than {p.max_gpus} GPUs (--max-gpus)")
+    if sf.largest_term == "logits_loss" and p.loss != "chunked":
+        out.append("use the chunked loss (--loss chunked)")
+    if sf.largest_term.startswith("activations"):
+        out.append("raise the sequence-parallel degree or keep full recompute")
+    if sf.largest_term in ("optimizer_states", "master_weights", "weights", "gradients"):
+        out.append("shard over more GPUs or offload the optimizer (--offload optimizer)")
+    out.append("use a GPU with more memory (ltune gpus)")
+    return out
