@@ -1,0 +1,442 @@
+"""`ltune launch` up to starting the job: commands, run folder, checks (no training started).
+
+Commands are compared as data (argument lists, #SBATCH directives), in the style of
+accelerate's tests/test_cli.py. The fit re-check is replaced by a stub so these tests
+judge the launcher, not the memory model.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from conftest import make_plan
+from ltune.cli import app
+from ltune.launcher import FitRefused, LaunchError, LaunchOptions, plan_launch, start, write_spec
+from ltune.launcher import spec as spec_module
+from ltune.launcher.command import read_hostfile
+from ltune.launcher.slurm import parse_sbatch
+from ltune.planner.io import dump_plan, load_plan
+from ltune.planner.schema import Evaluation, MemoryBreakdown, Throughput
+from ltune.profiles import GIB, load_model
+from ltune.trainer.ds_config import build_ds_config
+
+PY = "python-under-test"  # the interpreter path is a parameter: compare argv exactly
+
+
+def fake_evaluation(plan, total_gib: float, usable_gib: float = 70.0) -> Evaluation:
+    return Evaluation(
+        layout=plan.layout,
+        memory=MemoryBreakdown(
+            terms={"weights": int(total_gib * GIB * 0.25), "activations": int(total_gib * GIB * 0.75)},
+            total_bytes=int(total_gib * GIB),
+            capacity_bytes=int(80 * GIB),
+            usable_bytes=int(usable_gib * GIB),
+        ),
+        throughput=Throughput(
+            step_time_s=1.0, tokens_per_s_per_gpu=1000.0, mfu=0.4, compute_s=0.9, exposed_comm_s=0.1,
+            flops_per_token=1e9,
+        ),
+    )
+
+
+@pytest.fixture(autouse=True)
+def fits(monkeypatch):
+    """The fit re-check says 'fits' unless a test says otherwise."""
+    monkeypatch.setattr(spec_module, "evaluate_fit", lambda plan: fake_evaluation(plan, 10.0))
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A plan folder with two JSONL files and a (presence-only) tokenizer folder; cwd there."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.jsonl").write_text('{"text": "hello"}\n{"text": "world"}\n')
+    (tmp_path / "data" / "b.jsonl").write_text('{"messages": [{"role": "user", "content": "q"}, '
+                                               '{"role": "assistant", "content": "a"}]}\n')
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def cpu_plan(**training):
+    fields = {"data": ["data/a.jsonl", "data/b.jsonl"], "output_dir": "runs/tiny"}
+    fields.update(training)
+    return make_plan(training=fields, model={"tokenizer": "tok"})
+
+
+def big_plan(num_gpus: int):
+    """llama2-7b at 32k on h100-80g (8 GPUs per node)."""
+    arch = load_model("llama2-7b")
+    return make_plan(
+        arch=arch,
+        gpu="h100-80g",
+        layout={"num_gpus": num_gpus, "zero_stage": 3, "sp_degree": 4},
+        training={"seq_len": 32768, "max_steps": 100, "data": ["data/a.jsonl"], "output_dir": "runs/big"},
+        model={"tokenizer": "tok"},
+    )
+
+
+def plan_file(workdir: Path, plan, name: str = "plan.yaml") -> Path:
+    path = workdir / name
+    dump_plan(plan, path)
+    return path
+
+
+# ---------------------------------------------------------------- commands as data
+
+
+def test_deepspeed_single_node_argv(workdir):
+    spec = plan_launch(cpu_plan(), workdir / "plan.yaml", LaunchOptions(master_port=29611), python=PY,
+                       cpu_count=2, environ={})
+    run = str(workdir / "runs" / "tiny")
+    assert list(spec.argv) == [
+        PY, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29611",
+        "--no_local_rank", "--module", "ltune.trainer", run,
+    ]
+    assert spec.env == {"PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    assert (spec.nodes.nnodes, spec.nodes.nproc_per_node) == (1, 2)
+
+
+def test_cpu_env_keeps_the_users_thread_count(workdir):
+    spec = plan_launch(cpu_plan(), workdir / "plan.yaml", LaunchOptions(master_port=29611), python=PY,
+                       cpu_count=16, environ={"OMP_NUM_THREADS": "3"})
+    assert "OMP_NUM_THREADS" not in spec.env  # inherited from the user's environment
+    spec = plan_launch(cpu_plan(), workdir / "plan.yaml", LaunchOptions(master_port=29611), python=PY,
+                       cpu_count=16, environ={})
+    assert spec.env["OMP_NUM_THREADS"] == "8"  # 16 cores over 2 ranks
+
+
+def test_deepspeed_hostfile_two_nodes_argv(workdir):
+    (workdir / "hosts").write_text("# two nodes\nnode-a slots=8\nnode-b slots=8\n")
+    spec = plan_launch(big_plan(16), workdir / "plan.yaml",
+                       LaunchOptions(hostfile="hosts", master_addr="10.0.0.1"), python=PY)
+    assert list(spec.argv) == [
+        PY, "-m", "deepspeed.launcher.runner",
+        "--hostfile", str(workdir / "hosts"), "--num_nodes", "2", "--num_gpus", "8",
+        "--master_addr", "10.0.0.1", "--master_port", "29500",
+        "--no_local_rank", "--module", "ltune.trainer", str(workdir / "runs" / "big"),
+    ]
+    assert spec.env == {"PYTHONUNBUFFERED": "1"}  # a GPU target: no CPU accelerator
+
+
+def test_deepspeed_several_nodes_needs_a_hostfile(workdir):
+    with pytest.raises(LaunchError, match="needs --hostfile for 2 nodes"):
+        plan_launch(big_plan(16), workdir / "plan.yaml", LaunchOptions(), python=PY)
+
+
+def test_torchrun_multi_node_argv(workdir):
+    opts = LaunchOptions(launcher="torchrun", nnodes=2, node_rank=1, master_addr="10.0.0.1", master_port=29600)
+    spec = plan_launch(big_plan(16), workdir / "plan.yaml", opts, python=PY)
+    assert list(spec.argv) == [
+        PY, "-m", "torch.distributed.run",
+        "--nproc-per-node", "8", "--nnodes", "2", "--node-rank", "1",
+        "--master-addr", "10.0.0.1", "--master-port", "29600",
+        "-m", "ltune.trainer", str(workdir / "runs" / "big"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "opts, message",
+    [
+        (dict(nnodes=2, node_rank=0), "needs --master-addr"),
+        (dict(nnodes=2, master_addr="10.0.0.1"), "needs --node-rank"),
+        (dict(nnodes=2, node_rank=2, master_addr="10.0.0.1"), r"--node-rank \(2\) must be in 0..1"),
+        (dict(nnodes=3), r"num_gpus \(16\) does not split evenly over 3 nodes"),
+        (dict(nnodes=1), r"16 processes per node exceed gpus_per_node \(8\)"),
+    ],
+)
+def test_torchrun_multi_node_mistakes(workdir, opts, message):
+    with pytest.raises(LaunchError, match=message) as err:
+        plan_launch(big_plan(16), workdir / "plan.yaml", LaunchOptions(launcher="torchrun", **opts), python=PY)
+    assert err.value.exit_code == 2
+
+
+def test_sbatch_for_four_nodes(workdir):
+    """llama2-7b on 32 h100-80g: 4 nodes x 8 GPUs, one srun task per node running torchrun."""
+    spec = plan_launch(big_plan(32), workdir / "plan.yaml", LaunchOptions(launcher="slurm"), python=PY)
+    run = workdir / "runs" / "big"
+    directives, srun = parse_sbatch(spec.sbatch)
+    assert directives == {
+        "job-name": "ltune-llama2-7b",
+        "nodes": "4",
+        "ntasks-per-node": "1",
+        "gpus-per-node": "8",
+        "output": str(run / "slurm-%j.out"),
+    }
+    assert srun == [
+        "srun", "--kill-on-bad-exit=1", PY, "-m", "torch.distributed.run",
+        "--nproc-per-node", "8", "--nnodes", "4",
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", "$MASTER_ADDR:29500", "--rdzv-id", "$SLURM_JOB_ID",
+        "-m", "ltune.trainer", str(run),
+    ]
+    lines = spec.sbatch.splitlines()
+    assert lines[0] == "#!/bin/bash"
+    # the rendezvous host is the allocation's first node, resolved before srun
+    addr = next(i for i, line in enumerate(lines) if line.startswith("MASTER_ADDR="))
+    assert "scontrol show hostnames" in lines[addr] and addr < lines.index(next(x for x in lines if x.startswith("srun")))
+    assert f"export PYTHONUNBUFFERED=1" in lines
+    assert list(spec.argv) == ["sbatch", str(run / "launch.sbatch")]
+    assert spec.files["launch.sbatch"] == spec.sbatch
+
+
+# ---------------------------------------------------------------- the run folder
+
+
+def test_run_folder_holds_resolved_plan_ds_config_and_command(workdir):
+    path = plan_file(workdir, cpu_plan())
+    spec = plan_launch(load_plan(path), path, LaunchOptions(master_port=29611), python=PY)
+    write_spec(spec)
+    run = workdir / "runs" / "tiny"
+    assert sorted(p.name for p in run.iterdir()) == ["command.json", "ds_config.json", "plan.yaml"]
+    stored = load_plan(run / "plan.yaml")
+    assert stored.training.data == [str(workdir / "data" / "a.jsonl"), str(workdir / "data" / "b.jsonl")]
+    assert stored.model.tokenizer == str(workdir / "tok")
+    assert stored.training.output_dir == str(run)
+    assert json.loads((run / "ds_config.json").read_text()) == build_ds_config(stored)
+    assert json.loads((run / "command.json").read_text()) == {
+        "argv": list(spec.argv), "env": spec.env, "cwd": str(workdir),
+    }
+    # nothing else left beside the run folder (the temporary folder was renamed)
+    assert [p.name for p in (workdir / "runs").iterdir()] == ["tiny"]
+
+
+def test_paths_resolve_against_the_plan_folder_not_cwd(workdir, monkeypatch):
+    elsewhere = workdir / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    path = plan_file(workdir, cpu_plan())
+    spec = plan_launch(load_plan(path), path, LaunchOptions(master_port=29611, run_dir="r"), python=PY)
+    assert spec.plan.training.data[0] == str(workdir / "data" / "a.jsonl")
+    assert spec.run_dir == elsewhere / "r"  # the run folder is relative to where ltune runs
+
+
+def test_failed_write_leaves_nothing(workdir, monkeypatch):
+    spec = plan_launch(cpu_plan(), workdir / "plan.yaml", LaunchOptions(master_port=29611), python=PY)
+    real_write = Path.write_text
+    calls = []
+
+    def flaky(self, text, *a, **k):
+        calls.append(self.name)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_write(self, text, *a, **k)
+
+    monkeypatch.setattr(Path, "write_text", flaky)
+    with pytest.raises(OSError):
+        write_spec(spec)
+    assert list((workdir / "runs").iterdir()) == []
+
+
+def test_existing_run_is_not_overwritten(workdir):
+    run = workdir / "runs" / "tiny"
+    (run / "checkpoints" / "step-2").mkdir(parents=True)
+    with pytest.raises(LaunchError, match="--resume"):
+        plan_launch(cpu_plan(), workdir / "plan.yaml", LaunchOptions(master_port=29611))
+    (workdir / "other").mkdir()
+    (workdir / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(LaunchError, match="not empty"):
+        plan_launch(cpu_plan(), workdir / "plan.yaml", LaunchOptions(master_port=29611, run_dir="other"))
+    assert (workdir / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_a_launch_that_never_ran_is_replaced(workdir):
+    first = plan_launch(cpu_plan(), workdir / "plan.yaml", LaunchOptions(master_port=29611))
+    write_spec(first)
+    second = plan_launch(cpu_plan(max_steps=9), workdir / "plan.yaml", LaunchOptions(master_port=29612))
+    write_spec(second)
+    assert load_plan(workdir / "runs" / "tiny" / "plan.yaml").training.max_steps == 9
+    assert [p.name for p in (workdir / "runs").iterdir()] == ["tiny"]
+
+
+def test_resume(workdir):
+    path = plan_file(workdir, cpu_plan())
+    with pytest.raises(LaunchError, match="does not exist"):
+        plan_launch(load_plan(path), path, LaunchOptions(resume=True, master_port=29611))
+    write_spec(plan_launch(load_plan(path), path, LaunchOptions(master_port=29611)))
+    with pytest.raises(LaunchError, match="no checkpoint"):
+        plan_launch(load_plan(path), path, LaunchOptions(resume=True, master_port=29611))
+    run = workdir / "runs" / "tiny"
+    (run / "checkpoints" / "step-2").mkdir(parents=True)
+    before = {p.name: p.read_text() for p in run.iterdir() if p.is_file()}
+    spec = plan_launch(load_plan(path), path, LaunchOptions(resume=True, master_port=29611), python=PY)
+    assert spec.argv[-2:] == (str(run), "--resume")
+    assert spec.files == {}
+    write_spec(spec)
+    assert {p.name: p.read_text() for p in run.iterdir() if p.is_file()} == before
+    # a different job cannot resume this run
+    changed = plan_file(workdir, cpu_plan(learning_rate=1e-3), "changed.yaml")
+    with pytest.raises(LaunchError, match="training.learning_rate"):
+        plan_launch(load_plan(changed), changed, LaunchOptions(resume=True, master_port=29611))
+
+
+# ---------------------------------------------------------------- fit re-check
+
+
+def test_plan_that_does_not_fit_is_refused(workdir, monkeypatch):
+    monkeypatch.setattr(spec_module, "evaluate_fit", lambda plan: fake_evaluation(plan, 75.5, usable_gib=70.0))
+    with pytest.raises(FitRefused) as err:
+        plan_launch(big_plan(32), workdir / "plan.yaml", LaunchOptions(launcher="slurm"))
+    assert err.value.exit_code == 1
+    assert "75.50 GiB per GPU" in str(err.value) and "short by 5.50 GiB" in str(err.value)
+    assert err.value.evaluation.memory.terms["activations"] > 0
+    spec = plan_launch(big_plan(32), workdir / "plan.yaml", LaunchOptions(launcher="slurm", force=True))
+    assert spec.forced
+
+
+def test_real_fit_check_runs_on_the_plan(workdir, monkeypatch):
+    """The planner's check_fit is what the launcher calls (no stub)."""
+    monkeypatch.undo()
+    monkeypatch.chdir(workdir)
+    ev = spec_module.evaluate_fit(cpu_plan())
+    assert ev is not None and ev.memory.total_bytes > 0
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_port_in_use_is_refused(workdir):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(LaunchError, match=f"master port {port} is in use"):
+            plan_launch(cpu_plan(), workdir / "plan.yaml", LaunchOptions(master_port=port))
+        # a dry run starts nothing, so it does not test-bind the port
+        plan_launch(cpu_plan(), workdir / "plan.yaml", LaunchOptions(master_port=port, dry_run=True))
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda d: (d / "data" / "a.jsonl").unlink(), "a.jsonl: data file not found"),
+        (lambda d: (d / "data" / "a.jsonl").write_text(""), "a.jsonl: data file is empty"),
+        (lambda d: (d / "data" / "a.jsonl").write_text('{"text": "ok"}\n{"text": oops}\n'), r"a.jsonl:2: malformed JSON"),
+        (lambda d: (d / "tok" / "tokenizer.json").unlink(), "holds no tokenizer"),
+    ],
+)
+def test_bad_data_is_a_one_line_error(workdir, setup, message):
+    setup(workdir)
+    with pytest.raises(LaunchError, match=message) as err:
+        plan_launch(cpu_plan(), workdir / "plan.yaml", LaunchOptions(master_port=29611))
+    assert err.value.exit_code == 2 and "\n" not in str(err.value)
+    assert not (workdir / "runs").exists()
+
+
+def test_hostfile_mistakes(workdir):
+    with pytest.raises(LaunchError, match="no such file"):
+        plan_launch(big_plan(16), workdir / "plan.yaml", LaunchOptions(hostfile="missing"))
+    (workdir / "hosts").write_text("node-a slots=8\n")
+    with pytest.raises(LaunchError, match="lists 1 hosts; the plan needs 2 nodes"):
+        plan_launch(big_plan(16), workdir / "plan.yaml", LaunchOptions(hostfile="hosts"))
+    (workdir / "hosts").write_text("node-a slots=8\nnode-b gpus=8\n")
+    with pytest.raises(LaunchError, match=r"hosts:2: expected 'HOST slots=N'"):
+        read_hostfile(workdir / "hosts")
+
+
+# ---------------------------------------------------------------- the CLI
+
+runner = CliRunner()
+
+
+def test_cli_dry_run_prints_and_writes_nothing(workdir):
+    path = plan_file(workdir, cpu_plan())
+    result = runner.invoke(app, ["launch", str(path), "--dry-run", "--master-port", "29611"])
+    assert result.exit_code == 0, result.output
+    assert "deepspeed.launcher.runner --num_gpus 2 --master_port 29611" in result.output
+    assert '"zero_optimization"' in result.output
+    assert not (workdir / "runs").exists()
+    assert sorted(p.name for p in workdir.iterdir()) == ["data", "plan.yaml", "tok"]
+
+
+def test_cli_slurm_writes_the_script_and_starts_nothing(workdir):
+    path = plan_file(workdir, big_plan(32))
+    result = runner.invoke(app, ["launch", str(path), "--launcher", "slurm"])
+    assert result.exit_code == 0, result.output
+    script = workdir / "runs" / "big" / "launch.sbatch"
+    assert "submit with: sbatch" in result.output
+    assert parse_sbatch(script.read_text())[0]["nodes"] == "4"
+
+
+def test_cli_refuses_a_plan_that_does_not_fit(workdir, monkeypatch):
+    monkeypatch.setattr(spec_module, "evaluate_fit", lambda plan: fake_evaluation(plan, 75.5, usable_gib=70.0))
+    path = plan_file(workdir, big_plan(32))
+    result = runner.invoke(app, ["launch", str(path), "--launcher", "slurm"])
+    assert result.exit_code == 1
+    assert "short by 5.50 GiB" in result.output and "activations" in result.output
+    assert not (workdir / "runs").exists()
+    result = runner.invoke(app, ["launch", str(path), "--launcher", "slurm", "--force"])
+    assert result.exit_code == 0, result.output
+    assert (workdir / "runs" / "big" / "launch.sbatch").is_file()
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "cannot read"),
+        ("model: [unclosed\n", "not valid YAML"),
+        ("schema_version: 2\n", "schema_version 2 is not supported"),
+        ("schema_version: 1\nhardware: {gpu: cpu}\n", "missing"),
+    ],
+)
+def test_cli_bad_plan_exits_2(workdir, content, message):
+    path = workdir / "bad.yaml"
+    if content is not None:
+        path.write_text(content)
+    result = runner.invoke(app, ["launch", str(path)])
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_cli_unknown_launcher_exits_2(workdir):
+    path = plan_file(workdir, cpu_plan())
+    result = runner.invoke(app, ["launch", str(path), "--launcher", "mpirun"])
+    assert result.exit_code == 2 and "--launcher must be one of deepspeed, torchrun, slurm" in result.output
+
+
+# ---------------------------------------------------------------- start (trivial children, no training)
+
+
+def test_start_returns_the_childs_exit_code(workdir):
+    spec = plan_launch(cpu_plan(), workdir / "plan.yaml", LaunchOptions(master_port=29611))
+    spec = type(spec)(**{**spec.__dict__, "argv": (sys.executable, "-c", "import os, sys; sys.exit(int(os.environ['DS_ACCELERATOR'] == 'cpu') + 6)")})
+    assert start(spec) == 7  # the child saw the spec's environment, and its code came back
+
+
+def test_sigterm_is_forwarded_to_the_job(workdir, tmp_path):
+    marker = tmp_path / "ready"
+    child = (
+        "import signal, sys, time, pathlib\n"
+        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(42))\n"
+        f"pathlib.Path({str(marker)!r}).write_text('x')\n"
+        "time.sleep(30)\n"
+        "sys.exit(1)\n"
+    )
+    spec = plan_launch(cpu_plan(), workdir / "plan.yaml", LaunchOptions(master_port=29611))
+    spec = type(spec)(**{**spec.__dict__, "argv": (sys.executable, "-c", child)})
+    previous = signal.signal(signal.SIGALRM, lambda *a: None)
+
+    def send_term_when_ready(*_):
+        if marker.exists():
+            signal.raise_signal(signal.SIGTERM)  # as if ltune itself were terminated
+        else:
+            signal.setitimer(signal.ITIMER_REAL, 0.05)
+
+    signal.signal(signal.SIGALRM, send_term_when_ready)
+    signal.setitimer(signal.ITIMER_REAL, 0.05)
+    t0 = time.monotonic()
+    try:
+        code = start(spec)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert code == 42 and time.monotonic() - t0 < 20
