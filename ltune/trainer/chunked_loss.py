@@ -141,3 +141,34 @@ def chunked_loss_bytes(
         "chunk_peak_bytes": chunk * vocab_size * max(dtype_bytes + 4, 8),
         "weight_grad_bytes": weight_elems * (4 + dtype_bytes),
     }
+
+
+class ChunkedLMHeadLoss(torch.nn.Module):
+    """The output layer and the chunked loss as one module: forward(hidden (B, S, h), shift_labels
+    (B, S)) -> (loss sum fp32, count of real tokens).
+
+    It holds no parameter of its own: it uses `lm_head.weight` without registering `lm_head` as a
+    submodule (the model already owns it). Under ZeRO-3 the weight is registered as an external
+    parameter of this module (`deepspeed.zero.register_external_parameter`, before or after
+    partitioning), so DeepSpeed gathers it for this module's forward and, through the hook on its
+    output, for its backward. Put this module inside the model handed to `deepspeed.initialize`.
+    """
+
+    def __init__(self, lm_head: torch.nn.Module, chunk_tokens: int):
+        super().__init__()
+        if chunk_tokens <= 0:
+            raise ValueError(f"loss_chunk_tokens ({chunk_tokens}) must be positive")
+        if getattr(lm_head, "bias", None) is not None:
+            raise ValueError("chunked loss supports an output layer without bias only")
+        self._lm_head = [lm_head]  # a list: not a submodule
+        self.chunk_tokens = chunk_tokens
+        # harmless without ZeRO-3; needed with it, whether or not the weight is partitioned yet
+        from deepspeed.zero import register_external_parameter
+
+        register_external_parameter(self, lm_head.weight)
+
+    def forward(self, hidden: Tensor, shift_labels: Tensor) -> tuple[Tensor, Tensor]:
+        weight = self._lm_head[0].weight
+        labels = shift_labels.reshape(-1)
+        loss_sum = chunked_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, labels, self.chunk_tokens)
+        return loss_sum, (labels != IGNORE_INDEX).sum()

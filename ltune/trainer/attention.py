@@ -1,0 +1,196 @@
+"""Attention for packed sequences: one module, one switch.
+
+The switch is the environment variable ``LTUNE_ATTENTION`` (auto | flash_attn |
+torch_varlen | sdpa), or ``set_attention_backend(name)`` (tests):
+
+- flash_attn: flash-attn's ``flash_attn_varlen_func`` (CUDA, when installed);
+- torch_varlen: PyTorch's ``torch.nn.attention.varlen.varlen_attn`` (CUDA only);
+- sdpa: ``scaled_dot_product_attention`` run once per document (CPU, and a reference);
+- auto: flash_attn if importable on CUDA, else torch_varlen on CUDA (with a one-time
+  warning that flash-attn is absent), else sdpa.
+
+Two layers, kept apart so that issue 4's Ulysses wrapper can reuse the core:
+
+- ``varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, scale)``: the core, on
+  (total_tokens, heads, head_dim) tensors; documents never attend to each other.
+- ``hf_varlen_attention``: the transformers glue, registered with
+  ``AttentionInterface`` under ``ATTN_IMPLEMENTATION``; it takes the document
+  boundaries from the ``cu_seq_lens_q``/``max_length_q`` kwargs when the caller passes
+  them (the trainer does, once per batch) and otherwise from ``position_ids`` restarts.
+
+Trap (transformers): packed sequences are only recognised when no KV cache is created,
+so models must run with ``use_cache=False``. For our registered implementation
+transformers builds no mask at all (masking_utils returns None for implementations it
+does not know), so the boundaries come from cu_seqlens only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+ATTN_IMPLEMENTATION = "ltune_varlen"
+BACKENDS = ("auto", "flash_attn", "torch_varlen", "sdpa")
+_ENV = "LTUNE_ATTENTION"
+_override: str | None = None
+_warned_no_flash = False
+
+
+def set_attention_backend(name: str | None) -> None:
+    """Force a backend (None: back to $LTUNE_ATTENTION or auto)."""
+    global _override
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"attention backend {name!r} is not one of {', '.join(BACKENDS)}")
+    _override = name
+
+
+def requested_backend() -> str:
+    name = _override or os.environ.get(_ENV, "auto")
+    if name not in BACKENDS:
+        raise ValueError(f"{_ENV}={name!r} is not one of {', '.join(BACKENDS)}")
+    return name
+
+
+def flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def resolve_backend(device: torch.device) -> str:
+    """The backend that will run on ``device``."""
+    global _warned_no_flash
+    name = requested_backend()
+    if name != "auto":
+        if name in ("flash_attn", "torch_varlen") and device.type != "cuda":
+            raise ValueError(f"attention backend {name!r} needs CUDA (tensors are on {device.type})")
+        return name
+    if device.type != "cuda":
+        return "sdpa"
+    if flash_attn_available():
+        return "flash_attn"
+    if not _warned_no_flash:
+        warnings.warn("flash-attn is not installed: using torch.nn.attention.varlen (pip install flash-attn)")
+        _warned_no_flash = True
+    return "torch_varlen"
+
+
+def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Document boundaries of a packed (batch, seq) position_ids: (cu_seqlens int32, max_seqlen).
+
+    A document starts wherever the position restarts at 0, and at every row start.
+    """
+    flat = position_ids.reshape(-1)
+    seq = position_ids.shape[-1]
+    starts = flat == 0
+    starts[::seq] = True
+    idx = torch.nonzero(starts, as_tuple=False).flatten()
+    total = torch.tensor([flat.numel()], device=flat.device, dtype=idx.dtype)
+    cu = torch.cat([idx, total]).to(torch.int32)
+    max_seqlen = int((cu[1:] - cu[:-1]).max().item())
+    return cu, max_seqlen
+
+
+def _sdpa_per_document(q, k, v, cu_seqlens, causal, scale):
+    n_rep = q.shape[1] // k.shape[1]
+    outs = []
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        qd = q[start:end].transpose(0, 1)  # (heads, len, dim)
+        kd = k[start:end].transpose(0, 1)
+        vd = v[start:end].transpose(0, 1)
+        if n_rep > 1:
+            kd = kd.repeat_interleave(n_rep, dim=0)
+            vd = vd.repeat_interleave(n_rep, dim=0)
+        od = F.scaled_dot_product_attention(qd, kd, vd, is_causal=causal, scale=scale)
+        outs.append(od.transpose(0, 1))
+    return torch.cat(outs, dim=0)
+
+
+def _flash_attn(q, k, v, cu_seqlens, max_seqlen, causal, scale):
+    from flash_attn import flash_attn_varlen_func
+
+    return flash_attn_varlen_func(
+        q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p=0.0, softmax_scale=scale, causal=causal
+    )
+
+
+def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale):
+    from torch.nn.attention.varlen import varlen_attn
+
+    # window (-1, 0) is causal, (-1, -1) full (torch 2.13 signature)
+    return varlen_attn(
+        q,
+        k,
+        v,
+        cu_seqlens,
+        cu_seqlens,
+        max_seqlen,
+        max_seqlen,
+        scale=scale,
+        window_size=(-1, 0) if causal else (-1, -1),
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    causal: bool = True,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention within documents of a packed batch.
+
+    q: (total_tokens, heads, head_dim); k, v: (total_tokens, kv_heads, head_dim) with
+    kv_heads dividing heads (GQA). cu_seqlens: int32 (num_docs + 1) boundaries.
+    Returns (total_tokens, heads, head_dim).
+    """
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"kv heads ({k.shape[1]}) must divide query heads ({q.shape[1]})")
+    backend = resolve_backend(q.device)
+    if backend == "flash_attn":
+        return _flash_attn(q, k, v, cu_seqlens, max_seqlen, causal, scale)
+    if backend == "torch_varlen":
+        return _torch_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale)
+    return _sdpa_per_document(q, k, v, cu_seqlens, causal, scale)
+
+
+def hf_varlen_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+):
+    """transformers attention function: (batch, heads, seq, dim) in, (batch, seq, heads, dim) out."""
+    if dropout:
+        raise ValueError(f"attention dropout ({dropout}) is not supported by {ATTN_IMPLEMENTATION}")
+    batch, heads, seq, dim = query.shape
+    cu_seqlens = kwargs.get("cu_seq_lens_q")
+    max_seqlen = kwargs.get("max_length_q")
+    if cu_seqlens is None:
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:
+            position_ids = torch.arange(seq, device=query.device).expand(batch, seq)
+        cu_seqlens, max_seqlen = cu_seqlens_from_position_ids(position_ids)
+    q = query.transpose(1, 2).reshape(batch * seq, heads, dim)
+    k = key.transpose(1, 2).reshape(batch * seq, key.shape[1], dim)
+    v = value.transpose(1, 2).reshape(batch * seq, value.shape[1], dim)
+    out = varlen_attention(q, k, v, cu_seqlens, int(max_seqlen), causal=True, scale=scaling)
+    return out.view(batch, seq, heads, dim), None
+
+
+def register_with_transformers() -> str:
+    """Register ``hf_varlen_attention``; returns the name to use as attn_implementation."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, hf_varlen_attention)
+    return ATTN_IMPLEMENTATION

@@ -1,0 +1,318 @@
+"""The training loop, as a table of contents (in the style of torchtitan's Trainer.train).
+
+``Trainer.train`` reads top to bottom: join the process group, read the run folder,
+prepare the data, build the engine, resume, then for each step: read the batches, run
+the step, log it, checkpoint when due or when asked to stop; at the end save, export.
+Every piece is one small method below.
+
+Loss normalisation: the loss is the mean over all real (non -100) target tokens of the
+global batch. Each rank counts the tokens it will feed in this step (all its micro
+batches); an all-reduce gives the global count G. Each micro batch backpropagates
+loss_sum x W x A / G, where W is the number of ranks DeepSpeed averages gradients over
+and A the gradient accumulation steps DeepSpeed divides by, so the applied gradient is
+exactly d(sum of all token losses)/dθ / G.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..planner.io import load_plan
+from . import checkpoint, engine as engine_lib
+from .attention import cu_seqlens_from_position_ids
+from .data import PackedDataset, collate, load_or_tokenize, load_tokenizer, shard_indices, validate_data
+from .ds_config import build_ds_config
+from .errors import TrainerInputError
+from .loss import IGNORE_INDEX, shift_labels
+from .metrics import MetricsWriter, flops_per_token, peak_flops_per_gpu, peak_memory, predicted
+from .model import build_model
+from .paths import resolve_plan_paths
+
+EXIT_TERMINATED = 143  # 128 + SIGTERM, after the checkpoint is written
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+class Trainer:
+    def __init__(self, run_dir: str | Path, resume: bool = False):
+        self.run_dir = Path(run_dir).resolve()
+        self.resume = resume
+        self.step = 0  # optimizer steps done
+        self._stop_signal = False
+        self._last_saved_step: int | None = None
+
+    # ------------------------------------------------------------ table of contents
+
+    def train(self) -> int:
+        self.read_run_dir()
+        self.check_inputs()
+        self.join_process_group()
+        self.prepare_data()
+        self.build_engine()
+        self.restore_checkpoint()
+        self.open_logs()
+        while self.step < self.total_steps:
+            batches = self.next_batches()
+            record = self.train_step(batches)
+            self.log_step(record)
+            if self.checkpoint_due():
+                self.save_checkpoint()
+            if self.stop_requested():
+                self.save_checkpoint()
+                self.close_logs()
+                return EXIT_TERMINATED
+        self.save_checkpoint()
+        self.export()
+        self.close_logs()
+        return 0
+
+    # ------------------------------------------------------------ setup
+
+    def read_run_dir(self) -> None:
+        plan_file = self.run_dir / "plan.yaml"
+        if not plan_file.is_file():
+            raise TrainerInputError(f"{self.run_dir}: no plan.yaml in the run folder")
+        self.plan = resolve_plan_paths(load_plan(plan_file), self.run_dir)
+        ds_file = self.run_dir / "ds_config.json"
+        self.ds_config = json.loads(ds_file.read_text()) if ds_file.is_file() else build_ds_config(self.plan)
+
+    def check_inputs(self) -> None:
+        """Bad data or tokenizer fail here, on every rank, before any heavy work."""
+        validate_data(self.plan)
+        self.tokenizer = load_tokenizer(self.plan)
+        vocab = self.plan.model.architecture.vocab_size
+        if len(self.tokenizer) > vocab:
+            raise TrainerInputError(f"the tokenizer has {len(self.tokenizer)} tokens but the model's vocab_size is {vocab}")
+
+    def join_process_group(self) -> None:
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        engine_lib.init_distributed()
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        layout = self.plan.layout
+        if self.world_size != layout.num_gpus * self.plan.hardware.num_nodes and self.world_size != layout.num_gpus:
+            raise TrainerInputError(f"the job has {self.world_size} processes but the plan's num_gpus is {layout.num_gpus}")
+        self.sp_degree = layout.sp_degree
+        self.dp_size = self.world_size // self.sp_degree
+        self.dp_rank = self.rank // self.sp_degree  # sp groups are contiguous ranks: same sequences
+        self.device = engine_lib.device()
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def prepare_data(self) -> None:
+        """Tokenize once per node (local rank 0, into the cache), then everyone reads the cache."""
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if local_rank == 0:
+            data, self.data_from_cache = load_or_tokenize(self.plan, self.tokenizer)
+        dist.barrier()
+        if local_rank != 0:
+            data, self.data_from_cache = load_or_tokenize(self.plan, self.tokenizer)
+        training, layout = self.plan.training, self.plan.layout
+        if int(data.tokens.max()) >= self.plan.model.architecture.vocab_size:
+            raise TrainerInputError(
+                f"token id {int(data.tokens.max())} is outside the model's vocab_size "
+                f"({self.plan.model.architecture.vocab_size})"
+            )
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.dataset = PackedDataset(data, training.seq_len, training.seed, pad_token_id=pad)
+        epoch = self.dataset.epoch(0)
+        self.sequences_per_step = layout.micro_batch_size * training.gradient_accumulation_steps * self.dp_size
+        if training.max_steps is not None:
+            self.total_steps = training.max_steps
+        else:
+            self.total_steps = max(1, math.ceil(training.epochs * len(epoch.sequences) / self.sequences_per_step))
+        self.say(
+            f"data: {data.num_docs} documents, {len(data.tokens)} tokens"
+            f"{' (cached)' if self.data_from_cache else ''}; {len(epoch.sequences)} sequences of {training.seq_len}"
+            f" per epoch; {epoch.num_split_docs} documents longer than seq_len split;"
+            f" {epoch.num_padding_tokens} padding tokens"
+        )
+
+    def build_engine(self) -> None:
+        model = build_model(self.plan, self.ds_config)
+        self.engine = engine_lib.initialize(self.plan, self.ds_config, model, self.total_steps)
+        self.average_world = engine_lib.gradient_average_world_size(self.engine)
+        arch = self.plan.model.architecture
+        self.flops_per_token = flops_per_token(arch, self.plan.training.seq_len)
+        self.peak_flops = peak_flops_per_gpu(self.plan)
+        self.say(
+            f"model: {arch.num_params() / 1e6:.1f}M parameters, ZeRO-{self.plan.layout.zero_stage}, "
+            f"{self.plan.training.precision}, {self.world_size} processes, {self.total_steps} steps"
+        )
+
+    def restore_checkpoint(self) -> None:
+        if not self.resume:
+            return
+        step = checkpoint.load(self.engine, self.run_dir)
+        if step is None:
+            self.say("resume: no checkpoint yet, starting from step 0")
+            return
+        self.step = self._last_saved_step = step
+        self.say(f"resume: continuing after step {step}")
+
+    def open_logs(self) -> None:
+        self.metrics = None
+        self.progress = None
+        if self.rank != 0:
+            return
+        path = self.run_dir / "metrics.jsonl"
+        if self.resume and path.is_file():  # drop steps logged after the checkpoint
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
+            path.write_text("".join(line + "\n" for line in kept))
+        self.metrics = MetricsWriter(path, append=self.resume)
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.console = Console(stderr=True)
+        self.progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+            TextColumn("{task.fields[status]}"), console=self.console, transient=False,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=self.total_steps, completed=self.step, status="")
+
+    # ------------------------------------------------------------ one step
+
+    def next_batches(self) -> list[dict]:
+        """This rank's micro batches of the current step, on the device."""
+        layout, training = self.plan.layout, self.plan.training
+        batches = []
+        for micro in range(training.gradient_accumulation_steps):
+            indices = shard_indices(
+                self.step, micro, micro_batch_size=layout.micro_batch_size,
+                grad_accum=training.gradient_accumulation_steps, dp_rank=self.dp_rank, dp_size=self.dp_size,
+            )
+            arrays = collate([self.dataset.sample(i) for i in indices])
+            batches.append(self.prepare_micro_batch(arrays))
+        return batches
+
+    def prepare_micro_batch(self, arrays: dict[str, np.ndarray]) -> dict:
+        """Tensors on the device, labels shifted per document, document boundaries."""
+        batch = {k: torch.from_numpy(v).to(self.device) for k, v in arrays.items()}
+        batch["labels"] = shift_labels(batch["labels"], batch["position_ids"])
+        if self.plan.layout.attention == "varlen":
+            batch["cu_seqlens"], batch["max_seqlen"] = cu_seqlens_from_position_ids(batch["position_ids"])
+        else:
+            batch["cu_seqlens"], batch["max_seqlen"] = None, None
+        return batch
+
+    def train_step(self, batches: list[dict]) -> dict:
+        self._sync()
+        start = time.perf_counter()
+        lr = self.engine.get_lr()[0]
+        local_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
+        global_tokens = max(1, int(self._all_reduce(float(local_tokens))))
+        scale = self.average_world * len(batches) / global_tokens
+        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        for b in batches:
+            micro_loss_sum, _ = self.engine(b["input_ids"], b["position_ids"], b["labels"], b["cu_seqlens"], b["max_seqlen"])
+            self.engine.backward(micro_loss_sum * scale)
+            self.engine.step()
+            loss_sum += micro_loss_sum.detach().float()
+        loss = self._all_reduce(loss_sum.item()) / global_tokens
+        self._sync()
+        step_time_s = time.perf_counter() - start
+        self.step += 1
+        grad_norm = self.engine.get_global_grad_norm()
+        tokens_per_step = self.sequences_per_step * self.plan.training.seq_len
+        tokens_per_s_per_gpu = tokens_per_step / step_time_s / self.world_size
+        mfu = tokens_per_s_per_gpu * self.flops_per_token / self.peak_flops if self.peak_flops else None
+        return {
+            "step": self.step,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "tokens_per_s_per_gpu": tokens_per_s_per_gpu,
+            "mfu": mfu,
+            "step_time_s": step_time_s,
+            "loss_tokens": global_tokens,
+            "step_applied": bool(self.engine.was_step_applied()),
+        }
+
+    def log_step(self, record: dict) -> None:
+        memory = {k: int(self._all_reduce(float(v), op=dist.ReduceOp.MAX)) for k, v in peak_memory().items()}
+        record.update(memory)
+        record.update(predicted(self.plan))
+        if self.rank != 0:
+            return
+        self.metrics.write(record)
+        status = f"loss {record['loss']:.4f}"
+        self.progress.update(self.task, completed=self.step, status=status)
+        if self.step % self.plan.training.log_every == 0 or self.step == self.total_steps:
+            self.console.print(self._format(record), highlight=False, soft_wrap=True)
+
+    # ------------------------------------------------------------ checkpoints, stop, export
+
+    def checkpoint_due(self) -> bool:
+        every = self.plan.training.checkpoint_every
+        return every > 0 and self.step % every == 0
+
+    def save_checkpoint(self) -> None:
+        if self._last_saved_step == self.step:
+            return
+        path = checkpoint.save(self.engine, self.run_dir, self.step)
+        self._last_saved_step = self.step
+        self.say(f"checkpoint: {path}")
+
+    def stop_requested(self) -> bool:
+        """True on every rank when any rank got SIGTERM (so that all of them save together)."""
+        return self._all_reduce(float(self._stop_signal), op=dist.ReduceOp.MAX) > 0
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._stop_signal = True
+
+    def export(self) -> None:
+        from .export import export_hf_model
+
+        out = export_hf_model(self.engine, self.plan, self.run_dir, self.tokenizer)
+        if out is not None:
+            self.say(f"exported: {out}")
+
+    def close_logs(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+        if self.metrics is not None:
+            self.metrics.close()
+
+    # ------------------------------------------------------------ helpers
+
+    def say(self, message: str) -> None:
+        if _rank() == 0:
+            if getattr(self, "progress", None) is not None:
+                self.console.print(message, highlight=False, soft_wrap=True)
+            else:
+                print(f"ltune.trainer: {message}", flush=True)
+
+    def _format(self, r: dict) -> str:
+        parts = [f"step {r['step']}/{self.total_steps}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.3g}"]
+        if r["grad_norm"] is not None:
+            parts.append(f"grad_norm {r['grad_norm']:.3f}")
+        parts.append(f"tokens/s/gpu {r['tokens_per_s_per_gpu']:.0f}")
+        if r["mfu"] is not None:
+            parts.append(f"mfu {100 * r['mfu']:.1f}%")
+        for key in ("peak_allocated_bytes", "peak_rss_bytes"):
+            if key in r:
+                parts.append(f"peak {r[key] / 2**30:.2f} GiB")
+        if "predicted_peak_bytes" in r:
+            parts.append(f"(plan {r['predicted_peak_bytes'] / 2**30:.2f} GiB)")
+        return "  ".join(parts)
+
+    def _all_reduce(self, value: float, op=dist.ReduceOp.SUM) -> float:
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=op)
+        return float(t.item())
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()

@@ -1,0 +1,70 @@
+"""What one step measured, beside what the plan predicted; the metrics.jsonl writer.
+
+FLOPs per token follow the PaLM convention (Chowdhery et al. 2022, appendix B), as
+torchtitan counts them: 6N + 12 * L * H * Q * T, with N the parameters outside the
+input embedding, L layers, H heads of size Q, T the sequence length; no causal halving.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+from pathlib import Path
+
+import torch
+
+from ..planner.schema import Plan
+from ..profiles.schema import ModelProfile
+
+
+def flops_per_token(arch: ModelProfile, seq_len: int) -> float:
+    n = arch.num_params() - arch.embedding_params()
+    return 6.0 * n + 12.0 * arch.num_layers * arch.num_attention_heads * arch.head_size * seq_len
+
+
+def peak_flops_per_gpu(plan: Plan) -> float | None:
+    """The GPU profile's dense peak for the plan's precision; None when unknown or zero."""
+    try:
+        from ..profiles import load_gpu
+
+        peak = load_gpu(plan.hardware.gpu).peak_flops(plan.training.precision)
+    except Exception:  # an unknown profile must not stop training
+        return None
+    return peak or None
+
+
+def peak_memory() -> dict:
+    """Measured peak memory of this process: CUDA allocator peaks, or resident memory on CPU."""
+    if torch.cuda.is_available():
+        return {
+            "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
+            "peak_reserved_bytes": torch.cuda.max_memory_reserved(),
+        }
+    # ru_maxrss is in KiB on Linux
+    return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def predicted(plan: Plan) -> dict:
+    """The plan's predictions, keyed like the measurements (empty when the plan has none)."""
+    if plan.prediction is None:
+        return {}
+    return {
+        "predicted_peak_bytes": plan.prediction.memory.total_bytes,
+        "predicted_tokens_per_s_per_gpu": plan.prediction.throughput.tokens_per_s_per_gpu,
+        "predicted_mfu": plan.prediction.throughput.mfu,
+    }
+
+
+class MetricsWriter:
+    """RUN_DIR/metrics.jsonl: one JSON object per line, flushed at every write."""
+
+    def __init__(self, path: Path, append: bool):
+        self.path = Path(path)
+        self._file = self.path.open("a" if append else "w")
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()

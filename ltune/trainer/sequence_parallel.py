@@ -1,0 +1,261 @@
+"""Ulysses sequence parallelism for packed, variable-length batches, on DeepSpeed's implementation.
+
+What DeepSpeed provides and we use as is (deepspeed 0.19.8):
+- the process groups: `deepspeed.runtime.sequence_parallel.parallel_state_sp` (an mpu object:
+  sequence-parallel groups of contiguous ranks, and one sequence-data-parallel group of all ranks,
+  over which ZeRO shards and gradients are reduced once the mpu is given to `deepspeed.initialize`);
+- the attention exchange: `UlyssesSPAttentionHF` (deepspeed/runtime/sequence_parallel/ulysses_sp.py,
+  the Arctic Long Sequence Training port of Megatron-DeepSpeed's `DistributedAttention`): an
+  all-to-all turns q, k, v from (local tokens, all heads) into (all tokens, heads / sp), it calls a
+  core attention function on the full sequence, and a second all-to-all turns the output back.
+  It also all-gathers `position_ids`, so the core sees the positions of the whole sequence.
+
+What we add, because the DeepSpeed pieces assume something else:
+- the core is ltune's varlen attention (`ltune.trainer.attention.varlen_attention`) on cu_seqlens
+  of the *full* packed sequence, so documents never attend to each other, including across the
+  shards of one sequence (DeepSpeed's registration with an `sdpa` core masks the whole pack
+  causally, and its data-loader adapter shifts labels across document boundaries);
+- the batch is sharded locally: every rank of a sequence-parallel group reads the same packed
+  sequence (its data-parallel rank is `rank // sp_degree`) and keeps its slice, so no batch is
+  exchanged (`UlyssesSPDataLoaderAdapter` instead all-gathers the groups' different batches and
+  runs them one after the other, which changes how many sequences one step sees). The labels are
+  shifted before slicing (a shard's last token predicts the next shard's first), padded to a
+  multiple of sp_degree with -100;
+- the loss: each rank sums the cross-entropy of its own tokens; the token count is summed over the
+  group. DeepSpeed with an mpu sums gradients over the sequence-parallel group and averages them
+  over the data-parallel degree only (engine `_reduce_non_expert_gradients`, ZeRO
+  `average_tensor`/`allreduce_bucket`: divide by world_size / sequence_parallel_size), so
+  `local_sum / group_count` on every rank trains on the mean over the group's real tokens, as
+  `loss_sum / count` does on one rank without sequence parallelism.
+
+Memory (what sequence parallelism divides): every per-token activation (layer inputs kept by
+checkpointing, the recomputed layer's working set, the logits or chunked-loss terms, the final norm)
+is held for seq_len / sp_degree tokens per rank; inside attention each rank holds q, k, v and the
+output for the full sequence but num_heads / sp_degree heads (num_kv_heads / sp_degree, at least 1,
+for k and v), i.e. the same bytes as local tokens x all heads, plus the all-to-all buffers of one
+layer. Model states are unchanged (ZeRO shards them over all num_gpus ranks either way).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100
+ULYSSES_ATTN_KEY = "ltune_ulysses_varlen"
+
+VarlenCore = Callable[..., Tensor]  # (q, k, v, cu_seqlens, max_seqlen, causal=True, scale=None)
+
+
+# ---------------------------------------------------------------- process groups
+
+
+def init_sp_groups(sp_degree: int):
+    """DeepSpeed's sequence-parallel mpu (contiguous ranks), or None when sp_degree is 1.
+
+    Pass the result as `mpu=` to `deepspeed.initialize` so ZeRO shards and reduces over all ranks.
+    deepspeed.comm must be initialised first. Idempotent for one degree per process.
+    """
+    import deepspeed.comm as dist
+    import deepspeed.runtime.sequence_parallel.parallel_state_sp as mpu
+
+    if sp_degree == 1:
+        return None
+    world_size = dist.get_world_size()
+    if sp_degree < 1 or world_size % sp_degree:
+        raise ValueError(f"sp_degree ({sp_degree}) must divide the number of processes ({world_size})")
+    if mpu._SEQUENCE_PARALLEL_GROUP is None:
+        mpu.initialize_sequence_parallel(sequence_parallel_size=sp_degree)
+    elif mpu.get_sequence_parallel_world_size() != sp_degree:
+        raise ValueError(
+            f"sequence-parallel groups already built with degree {mpu.get_sequence_parallel_world_size()}, "
+            f"not {sp_degree}"
+        )
+    return mpu
+
+
+def dp_rank_and_degree(rank: int, world_size: int, sp_degree: int) -> tuple[int, int]:
+    """Data-parallel rank and degree of a global rank: the ranks of one contiguous sp group read
+    the same sequences."""
+    return rank // sp_degree, world_size // sp_degree
+
+
+# ---------------------------------------------------------------- batches
+
+
+def shift_labels(labels: Tensor, position_ids: Tensor) -> Tensor:
+    """Next-token targets of a packed (B, S) batch: token i predicts labels[i + 1] when i + 1 is in
+    the same document (its position is position_ids[i] + 1), else nothing (-100)."""
+    shifted = torch.full_like(labels, IGNORE_INDEX)
+    same_doc = position_ids[:, 1:] == position_ids[:, :-1] + 1
+    shifted[:, :-1] = torch.where(same_doc, labels[:, 1:], IGNORE_INDEX)
+    return shifted
+
+
+def cu_seqlens_from_position_ids(position_ids: Tensor) -> tuple[Tensor, int]:
+    """Cumulative document lengths (int32, starting at 0) of a (B, S) packed batch flattened to
+    B*S tokens, and the longest document. A document starts at every row and wherever the
+    position does not follow the previous one."""
+    batch, seq = position_ids.shape
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    start_idx = torch.nonzero(starts.reshape(-1), as_tuple=False).reshape(-1)
+    total = torch.tensor([batch * seq], device=position_ids.device, dtype=start_idx.dtype)
+    cu_seqlens = torch.cat([start_idx, total]).to(torch.int32)
+    max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
+    return cu_seqlens, max_seqlen
+
+
+def pad_to_multiple(batch: dict[str, Tensor], multiple: int, pad_token_id: int = 0) -> dict[str, Tensor]:
+    """Pad input_ids, position_ids and labels (B, S) on the right to a multiple of `multiple`
+    tokens: padding is its own segment (positions from 0), with no loss (-100)."""
+    seq = batch["input_ids"].shape[1]
+    pad = -seq % multiple
+    if pad == 0:
+        return dict(batch)
+    out = dict(batch)
+    rows = batch["input_ids"].shape[0]
+    ids = batch["input_ids"]
+    out["input_ids"] = torch.cat([ids, ids.new_full((rows, pad), pad_token_id)], dim=1)
+    pos = batch["position_ids"]
+    out["position_ids"] = torch.cat([pos, torch.arange(pad, device=pos.device, dtype=pos.dtype).expand(rows, pad)], dim=1)
+    lab = batch["labels"]
+    out["labels"] = torch.cat([lab, lab.new_full((rows, pad), IGNORE_INDEX)], dim=1)
+    return out
+
+
+def shard_batch(
+    batch: dict[str, Tensor], sp_rank: int, sp_degree: int, pad_token_id: int = 0
+) -> dict[str, Any]:
+    """This rank's slice of a packed batch {input_ids, position_ids, labels} (B, S), labels not yet
+    shifted. Returns input_ids, position_ids and shift_labels (B, S_pad / sp_degree; shift_labels
+    already shifted, document-aware, -100 on padding), and cu_seqlens / max_seqlen of the full padded
+    sequence (what the attention core needs after the all-to-all). With sp_degree 1 this is the
+    whole batch, so the same code path serves both."""
+    if not 0 <= sp_rank < sp_degree:
+        raise ValueError(f"sp_rank ({sp_rank}) must be in [0, sp_degree ({sp_degree}))")
+    padded = pad_to_multiple(batch, sp_degree, pad_token_id)
+    targets = shift_labels(padded["labels"], padded["position_ids"])
+    cu_seqlens, max_seqlen = cu_seqlens_from_position_ids(padded["position_ids"])
+    local = padded["input_ids"].shape[1] // sp_degree
+    window = slice(sp_rank * local, (sp_rank + 1) * local)
+    return {
+        "input_ids": padded["input_ids"][:, window],
+        "position_ids": padded["position_ids"][:, window],
+        "shift_labels": targets[:, window],
+        "cu_seqlens": cu_seqlens,
+        "max_seqlen": max_seqlen,
+    }
+
+
+# ---------------------------------------------------------------- attention
+
+
+def hf_varlen_attention(core: VarlenCore) -> Callable:
+    """A transformers attention function (module, query, key, value, attention_mask, **kwargs) ->
+    (output (B, S, H, D), None) on a varlen core over (tokens, heads, head_dim).
+
+    Document boundaries: `cu_seq_lens_q` / `max_length_q` from kwargs when given (transformers'
+    names for flash-attention's packed kwargs), else derived from `position_ids` (under Ulysses
+    these are the gathered positions of the full sequence). Key/value heads are repeated to the
+    query heads (grouped-query attention, as transformers' repeat_kv)."""
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        batch, q_heads, seq, head_dim = query.shape
+        cu_seqlens = kwargs.get("cu_seq_lens_q")
+        if cu_seqlens is not None and int(cu_seqlens[-1]) == batch * seq:
+            max_seqlen = int(kwargs.get("max_length_q") or (cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        else:
+            position_ids = kwargs.get("position_ids")
+            if position_ids is None:
+                raise ValueError("varlen attention needs position_ids or cu_seq_lens_q")
+            cu_seqlens, max_seqlen = cu_seqlens_from_position_ids(position_ids.expand(batch, seq))
+        if key.shape[1] != q_heads:
+            key = key.repeat_interleave(q_heads // key.shape[1], dim=1)
+            value = value.repeat_interleave(q_heads // value.shape[1], dim=1)
+
+        def flat(x):
+            return x.transpose(1, 2).reshape(batch * seq, x.shape[1], head_dim)
+
+        out = core(flat(query), flat(key), flat(value), cu_seqlens, max_seqlen, causal=True, scale=scaling)
+        return out.reshape(batch, seq, q_heads, head_dim), None
+
+    return attention
+
+
+def _default_core() -> VarlenCore:
+    from .attention import varlen_attention
+
+    return varlen_attention
+
+
+def install_ulysses_attention(model, sp_group, micro_batch_size: int, core: VarlenCore | None = None) -> str:
+    """Route every attention layer of a transformers model through DeepSpeed's
+    `UlyssesSPAttentionHF` over `sp_group`, with the varlen core on the full sequence.
+
+    Registers the function under a key of its own (the model's previous implementation is not
+    overwritten for other models) and switches the model to it; transformers builds no mask for an
+    unknown key. Returns the key."""
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+    from transformers import AttentionInterface
+
+    cfg = model.config.get_text_config()
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    ulysses = UlyssesSPAttentionHF(
+        attn=hf_varlen_attention(core or _default_core()),
+        batch_size=micro_batch_size,
+        attn_head_count=cfg.num_attention_heads,
+        attn_head_size=head_dim,
+        kv_head_count=cfg.num_key_value_heads,
+        num_hidden_layers=cfg.num_hidden_layers,
+        process_group=sp_group,
+        seq_length_is_variable=True,
+    )
+
+    def ulysses_attention(module, query, key, value, attention_mask, *args, **kwargs):
+        # the mask transformers built (if any) is for the local shard; boundaries come from
+        # the gathered position_ids or the full cu_seqlens
+        return ulysses(module, query, key, value, None, *args, **kwargs)
+
+    key = f"{ULYSSES_ATTN_KEY}_{id(ulysses)}"
+    AttentionInterface.register(key, ulysses_attention)
+    model.config._attn_implementation = key
+    for sub in model.modules():
+        sub_cfg = getattr(sub, "config", None)
+        if sub_cfg is not None and sub_cfg is not model.config and hasattr(sub_cfg, "_attn_implementation"):
+            sub_cfg._attn_implementation = key
+    model._ltune_ulysses = ulysses  # keep it alive with the model
+    return key
+
+
+# ---------------------------------------------------------------- loss
+
+
+def sp_token_count(num_tokens: Tensor | int, sp_group=None, device=None) -> Tensor:
+    """Real (label != -100) tokens summed over the sequence-parallel group (int64, no grad)."""
+    import deepspeed.comm as dist
+
+    count = torch.as_tensor(num_tokens, dtype=torch.int64, device=device).clone().reshape(1)
+    if sp_group is not None and dist.get_world_size(sp_group) > 1:
+        dist.all_reduce(count, group=sp_group)
+    return count[0]
+
+
+def sp_mean_loss(loss_sum: Tensor, num_tokens: Tensor | int, sp_group=None) -> tuple[Tensor, Tensor]:
+    """(loss to backward, loss to log) of one sequence-parallel group.
+
+    loss_sum: this rank's summed token cross-entropy (fp32, with grad); num_tokens: this rank's
+    real-token count. The loss to backward is loss_sum / (tokens of the group): DeepSpeed sums the
+    gradients over the group (see the module docstring), which makes them the gradient of the
+    group's mean over its real tokens. The loss to log is that mean, the same on every rank of the
+    group. With sp_group None (or of size 1) it is loss_sum / num_tokens.
+    """
+    import deepspeed.comm as dist
+
+    count = sp_token_count(num_tokens, sp_group, device=loss_sum.device).clamp(min=1).to(loss_sum.dtype)
+    value = loss_sum.detach().clone().reshape(1)
+    if sp_group is not None and dist.get_world_size(sp_group) > 1:
+        dist.all_reduce(value, group=sp_group)
+    return loss_sum / count, value[0] / count
