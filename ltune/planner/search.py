@@ -168,7 +168,7 @@ def search(req: Request, runners_up: int = 4) -> SearchResult:
     """
     start = time.perf_counter()
     result = _search(req, runners_up, allow_offload=req.pins.offload is not None)
-    if result[0] is None and req.pins.offload is None:
+    if not result[0] and req.pins.offload is None:
         offloading = _search(req, runners_up, allow_offload=True)
         result = (offloading[0], offloading[1], offloading[2], result[3] + offloading[3])
     fitting, closest, s, evaluated = result
@@ -233,7 +233,7 @@ def _search(req: Request, runners_up: int, allow_offload: bool):
         _, terms = peak_terms(s, c, req.gpu)
         name = max(terms, key=terms.__getitem__)
         closest[n] = (worst, c, name, terms[name])
-    return (fitting or None) and fitting, closest, s, evaluated
+    return fitting, closest, s, evaluated
 
 
 def _host_over(s: Shape, c: Candidate, gpu: GpuProfile, host_cap: int) -> int:
@@ -269,17 +269,21 @@ def _conventional(req: Request, s: Shape) -> Evaluation | None:
 
 def describe_shortfall(sf: Shortfall) -> str:
     """One line: how far a GPU count falls short and the biggest term."""
-    if sf.host_over_bytes > sf.over_bytes:
-        return f"host memory over by {sf.host_over_bytes / GIB:.1f} GiB per node"
-    return f"over by {sf.over_bytes / GIB:.1f} GiB; largest term {sf.largest_term} {sf.largest_term_bytes / GIB:.1f} GiB"
+    host = f"host memory over by {sf.host_over_bytes / GIB:.1f} GiB per node"
+    if sf.over_bytes <= 0:
+        return host
+    gpu = f"over by {sf.over_bytes / GIB:.1f} GiB; largest term {sf.largest_term} {sf.largest_term_bytes / GIB:.1f} GiB"
+    return f"{gpu}; {host}" if sf.host_over_bytes > 0 else gpu
 
 
 def remedies(req: Request, sf: Shortfall) -> list[str]:
     """What would make the closest layout fit, most direct first."""
     p = req.pins
     out: list[str] = []
-    pinned = [f"--{k.replace('_', '-')}" for k, v in p.model_dump(exclude={"attention", "max_gpus"}).items()
-              if v is not None]
+    flags = {"num_gpus": "--gpus", "zero_stage": "--zero-stage", "sp_degree": "--sp-degree",
+             "micro_batch_size": "--micro-batch", "offload": "--offload", "recompute": "--recompute",
+             "loss": "--loss"}
+    pinned = [flag for key, flag in flags.items() if getattr(p, key) is not None]
     if pinned:
         out.append(f"unpin {', '.join(pinned)} to let the search choose")
     if p.num_gpus is None and sf.num_gpus >= p.max_gpus:
