@@ -1,0 +1,3 @@
+from ltune.cli import app
+
+app(prog_name="ltune")
