@@ -23,8 +23,8 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Plan, check and launch long-context LLM fine-tuning jobs.",
 )
-console = Console()
-err_console = Console(stderr=True)
+console = Console(emoji=False)
+err_console = Console(stderr=True, emoji=False)
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
