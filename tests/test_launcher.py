@@ -207,6 +207,7 @@ def test_run_folder_holds_resolved_plan_ds_config_and_command(workdir):
     }
     # nothing else left beside the run folder (the temporary folder was renamed)
     assert [p.name for p in (workdir / "runs").iterdir()] == ["tiny"]
+    assert run.stat().st_mode & 0o777 == (workdir / "runs").stat().st_mode & 0o777  # not mkdtemp's 0700
 
 
 def test_paths_resolve_against_the_plan_folder_not_cwd(workdir, monkeypatch):
@@ -440,3 +441,14 @@ def test_sigterm_is_forwarded_to_the_job(workdir, tmp_path):
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
     assert code == 42 and time.monotonic() - t0 < 20
+
+
+def test_start_waits_for_every_process_of_the_job(workdir, tmp_path):
+    """DeepSpeed's runner can exit before its ranks: ltune returns only when all are gone."""
+    marker = tmp_path / "grandchild-done"
+    grandchild = f"import time, pathlib; time.sleep(1); pathlib.Path({str(marker)!r}).write_text('x')"
+    child = f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {grandchild!r}]); sys.exit(3)"
+    spec = plan_launch(cpu_plan(), workdir / "plan.yaml", LaunchOptions(master_port=29611))
+    spec = type(spec)(**{**spec.__dict__, "argv": (sys.executable, "-c", child)})
+    assert start(spec) == 3
+    assert marker.exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 from . import rundir
@@ -13,6 +14,9 @@ from .spec import LaunchSpec
 
 # after this many forwarded signals the job's processes are killed outright
 KILL_AFTER_SIGNALS = 3
+# how long the job's other processes may outlive the launcher process (DeepSpeed's
+# launch.py gives its ranks 30 s after SIGTERM before it kills them)
+GROUP_GRACE_S = 60.0
 
 
 def write_spec(spec: LaunchSpec) -> None:
@@ -55,10 +59,40 @@ def start(spec: LaunchSpec) -> int:
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         code = child.wait()
+        wait_for_group(child.pid)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
     return 128 - code if code < 0 else code
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def wait_for_group(pgid: int, grace_s: float = GROUP_GRACE_S, poll_s: float = 0.2) -> None:
+    """Return once every process of the job's group is gone.
+
+    DeepSpeed's runner dies at once on SIGTERM (its single-node path installs no
+    handler) while its ``deepspeed.launcher.launch`` child is still stopping the ranks
+    (SIGTERM, then SIGKILL after 30 s: launch.py ``terminate_process_tree``). Waiting
+    here keeps ltune alive until the job really ended; after ``grace_s`` the group is killed.
+    """
+    deadline = time.monotonic() + grace_s
+    while group_alive(pgid):
+        if time.monotonic() > deadline:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            return
+        time.sleep(poll_s)
 
 
 def launch(spec: LaunchSpec) -> int:

@@ -135,6 +135,7 @@ def write_run_dir(run_dir: Path, files: Mapping[str, str]) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.", suffix=".tmp", dir=run_dir.parent))
     old: Path | None = None
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a run folder is not
         for name, text in files.items():
             (tmp / name).write_text(text)
         if run_dir.exists():
@@ -151,3 +152,9 @@ def write_run_dir(run_dir: Path, files: Mapping[str, str]) -> None:
     finally:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
