@@ -149,6 +149,7 @@ def launch(
     A bad plan, data, hostfile or port is a one-line error (exit 2); nothing is written.
     """
     import shlex
+    import shutil
 
     from .launcher import FitRefused, LaunchError, LaunchOptions, plan_launch, start, write_spec
     from .planner.io import PlanError, load_plan
@@ -195,6 +196,8 @@ def launch(
         print(json.dumps(spec.ds_config, indent=2))
         return
 
+    if spec.launcher == "slurm" and submit and shutil.which("sbatch") is None:
+        raise fail("--submit: sbatch not found on PATH (write the script without --submit)")
     try:
         write_spec(spec)
     except OSError as e:

@@ -8,6 +8,7 @@ judge the launcher, not the memory model.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import signal
 import socket
 import sys
@@ -409,7 +410,7 @@ def test_cli_unknown_launcher_exits_2(workdir):
 
 def test_start_returns_the_childs_exit_code(workdir):
     spec = plan_launch(cpu_plan(), workdir / "plan.yaml", LaunchOptions(master_port=29611))
-    spec = type(spec)(**{**spec.__dict__, "argv": (sys.executable, "-c", "import os, sys; sys.exit(int(os.environ['DS_ACCELERATOR'] == 'cpu') + 6)")})
+    spec = replace(spec, argv=(sys.executable, "-c", "import os, sys; sys.exit(int(os.environ['DS_ACCELERATOR'] == 'cpu') + 6)"))
     assert start(spec) == 7  # the child saw the spec's environment, and its code came back
 
 
@@ -423,7 +424,7 @@ def test_sigterm_is_forwarded_to_the_job(workdir, tmp_path):
         "sys.exit(1)\n"
     )
     spec = plan_launch(cpu_plan(), workdir / "plan.yaml", LaunchOptions(master_port=29611))
-    spec = type(spec)(**{**spec.__dict__, "argv": (sys.executable, "-c", child)})
+    spec = replace(spec, argv=(sys.executable, "-c", child))
     previous = signal.signal(signal.SIGALRM, lambda *a: None)
 
     def send_term_when_ready(*_):
@@ -449,6 +450,6 @@ def test_start_waits_for_every_process_of_the_job(workdir, tmp_path):
     grandchild = f"import time, pathlib; time.sleep(1); pathlib.Path({str(marker)!r}).write_text('x')"
     child = f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {grandchild!r}]); sys.exit(3)"
     spec = plan_launch(cpu_plan(), workdir / "plan.yaml", LaunchOptions(master_port=29611))
-    spec = type(spec)(**{**spec.__dict__, "argv": (sys.executable, "-c", child)})
+    spec = replace(spec, argv=(sys.executable, "-c", child))
     assert start(spec) == 3
     assert marker.exists()

@@ -83,7 +83,10 @@ def evaluate_fit(plan: Plan) -> Evaluation | None:
         from ..planner.fit import check_fit
     except ImportError:
         return None
-    return check_fit(plan)
+    try:
+        return check_fit(plan)
+    except ValueError as e:  # the planner cannot judge this plan (e.g. an unknown profile)
+        raise LaunchError(f"fit re-check: {e}") from None
 
 
 def shortfall_message(plan: Plan, evaluation: Evaluation) -> str:
