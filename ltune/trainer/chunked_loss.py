@@ -163,7 +163,7 @@ class ChunkedLMHeadLoss(torch.nn.Module):
         self._lm_head = [lm_head]  # a list: not a submodule
         self.chunk_tokens = chunk_tokens
         # harmless without ZeRO-3; needed with it, whether or not the weight is partitioned yet
-        from deepspeed.zero import register_external_parameter
+        from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 
         register_external_parameter(self, lm_head.weight)
 

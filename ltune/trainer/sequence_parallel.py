@@ -22,11 +22,10 @@ What we add, because the DeepSpeed pieces assume something else:
   shifted before slicing (a shard's last token predicts the next shard's first), padded to a
   multiple of sp_degree with -100;
 - the loss: each rank sums the cross-entropy of its own tokens; the token count is summed over the
-  group. DeepSpeed with an mpu sums gradients over the sequence-parallel group and averages them
-  over the data-parallel degree only (engine `_reduce_non_expert_gradients`, ZeRO
-  `average_tensor`/`allreduce_bucket`: divide by world_size / sequence_parallel_size), so
-  `local_sum / group_count` on every rank trains on the mean over the group's real tokens, as
-  `loss_sum / count` does on one rank without sequence parallelism.
+  group; each rank backwards `local_sum / group_count` times a correction for how DeepSpeed
+  reduces gradients under sequence parallelism (see `deepspeed_sp_grad_scale`), so that the
+  reduced gradient is the gradient of the group's mean over its real tokens, averaged over the
+  data-parallel degree, exactly as `loss_sum / count` per rank without sequence parallelism.
 
 Memory (what sequence parallelism divides): every per-token activation (layer inputs kept by
 checkpointing, the recomputed layer's working set, the logits or chunked-loss terms, the final norm)
@@ -243,14 +242,36 @@ def sp_token_count(num_tokens: Tensor | int, sp_group=None, device=None) -> Tens
     return count[0]
 
 
-def sp_mean_loss(loss_sum: Tensor, num_tokens: Tensor | int, sp_group=None) -> tuple[Tensor, Tensor]:
+def deepspeed_sp_grad_scale(zero_stage: int, sp_degree: int, reduce_scatter: bool = True) -> float:
+    """Factor on each rank's loss that makes DeepSpeed's reduced gradient the sum over the
+    sequence-parallel group averaged over the data-parallel degree (dp = world / sp).
+
+    DeepSpeed 0.19.8 sums gradients over all ranks and divides by world_size / sp_degree in the
+    engine's own all-reduce (stage 0, engine.py `_reduce_non_expert_gradients`), in ZeRO-1/2
+    (stage_1_and_2.py: `div_(world_size / sequence_parallel_size)`) and in ZeRO-3's all-reduce path;
+    but ZeRO-3's default reduce-scatter path (stage3.py `__avg_scatter_grads` ->
+    coalesced_collectives.reduce_scatter_coalesced, which pre-divides by the group size) divides by
+    world_size. There the loss must be multiplied by sp_degree. The distributed test checks both.
+    """
+    return float(sp_degree) if zero_stage == 3 and reduce_scatter else 1.0
+
+
+def engine_sp_grad_scale(engine, sp_degree: int) -> float:
+    """`deepspeed_sp_grad_scale` for a DeepSpeed engine."""
+    return deepspeed_sp_grad_scale(engine.zero_optimization_stage(), sp_degree, engine.zero_reduce_scatter())
+
+
+def sp_mean_loss(
+    loss_sum: Tensor, num_tokens: Tensor | int, sp_group=None, grad_scale: float = 1.0
+) -> tuple[Tensor, Tensor]:
     """(loss to backward, loss to log) of one sequence-parallel group.
 
     loss_sum: this rank's summed token cross-entropy (fp32, with grad); num_tokens: this rank's
-    real-token count. The loss to backward is loss_sum / (tokens of the group): DeepSpeed sums the
-    gradients over the group (see the module docstring), which makes them the gradient of the
-    group's mean over its real tokens. The loss to log is that mean, the same on every rank of the
-    group. With sp_group None (or of size 1) it is loss_sum / num_tokens.
+    real-token count. The loss to backward is grad_scale * loss_sum / (real tokens of the group):
+    summed over the group's ranks, its gradient is the gradient of the group's mean over its real
+    tokens (grad_scale corrects for DeepSpeed's divisor: `engine_sp_grad_scale`). The loss to log
+    is that mean, the same on every rank of the group. With sp_group None (or of size 1) it is
+    loss_sum / num_tokens.
     """
     import deepspeed.comm as dist
 
@@ -258,4 +279,4 @@ def sp_mean_loss(loss_sum: Tensor, num_tokens: Tensor | int, sp_group=None) -> t
     value = loss_sum.detach().clone().reshape(1)
     if sp_group is not None and dist.get_world_size(sp_group) > 1:
         dist.all_reduce(value, group=sp_group)
-    return loss_sum / count, value[0] / count
+    return loss_sum * (grad_scale / count), value[0] / count
