@@ -1,0 +1,368 @@
+"""Trace one training step's memory on fake CPU tensors, exactly, without a GPU.
+
+The trainer's own model (`ltune.trainer.model.build_model`: transformers body, `LossHead` with
+the trainer's full or chunked loss, non-reentrant checkpointing per layer) is built on the meta
+device, materialised as fake CPU tensors (`FakeTensorMode`: shapes, dtypes and storages, no bytes)
+and runs one step -- forward of one rank's packed micro-batch (seq_len / sp_degree tokens per
+sequence, several documents, position_ids restarting), backward, AdamW -- under PyTorch's
+`MemTracker` (torch/distributed/_tools/mem_tracker.py), which sees every storage the dispatcher
+creates and frees and files it under PARAM, BUFFER, GRAD, ACT, TEMP, OPT or OTH. We record the
+per-category total after every operator (the timeline), and split the activation bytes by where
+they were made (forward of a layer, recompute, backward, the loss); ZeRO and sequence-parallel
+sharding are then applied arithmetically (sharding.py).
+
+Differences from a CUDA run, by construction, and how they are corrected:
+- attention kernel: the trainer's CPU path (sdpa once per document, `_sdpa_per_document`) is not
+  what CUDA runs; under the trace the trainer's `varlen_attention` core is replaced by
+  `flash.flash_varlen_memory`, which allocates and saves exactly what flash-attn 2's varlen
+  kernel does. The trainer's glue around it (transposes, reshapes) runs as is. Eager attention
+  is traced as is: the same aten ops run on both devices.
+- allocator rounding: MemTracker rounds CUDA storages up to 512 B blocks but counts CPU storages to
+  the byte; we apply the same 512 B rounding to the fake CPU storages (`_cuda_block_rounding`).
+  The caching allocator's 2 MiB / 20 MiB segments (fragmentation), the CUDA context, cuBLAS
+  workspaces and NCCL buffers are not tensors: the trace leaves them to the analytic reserve.
+- dtype: DeepSpeed casts the module to bf16/fp16 at `initialize`; we cast it on meta before
+  materialising (buffers included, as `module.bfloat16()` does).
+- optimizer: DeepSpeed runs a fused Adam on fp32 master partitions; we run torch's fused AdamW on
+  fp32 master copies (no per-parameter temporaries, as FusedAdam), its states initialised before
+  the traced step so the step sees the steady state (states alive during forward and backward).
+  How much of it each rank holds is DeepSpeed's partitioning, applied in sharding.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import weakref
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from ..planner.schema import Hardware, Layout, ModelSpec, Plan, Training, check_sp_degree
+from ..profiles.schema import ModelProfile
+
+# MemTracker's categories (the values of torch.distributed._tools.mem_tracker._MemRefType)
+CATEGORIES = ("Parameter", "Buffer", "Gradient", "Activation", "Temp", "Optstate", "Other")
+CUDA_BLOCK_BYTES = 512  # c10/cuda/CUDACachingAllocator.cpp kMinBlockSize
+#: where an activation/temp storage was made: (pass, region)
+PASSES = ("input", "forward", "recompute", "backward")
+REGIONS = ("embed", "layer", "norm", "head")
+ORIGINS = tuple(f"{p}:{r}" for p in PASSES for r in REGIONS)
+DEFAULT_NUM_DOCS = 4
+
+
+@dataclass
+class Timeline:
+    """Per-operator snapshots of the traced (unsharded) memory, in bytes.
+
+    `values[i]` has one entry per CATEGORIES name; `origins[i]` one per ORIGINS name (the live
+    Activation + Temp bytes by where they were made); `phases[i]` is forward, backward or
+    optimizer; `regions[i]` the REGIONS entry active.
+    """
+
+    phases: list[str] = field(default_factory=list)
+    regions: list[str] = field(default_factory=list)
+    values: list[tuple[int, ...]] = field(default_factory=list)
+    origins: list[tuple[int, ...]] = field(default_factory=list)
+    marks: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+
+@dataclass
+class RawTrace:
+    """What one traced step gives before any sharding."""
+
+    timeline: Timeline
+    num_params: int
+    param_numels: list[int]
+    dtype_bytes: int
+    tokens_per_rank: int
+    micro_batch_size: int
+    num_docs: int
+    trace_s: float
+    max_rss_bytes: int
+
+
+def torch_dtype(precision: str):
+    import torch
+
+    if precision not in ("bf16", "fp16"):
+        raise ValueError(f"precision must be bf16 or fp16 (got {precision!r})")
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def validate(model: ModelProfile, seq_len: int, layout: Layout, num_docs: int) -> int:
+    """Check the inputs; return the tokens each rank holds per sequence (seq_len / sp_degree)."""
+    if seq_len <= 0:
+        raise ValueError(f"seq_len ({seq_len}) must be positive")
+    check_sp_degree(layout.sp_degree, model)
+    if seq_len % layout.sp_degree:
+        raise ValueError(f"sp_degree ({layout.sp_degree}) must divide seq_len ({seq_len})")
+    tokens = seq_len // layout.sp_degree
+    if num_docs <= 0 or num_docs > tokens:
+        raise ValueError(f"num_docs ({num_docs}) must be between 1 and the tokens per rank ({tokens})")
+    return tokens
+
+
+def doc_lengths(tokens: int, num_docs: int) -> list[int]:
+    base, extra = divmod(tokens, num_docs)
+    return [base + (1 if i < extra else 0) for i in range(num_docs)]
+
+
+def trace_plan(model: ModelProfile, seq_len: int, layout: Layout, precision: str, loss_chunk_tokens: int) -> Plan:
+    """The Plan the trainer's build_model takes, for CLI options given without a plan.yaml."""
+    return Plan(
+        model=ModelSpec(name=model.name, architecture=model),
+        hardware=Hardware(gpu="cpu"),
+        layout=layout,
+        training=Training(seq_len=seq_len, max_steps=1, precision=precision, loss_chunk_tokens=loss_chunk_tokens),
+    )
+
+
+@contextlib.contextmanager
+def _cuda_block_rounding():
+    """Count fake CPU storages as the CUDA caching allocator would: rounded up to 512 B."""
+    from torch.distributed._tools import mem_tracker as mt_mod
+
+    winfo = mt_mod._WeakRefInfo
+    original = winfo._calculate_mem_consumed
+
+    def rounded(self) -> int:
+        return math.ceil(self.size * self.element_size / CUDA_BLOCK_BYTES) * CUDA_BLOCK_BYTES
+
+    winfo._calculate_mem_consumed = rounded
+    try:
+        yield
+    finally:
+        winfo._calculate_mem_consumed = original
+
+
+@contextlib.contextmanager
+def _flash_kernel():
+    """Run the trainer's varlen attention with flash-attn 2's memory (see module docstring)."""
+    from ..trainer import attention
+
+    from .flash import flash_varlen_memory
+
+    def kernel(q, k, v, cu_seqlens, max_seqlen, causal=True, scale=None):
+        if q.shape[1] % k.shape[1]:
+            raise ValueError(f"kv heads ({k.shape[1]}) must divide query heads ({q.shape[1]})")
+        return flash_varlen_memory(q, k, v, cu_seqlens.shape[0] - 1)
+
+    original = attention.varlen_attention
+    attention.varlen_attention = kernel
+    try:
+        yield
+    finally:
+        attention.varlen_attention = original
+
+
+def build_fake_model(plan: Plan, fake_mode):
+    """The trainer's TrainModel on meta, cast to the plan's dtype, materialised as fake CPU tensors."""
+    import warnings
+
+    import torch
+
+    from ..trainer.model import build_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # gradient_checkpointing_enable's rename
+        with torch.device("meta"):
+            model = build_model(plan).to(torch_dtype(plan.training.precision))
+    with fake_mode:
+        model = model.to_empty(device="cpu")
+    model.lm.tie_weights()  # to_empty makes one tensor per parameter name: tie them again
+    return model
+
+
+def _make_optimizer(params, fake_mode):
+    """Fused AdamW over fp32 master copies, states initialised (the steady state of step > 1)."""
+    import torch
+
+    class _MixedPrecisionAdamW(torch.optim.AdamW):
+        """fp32 grads from the 16-bit grads, fused AdamW on the masters, masters copied back."""
+
+        def __init__(self, model_params, masters):
+            super().__init__(masters, lr=1e-5, betas=(0.9, 0.95), fused=True)
+            self._pairs = list(zip(model_params, masters))
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            for p, m in self._pairs:
+                if p.grad is not None:
+                    m.grad = p.grad.float()
+            super().step()
+            for p, m in self._pairs:
+                p.copy_(m)
+                m.grad = None
+
+    with fake_mode:
+        masters = [torch.empty_like(p, dtype=torch.float32) for p in params]
+        opt = _MixedPrecisionAdamW(params, masters)
+        for m in masters:
+            m.grad = torch.empty_like(m)
+        torch.optim.AdamW.step(opt)
+        for m in masters:
+            m.grad = None
+    return opt, masters
+
+
+def _make_tracker(timeline: Timeline):
+    """A MemTracker that also records the timeline and the origin of activation bytes."""
+    import torch
+    from torch.distributed._tools.mem_tracker import _TOTAL_KEY as total_key
+    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType, _UpdateType
+
+    act_types = (_MemRefType.ACT, _MemRefType.TEMP)
+    cpu = torch.device("cpu")
+    layer_tag = ".layers."
+
+    class _TimelineTracker(MemTracker):
+        def __init__(self) -> None:
+            super().__init__()
+            self.started_model = False
+            self._origin_of: dict[int, int] = {}  # id(winfo) -> ORIGINS index
+            self._origin_bytes = [0] * len(ORIGINS)
+
+        # -- where are we
+        def _region(self) -> str:
+            parents = self._mod_tracker.parents
+            region = "head"
+            for name in parents:
+                if layer_tag in name:
+                    return "layer"
+                if name.endswith(("embed_tokens", "rotary_emb")):
+                    region = "embed"  # the layers' shared inputs: embeddings, RoPE cos/sin
+                elif name.endswith(".norm") and region == "head":
+                    region = "norm"
+            return region
+
+        def _origin_index(self) -> int:
+            if not self.started_model:
+                pas = "input"
+            elif self._mod_tracker.is_bw:
+                pas = "recompute" if self._in_ac else "backward"
+            else:
+                pas = "forward"
+            return ORIGINS.index(f"{pas}:{self._region()}")
+
+        # -- bookkeeping of activation bytes by origin, at MemTracker's single update point
+        def _update_snap(self, u_type, winfo, old_mem_consumed=None, old_reftype=None) -> None:
+            super()._update_snap(u_type, winfo, old_mem_consumed, old_reftype)
+            key = id(winfo)
+            if u_type == _UpdateType.ADD:
+                if winfo.reftype in act_types:
+                    idx = self._origin_index()
+                    self._origin_of[key] = idx
+                    self._origin_bytes[idx] += winfo.mem_consumed
+            elif u_type == _UpdateType.DEL:
+                idx = self._origin_of.pop(key, None)
+                if idx is not None:
+                    self._origin_bytes[idx] -= winfo.mem_consumed
+            elif u_type == _UpdateType.REF:
+                idx = self._origin_of.get(key)
+                if idx is not None and winfo.reftype not in act_types:
+                    self._origin_bytes[idx] -= winfo.mem_consumed
+                    del self._origin_of[key]
+                elif idx is None and winfo.reftype in act_types:
+                    idx = self._origin_index()
+                    self._origin_of[key] = idx
+                    self._origin_bytes[idx] += winfo.mem_consumed
+            elif u_type == _UpdateType.SIZE:
+                idx = self._origin_of.get(key)
+                if idx is not None:
+                    self._origin_bytes[idx] += winfo.mem_consumed - old_mem_consumed
+
+        def _update_peak_stats(self, peak_state) -> None:
+            # MemTracker's own version also walks every module's stats after every operator
+            # (most of the run time on a large model); the timeline holds what we need.
+            for dev, dev_snap in self._curr_mem_snap.items():
+                if self._peak_mem.get(dev, 0) < dev_snap[total_key]:
+                    self._peak_mem[dev] = dev_snap[total_key]
+                    self._peak_mem_snap[dev] = dict(dev_snap)
+            self._record()
+
+        def _values(self) -> tuple[int, ...]:
+            snap = self._curr_mem_snap.get(cpu, {})
+            return tuple(snap.get(cat, 0) for cat in self._ref_class)
+
+        def _record(self) -> None:
+            values = self._values()
+            origins = tuple(self._origin_bytes)
+            if timeline.values and values == timeline.values[-1] and origins == timeline.origins[-1]:
+                return
+            phase = "optimizer" if self._in_opt else ("backward" if self._mod_tracker.is_bw else "forward")
+            timeline.phases.append(phase)
+            timeline.regions.append(self._region())
+            timeline.values.append(values)
+            timeline.origins.append(origins)
+
+        def mark(self, name: str) -> None:
+            timeline.marks[name] = self._values()
+
+    tracker = _TimelineTracker()
+    names = tuple(c.value for c in tracker._ref_class)
+    if names != CATEGORIES:
+        raise RuntimeError(f"MemTracker's categories changed ({names}); ltune.trace expects {CATEGORIES}")
+    return tracker
+
+
+def trace_step(
+    model: ModelProfile,
+    seq_len: int,
+    layout: Layout,
+    precision: str = "bf16",
+    *,
+    num_docs: int = DEFAULT_NUM_DOCS,
+    loss_chunk_tokens: int = 4096,
+    plan: Plan | None = None,
+) -> RawTrace:
+    """Run one fake training step of one rank's micro-batch under MemTracker; return the timeline."""
+    import resource
+
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    tokens = validate(model, seq_len, layout, num_docs)
+    start = time.perf_counter()
+    plan = plan or trace_plan(model, seq_len, layout, precision, loss_chunk_tokens)
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    train_model = build_fake_model(plan, fake_mode)
+    params = [p for p in train_model.parameters() if p.requires_grad]
+    opt, masters = _make_optimizer(params, fake_mode)
+    timeline = Timeline()
+    tracker = _make_tracker(timeline)
+    b = layout.micro_batch_size
+    lengths = doc_lengths(tokens, num_docs)
+    with _cuda_block_rounding(), _flash_kernel():
+        tracker.track_external(opt, *masters)
+        # params and buffers, with the grad hooks that file every parameter gradient as Gradient
+        # (also the output head's, which the chunked loss uses without calling the module)
+        tracker._track_module_params_and_buffers(train_model, install_grad_hooks=True)
+        with fake_mode, tracker:
+            tracker.mark("start")
+            input_ids = torch.zeros((b, tokens), dtype=torch.int64)
+            labels = torch.zeros((b, tokens), dtype=torch.int64)
+            position_ids = torch.cat([torch.arange(n, dtype=torch.int64) for n in lengths]).expand(b, tokens)
+            cu_seqlens = torch.zeros(b * num_docs + 1, dtype=torch.int32)
+            tracker.started_model = True
+            loss_sum, num_tokens = train_model(input_ids, position_ids, labels, cu_seqlens, max(lengths))
+            loss = loss_sum / num_tokens
+            tracker.mark("after_forward")
+            loss.backward()
+            del loss, loss_sum, num_tokens
+            tracker.mark("after_backward")
+            opt.step()
+            tracker.mark("after_step")
+            train_model.zero_grad(set_to_none=True)
+            tracker.mark("end")
+    return RawTrace(
+        timeline=timeline,
+        num_params=sum(p.numel() for p in params),
+        param_numels=[p.numel() for p in params],
+        dtype_bytes=params[0].element_size(),
+        tokens_per_rank=tokens,
+        micro_batch_size=b,
+        num_docs=num_docs,
+        trace_s=time.perf_counter() - start,
+        max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    )
