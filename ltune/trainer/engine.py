@@ -26,7 +26,22 @@ def init_distributed() -> None:
 
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        share_cpu_threads()
     deepspeed.init_distributed()
+
+
+def share_cpu_threads() -> None:
+    """On CPU, split the cores between the node's processes (unless OMP_NUM_THREADS says otherwise).
+
+    Each process would otherwise start one compute thread per core, and N processes
+    on N cores thrash (slower, and gloo collectives wait on descheduled threads).
+    """
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cores // local))
 
 
 def device() -> torch.device:

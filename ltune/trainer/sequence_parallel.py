@@ -21,11 +21,14 @@ What we add, because the DeepSpeed pieces assume something else:
   runs them one after the other, which changes how many sequences one step sees). The labels are
   shifted before slicing (a shard's last token predicts the next shard's first), padded to a
   multiple of sp_degree with -100;
-- the loss: each rank sums the cross-entropy of its own tokens; the token count is summed over the
-  group; each rank backwards `local_sum / group_count` times a correction for how DeepSpeed
-  reduces gradients under sequence parallelism (see `deepspeed_sp_grad_scale`), so that the
-  reduced gradient is the gradient of the group's mean over its real tokens, averaged over the
-  data-parallel degree, exactly as `loss_sum / count` per rank without sequence parallelism.
+- the loss: each rank sums the cross-entropy of its own tokens (`shard_batch` gives it its
+  shifted targets), and the normaliser is counted over the group (`sp_mean_loss`) or over the
+  whole global batch (the trainer: `deepspeed_grad_divisor`). DeepSpeed's reduction under
+  sequence parallelism is not uniform across ZeRO stages (see `deepspeed_sp_grad_scale`); both
+  helpers correct for it, and the distributed test checks the applied update under ZeRO-2 and
+  ZeRO-3. The mpu must be given to `deepspeed.initialize`: measured at sp 2 with
+  `sequence_parallel_size` in the config but no mpu, ZeRO-1/2 applied twice the gradient and
+  reported twice its norm (ZeRO-3 was right); with the mpu all three were exact.
 
 Memory (what sequence parallelism divides): every per-token activation (layer inputs kept by
 checkpointing, the recomputed layer's working set, the logits or chunked-loss terms, the final norm)
@@ -44,8 +47,6 @@ from torch import Tensor
 
 IGNORE_INDEX = -100
 ULYSSES_ATTN_KEY = "ltune_ulysses_varlen"
-
-VarlenCore = Callable[..., Tensor]  # (q, k, v, cu_seqlens, max_seqlen, causal=True, scale=None)
 
 
 # ---------------------------------------------------------------- process groups
@@ -84,55 +85,37 @@ def dp_rank_and_degree(rank: int, world_size: int, sp_degree: int) -> tuple[int,
 # ---------------------------------------------------------------- batches
 
 
-def shift_labels(labels: Tensor, position_ids: Tensor) -> Tensor:
-    """Next-token targets of a packed (B, S) batch: token i predicts labels[i + 1] when i + 1 is in
-    the same document (its position is position_ids[i] + 1), else nothing (-100)."""
-    shifted = torch.full_like(labels, IGNORE_INDEX)
-    same_doc = position_ids[:, 1:] == position_ids[:, :-1] + 1
-    shifted[:, :-1] = torch.where(same_doc, labels[:, 1:], IGNORE_INDEX)
-    return shifted
-
-
-def cu_seqlens_from_position_ids(position_ids: Tensor) -> tuple[Tensor, int]:
-    """Cumulative document lengths (int32, starting at 0) of a (B, S) packed batch flattened to
-    B*S tokens, and the longest document. A document starts at every row and wherever the
-    position does not follow the previous one."""
-    batch, seq = position_ids.shape
-    starts = torch.ones_like(position_ids, dtype=torch.bool)
-    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
-    start_idx = torch.nonzero(starts.reshape(-1), as_tuple=False).reshape(-1)
-    total = torch.tensor([batch * seq], device=position_ids.device, dtype=start_idx.dtype)
-    cu_seqlens = torch.cat([start_idx, total]).to(torch.int32)
-    max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
-    return cu_seqlens, max_seqlen
-
-
 def pad_to_multiple(batch: dict[str, Tensor], multiple: int, pad_token_id: int = 0) -> dict[str, Tensor]:
     """Pad input_ids, position_ids and labels (B, S) on the right to a multiple of `multiple`
     tokens: padding is its own segment (positions from 0), with no loss (-100)."""
     seq = batch["input_ids"].shape[1]
     pad = -seq % multiple
-    if pad == 0:
-        return dict(batch)
     out = dict(batch)
+    if pad == 0:
+        return out
     rows = batch["input_ids"].shape[0]
-    ids = batch["input_ids"]
+    ids, pos, lab = batch["input_ids"], batch["position_ids"], batch["labels"]
     out["input_ids"] = torch.cat([ids, ids.new_full((rows, pad), pad_token_id)], dim=1)
-    pos = batch["position_ids"]
     out["position_ids"] = torch.cat([pos, torch.arange(pad, device=pos.device, dtype=pos.dtype).expand(rows, pad)], dim=1)
-    lab = batch["labels"]
     out["labels"] = torch.cat([lab, lab.new_full((rows, pad), IGNORE_INDEX)], dim=1)
     return out
 
 
-def shard_batch(
-    batch: dict[str, Tensor], sp_rank: int, sp_degree: int, pad_token_id: int = 0
-) -> dict[str, Any]:
-    """This rank's slice of a packed batch {input_ids, position_ids, labels} (B, S), labels not yet
-    shifted. Returns input_ids, position_ids and shift_labels (B, S_pad / sp_degree; shift_labels
-    already shifted, document-aware, -100 on padding), and cu_seqlens / max_seqlen of the full padded
-    sequence (what the attention core needs after the all-to-all). With sp_degree 1 this is the
-    whole batch, so the same code path serves both."""
+def shard_batch(batch: dict[str, Tensor], sp_rank: int, sp_degree: int, pad_token_id: int = 0) -> dict[str, Any]:
+    """This rank's slice of a packed batch {input_ids, position_ids, labels} (B, S), labels as
+    read (not yet shifted).
+
+    Pads to a multiple of sp_degree, shifts the labels per document (`loss.shift_labels`: a
+    shard's last token predicts the next shard's first; a document's last token predicts
+    nothing), computes cu_seqlens / max_seqlen of the whole padded batch
+    (`attention.cu_seqlens_from_position_ids`), then keeps tokens
+    [sp_rank * S_pad / sp, (sp_rank + 1) * S_pad / sp) of input_ids, position_ids and labels.
+    cu_seqlens stays whole: after the all-to-all the attention core sees every token. With
+    sp_degree 1 this is the trainer's own preparation of a micro batch.
+    """
+    from .attention import cu_seqlens_from_position_ids
+    from .loss import shift_labels
+
     if not 0 <= sp_rank < sp_degree:
         raise ValueError(f"sp_rank ({sp_rank}) must be in [0, sp_degree ({sp_degree}))")
     padded = pad_to_multiple(batch, sp_degree, pad_token_id)
@@ -143,7 +126,7 @@ def shard_batch(
     return {
         "input_ids": padded["input_ids"][:, window],
         "position_ids": padded["position_ids"][:, window],
-        "shift_labels": targets[:, window],
+        "labels": targets[:, window],
         "cu_seqlens": cu_seqlens,
         "max_seqlen": max_seqlen,
     }
@@ -152,58 +135,26 @@ def shard_batch(
 # ---------------------------------------------------------------- attention
 
 
-def hf_varlen_attention(core: VarlenCore) -> Callable:
-    """A transformers attention function (module, query, key, value, attention_mask, **kwargs) ->
-    (output (B, S, H, D), None) on a varlen core over (tokens, heads, head_dim).
-
-    Document boundaries: `cu_seq_lens_q` / `max_length_q` from kwargs when given (transformers'
-    names for flash-attention's packed kwargs), else derived from `position_ids` (under Ulysses
-    these are the gathered positions of the full sequence). Key/value heads are repeated to the
-    query heads (grouped-query attention, as transformers' repeat_kv)."""
-
-    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        batch, q_heads, seq, head_dim = query.shape
-        cu_seqlens = kwargs.get("cu_seq_lens_q")
-        if cu_seqlens is not None and int(cu_seqlens[-1]) == batch * seq:
-            max_seqlen = int(kwargs.get("max_length_q") or (cu_seqlens[1:] - cu_seqlens[:-1]).max())
-        else:
-            position_ids = kwargs.get("position_ids")
-            if position_ids is None:
-                raise ValueError("varlen attention needs position_ids or cu_seq_lens_q")
-            cu_seqlens, max_seqlen = cu_seqlens_from_position_ids(position_ids.expand(batch, seq))
-        if key.shape[1] != q_heads:
-            key = key.repeat_interleave(q_heads // key.shape[1], dim=1)
-            value = value.repeat_interleave(q_heads // value.shape[1], dim=1)
-
-        def flat(x):
-            return x.transpose(1, 2).reshape(batch * seq, x.shape[1], head_dim)
-
-        out = core(flat(query), flat(key), flat(value), cu_seqlens, max_seqlen, causal=True, scale=scaling)
-        return out.reshape(batch, seq, q_heads, head_dim), None
-
-    return attention
-
-
-def _default_core() -> VarlenCore:
-    from .attention import varlen_attention
-
-    return varlen_attention
-
-
-def install_ulysses_attention(model, sp_group, micro_batch_size: int, core: VarlenCore | None = None) -> str:
+def install_ulysses_attention(model, sp_group, micro_batch_size: int, hf_attention: Callable | None = None) -> str:
     """Route every attention layer of a transformers model through DeepSpeed's
-    `UlyssesSPAttentionHF` over `sp_group`, with the varlen core on the full sequence.
+    `UlyssesSPAttentionHF` over `sp_group`, around a transformers-style attention function
+    (default: the trainer's varlen one, `attention.hf_varlen_attention`).
 
-    Registers the function under a key of its own (the model's previous implementation is not
-    overwritten for other models) and switches the model to it; transformers builds no mask for an
-    unknown key. Returns the key."""
+    After the all-to-all that function sees every token of the sequence for heads / sp heads, the
+    gathered position_ids, and the caller's `cu_seq_lens_q` / `max_length_q` kwargs untouched: pass
+    the cu_seqlens of the whole padded sequence (`shard_batch`). Registers under a key of its own
+    (other models keep their implementation) and switches the model to it; transformers builds no
+    mask for an unknown key. Returns the key.
+    """
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
     from transformers import AttentionInterface
 
+    if hf_attention is None:
+        from .attention import hf_varlen_attention as hf_attention
     cfg = model.config.get_text_config()
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     ulysses = UlyssesSPAttentionHF(
-        attn=hf_varlen_attention(core or _default_core()),
+        attn=hf_attention,
         batch_size=micro_batch_size,
         attn_head_count=cfg.num_attention_heads,
         attn_head_size=head_dim,
@@ -214,17 +165,12 @@ def install_ulysses_attention(model, sp_group, micro_batch_size: int, core: Varl
     )
 
     def ulysses_attention(module, query, key, value, attention_mask, *args, **kwargs):
-        # the mask transformers built (if any) is for the local shard; boundaries come from
-        # the gathered position_ids or the full cu_seqlens
+        # any mask transformers built is for the local shard: boundaries come from cu_seqlens
         return ulysses(module, query, key, value, None, *args, **kwargs)
 
     key = f"{ULYSSES_ATTN_KEY}_{id(ulysses)}"
     AttentionInterface.register(key, ulysses_attention)
     model.config._attn_implementation = key
-    for sub in model.modules():
-        sub_cfg = getattr(sub, "config", None)
-        if sub_cfg is not None and sub_cfg is not model.config and hasattr(sub_cfg, "_attn_implementation"):
-            sub_cfg._attn_implementation = key
     model._ltune_ulysses = ulysses  # keep it alive with the model
     return key
 
@@ -259,6 +205,16 @@ def deepspeed_sp_grad_scale(zero_stage: int, sp_degree: int, reduce_scatter: boo
 def engine_sp_grad_scale(engine, sp_degree: int) -> float:
     """`deepspeed_sp_grad_scale` for a DeepSpeed engine."""
     return deepspeed_sp_grad_scale(engine.zero_optimization_stage(), sp_degree, engine.zero_reduce_scatter())
+
+
+def deepspeed_grad_divisor(engine, sp_degree: int) -> float:
+    """What DeepSpeed divides the all-rank sum of gradients by: world_size / sp_degree, times
+    `deepspeed_sp_grad_scale` (so world_size under ZeRO-3's reduce-scatter, and always when
+    sp_degree is 1). A loss of loss_sum x divisor x grad_accum / global_tokens per micro batch
+    gives the gradient of the mean over all real tokens of the global batch."""
+    import deepspeed.comm as dist
+
+    return dist.get_world_size() / sp_degree * engine_sp_grad_scale(engine, sp_degree)
 
 
 def sp_mean_loss(
