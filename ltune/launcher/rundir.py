@@ -107,7 +107,7 @@ def check_same_plan(stored: Plan, given: Plan, run_dir: Path) -> None:
     if diff:
         raise LaunchError(
             f"--resume: the plan differs from {run_dir / PLAN_FILE} at {diff}; "
-            "resume with the run's own plan file"
+            f"resume with the run's own plan: ltune launch {run_dir / PLAN_FILE} --resume"
         )
 
 
