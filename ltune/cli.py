@@ -177,6 +177,13 @@ def launch(
 
     if spec.evaluation is None:
         err_console.print("[yellow]warning:[/] fit re-check unavailable; launching unchecked")
+    elif not spec.forced:
+        mem = spec.evaluation.memory
+        console.print(
+            f"[bold]fit[/] {gib(mem.total_bytes)} of {gib(mem.usable_bytes)} GiB usable per GPU "
+            f"({plan.hardware.gpu}, {spec.nodes.nnodes} x {spec.nodes.nproc_per_node})",
+            highlight=False,
+        )
     elif spec.forced:
         console.print(_launch_breakdown_table(spec.evaluation))
         from .launcher import shortfall_message

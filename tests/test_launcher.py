@@ -129,6 +129,17 @@ def test_deepspeed_hostfile_two_nodes_argv(workdir):
     assert spec.env == {"PYTHONUNBUFFERED": "1"}  # a GPU target: no CPU accelerator
 
 
+def test_deepspeed_keeps_the_chosen_gpus(workdir):
+    """DeepSpeed's runner drops CUDA_VISIBLE_DEVICES when given --num_gpus: pass the ids on."""
+    spec = plan_launch(big_plan(4), workdir / "plan.yaml", LaunchOptions(master_port=29611), python=PY,
+                       environ={"CUDA_VISIBLE_DEVICES": "4,5,6,7"})
+    assert list(spec.argv[3:5]) == ["--include", "localhost:4,5,6,7"]
+    assert "--num_gpus" not in spec.argv
+    with pytest.raises(LaunchError, match=r"lists 2 devices; the plan needs 4"):
+        plan_launch(big_plan(4), workdir / "plan.yaml", LaunchOptions(master_port=29611), python=PY,
+                    environ={"CUDA_VISIBLE_DEVICES": "0,1"})
+
+
 def test_deepspeed_several_nodes_needs_a_hostfile(workdir):
     with pytest.raises(LaunchError, match="needs --hostfile for 2 nodes"):
         plan_launch(big_plan(16), workdir / "plan.yaml", LaunchOptions(), python=PY)
@@ -323,6 +334,8 @@ def test_port_in_use_is_refused(workdir):
         (lambda d: (d / "data" / "a.jsonl").write_text(""), "a.jsonl: data file is empty"),
         (lambda d: (d / "data" / "a.jsonl").write_text('{"text": "ok"}\n{"text": oops}\n'), r"a.jsonl:2: malformed JSON"),
         (lambda d: (d / "tok" / "tokenizer.json").unlink(), "holds no tokenizer"),
+        (lambda d: (d / "data" / "b.jsonl").write_text('{"messages": [{"role": "user", "content": "q"}]}\n'),
+         r"b.jsonl:1: chat record has no assistant turn"),
     ],
 )
 def test_bad_data_is_a_one_line_error(workdir, setup, message):

@@ -140,8 +140,14 @@ def deepspeed_argv(
     master_addr: str | None = None,
     node_rank: int | None = None,
     python: str | None = None,
+    visible_devices: str | None = None,
 ) -> list[str]:
-    """``deepspeed [resources] --master_port P --no_local_rank --module ltune.trainer RUN_DIR``."""
+    """``deepspeed [resources] --master_port P --no_local_rank --module ltune.trainer RUN_DIR``.
+
+    ``visible_devices`` (CUDA_VISIBLE_DEVICES, single node): DeepSpeed's runner drops that
+    variable and, given ``--num_gpus``, would use devices 0..N-1 instead; the chosen
+    devices are passed as ``--include localhost:i,j`` so the job stays on them.
+    """
     argv = [python or sys.executable, "-m", "deepspeed.launcher.runner"]
     if hostfile is None:
         if layout.nnodes > 1:
@@ -151,7 +157,16 @@ def deepspeed_argv(
             )
         if node_rank not in (None, 0):
             raise LaunchError(f"--node-rank ({node_rank}) needs several nodes")
-        argv += ["--num_gpus", str(layout.nproc_per_node)]
+        devices = [d.strip() for d in (visible_devices or "").split(",") if d.strip()]
+        if devices:
+            if len(devices) < layout.nproc_per_node:
+                raise LaunchError(
+                    f"CUDA_VISIBLE_DEVICES ({visible_devices}) lists {len(devices)} devices; "
+                    f"the plan needs {layout.nproc_per_node}"
+                )
+            argv += ["--include", "localhost:" + ",".join(devices[: layout.nproc_per_node])]
+        else:
+            argv += ["--num_gpus", str(layout.nproc_per_node)]
     else:
         argv += [
             "--hostfile", str(hostfile),

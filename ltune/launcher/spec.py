@@ -240,6 +240,7 @@ def plan_launch(
         argv = deepspeed_argv(
             run_dir, nodes, master_port, resume=options.resume, hostfile=hostfile,
             master_addr=options.master_addr, node_rank=options.node_rank, python=python,
+            visible_devices=None if is_cpu else (os.environ if environ is None else environ).get("CUDA_VISIBLE_DEVICES"),
         )
 
     spec = LaunchSpec(
