@@ -1,13 +1,15 @@
-"""Ulysses sequence parallelism on packed documents: batch sharding, the varlen core behind
-DeepSpeed's UlyssesSPAttentionHF, the loss reduction, and the refusal of a bad sp degree.
+"""Ulysses sequence parallelism on packed documents: batch sharding, the trainer's varlen attention
+behind DeepSpeed's UlyssesSPAttentionHF, the loss normalisation, and the refusal of a bad sp degree.
 
-The distributed test starts 2 processes over gloo (one launch) and checks, for a tiny llama in fp32
-on a packed batch whose documents straddle the shard boundary:
-- sp 2 (DeepSpeed's all-to-all, varlen core, chunked loss) against the same documents run one at a
-  time through stock transformers (sdpa): loss and every parameter gradient to 1e-5;
-- the same through DeepSpeed ZeRO-3 and ZeRO-2 engines given the sequence-parallel mpu: one SGD
-  step of lr 1 moves every parameter by exactly the reference gradient (so `sp_mean_loss` with
-  `engine_sp_grad_scale` matches how DeepSpeed reduces gradients over the sp group).
+The distributed test starts 2 processes over gloo (one launch). A tiny llama in fp32, the trainer's
+own TrainModel / LossHead (chunked loss) and attention glue, on a packed batch whose documents
+straddle the shard boundary:
+- sp 2 by hand (DeepSpeed's all-to-all, gradients summed over the group) against the same documents
+  run one at a time through stock transformers (sdpa): loss and every parameter gradient to 1e-5;
+  and a control: the same pack attended across document boundaries gives another loss;
+- sp 2 through DeepSpeed ZeRO-3 and ZeRO-2 engines given the sequence-parallel mpu, normalised as
+  the trainer does (loss_sum x divisor / global tokens): one SGD step of lr 1 moves every
+  parameter by exactly the reference gradient, and the engine's grad norm is the reference norm.
 """
 
 from __future__ import annotations
@@ -20,12 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ltune.trainer.sequence_parallel import (
-    cu_seqlens_from_position_ids,
-    hf_varlen_attention,
-    shard_batch,
-    shift_labels,
-)
+from ltune.trainer.sequence_parallel import shard_batch
 
 from conftest import make_plan, tiny_arch
 
@@ -37,18 +34,6 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- fixtures shared with the workers
-
-
-def reference_varlen_core(q, k, v, cu_seqlens, max_seqlen, causal=True, scale=None):
-    """Per-document causal sdpa on (tokens, heads, head_dim): the CPU reference the trainer's
-    varlen core must match."""
-    out = torch.empty_like(q)
-    bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        qd, kd, vd = (x[start:end].transpose(0, 1).unsqueeze(0) for x in (q, k, v))
-        od = F.scaled_dot_product_attention(qd, kd, vd, is_causal=causal, scale=scale)
-        out[start:end] = od.squeeze(0).transpose(0, 1)
-    return out
 
 
 def tiny_llama(kv_heads: int = 2, attn: str = "sdpa"):
@@ -98,12 +83,15 @@ def per_document_loss(model, batch) -> torch.Tensor:
     return loss_sum / count
 
 
-def use_attention(model, fn, key: str):
-    from transformers import AttentionInterface
+def train_model(hf_model, chunk_tokens: int = CHUNK_TOKENS):
+    """The trainer's TrainModel around a transformers model, its output head made the trainer's
+    LossHead in chunked mode (as build_model does)."""
+    from ltune.trainer.model import LossHead, TrainModel
 
-    AttentionInterface.register(key, fn)
-    model.config._attn_implementation = key
-    return model
+    hf_model.lm_head.__class__ = LossHead
+    hf_model.lm_head.mode = "chunked"
+    hf_model.lm_head.chunk_tokens = chunk_tokens
+    return TrainModel(hf_model)
 
 
 def grads_of(model) -> dict[str, torch.Tensor]:
@@ -113,71 +101,27 @@ def grads_of(model) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------- unit tests (no processes)
 
 
-def test_shift_labels_stay_inside_documents():
-    position_ids = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2]])
-    labels = torch.tensor([[10, 11, 12, 20, -100, 30, 31, 32]])
-    assert shift_labels(labels, position_ids).tolist() == [[11, 12, -100, -100, -100, 31, 32, -100]]
-
-
-def test_cu_seqlens_flatten_rows_and_split_at_position_resets():
-    position_ids = torch.tensor([[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]])
-    cu_seqlens, max_seqlen = cu_seqlens_from_position_ids(position_ids)
-    assert cu_seqlens.dtype == torch.int32
-    assert cu_seqlens.tolist() == [0, 3, 5, 7, 10] and max_seqlen == 3
-    # a row that starts mid-document (a split document) still starts a segment
-    cu_seqlens, _ = cu_seqlens_from_position_ids(torch.tensor([[5, 6, 0, 1], [7, 8, 9, 10]]))
-    assert cu_seqlens.tolist() == [0, 2, 4, 8]
-
-
 def test_shards_cover_the_padded_batch():
     batch = packed_batch()
     full = shard_batch(batch, 0, 1)
     assert torch.equal(full["input_ids"], batch["input_ids"])
     shards = [shard_batch(batch, r, 4) for r in range(4)]  # 45 tokens -> 48, shards of 12
-    for key in ("input_ids", "position_ids", "shift_labels"):
-        joined = torch.cat([s[key] for s in shards], dim=1)
-        assert joined.shape == (2, 48)
-    joined_labels = torch.cat([s["shift_labels"] for s in shards], dim=1)
-    assert torch.equal(joined_labels[:, :45], full["shift_labels"])
+    for key in ("input_ids", "position_ids", "labels"):
+        assert all(s[key].shape == (2, 12) for s in shards)
+    joined_labels = torch.cat([s["labels"] for s in shards], dim=1)
+    assert torch.equal(joined_labels[:, :45], full["labels"])
     assert (joined_labels[:, 44:] == -100).all()  # last real token and the padding: no target
+    # a document straddling shards 0 and 1: shard 0's last token predicts shard 1's first token
+    assert shards[0]["labels"][0, -1] == batch["input_ids"][0, 12]
+    # the last token of a document predicts nothing (document 1 of row 0 ends at token 9)
+    assert full["labels"][0, 9] == -100 and full["labels"][0, 8] == batch["input_ids"][0, 9]
     assert torch.equal(torch.cat([s["position_ids"] for s in shards], dim=1)[:, 45:], torch.arange(3).expand(2, 3))
     # every shard carries the cu_seqlens of the whole padded batch: 5 documents + 2 padding segments
     assert shards[0]["cu_seqlens"].tolist() == [0, 10, 30, 45, 48, 55, 85, 93, 96]
+    assert shards[0]["max_seqlen"] == 30
     assert all(torch.equal(s["cu_seqlens"], shards[0]["cu_seqlens"]) for s in shards)
     with pytest.raises(ValueError, match=r"sp_rank \(2\)"):
         shard_batch(batch, 2, 2)
-
-
-def test_varlen_attention_of_a_pack_equals_documents_one_by_one():
-    """The transformers adapter around a varlen core: packed loss and gradients equal per-document
-    runs with stock sdpa (1e-5, fp32); a core that ignores boundaries is caught."""
-    base = tiny_llama()
-    batch = packed_batch()
-    full = shard_batch(batch, 0, 1)
-
-    reference = copy.deepcopy(base)
-    per_document_loss(reference, batch).backward()
-
-    def packed_loss(model):
-        logits = model(input_ids=full["input_ids"], position_ids=full["position_ids"]).logits.float()
-        return F.cross_entropy(logits.flatten(0, 1), full["shift_labels"].flatten(), ignore_index=-100)
-
-    packed = use_attention(copy.deepcopy(base), hf_varlen_attention(reference_varlen_core), "ltune_test_varlen")
-    loss = packed_loss(packed)
-    loss.backward()
-    with torch.no_grad():
-        torch.testing.assert_close(loss, per_document_loss(base, batch), **TOL)
-    expected = grads_of(reference)
-    for name, grad in grads_of(packed).items():
-        torch.testing.assert_close(grad, expected[name], **TOL, msg=f"grad of {name}")
-
-    def leaky_core(q, k, v, cu_seqlens, max_seqlen, causal=True, scale=None):
-        rows = torch.arange(0, q.shape[0] + 1, q.shape[0] // len(DOC_LENGTHS), dtype=torch.int32)
-        return reference_varlen_core(q, k, v, rows, max_seqlen, causal, scale)
-
-    leaky = use_attention(copy.deepcopy(base), hf_varlen_attention(leaky_core), "ltune_test_leaky")
-    with torch.no_grad():
-        assert abs(packed_loss(leaky).item() - loss.item()) > 1e-3
 
 
 def test_sp_degree_not_dividing_heads_is_refused():
@@ -194,21 +138,6 @@ def test_sp_degree_not_dividing_heads_is_refused():
 # ---------------------------------------------------------------- distributed (2 processes, gloo)
 
 
-class _LMWithChunkedLoss(torch.nn.Module):
-    """A transformers causal LM body, then the chunked loss: (loss sum, real-token count)."""
-
-    def __init__(self, hf_model, chunk_tokens: int):
-        super().__init__()
-        from ltune.trainer.chunked_loss import ChunkedLMHeadLoss
-
-        self.hf = hf_model
-        self.loss_head = ChunkedLMHeadLoss(hf_model.lm_head, chunk_tokens)
-
-    def forward(self, input_ids, position_ids, shift_labels):
-        hidden = self.hf.model(input_ids=input_ids, position_ids=position_ids).last_hidden_state
-        return self.loss_head(hidden, shift_labels)
-
-
 def _sp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
@@ -219,7 +148,7 @@ def _sp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     import deepspeed.comm as dist
 
     from ltune.trainer.sequence_parallel import (
-        engine_sp_grad_scale,
+        deepspeed_grad_divisor,
         init_sp_groups,
         install_ulysses_attention,
         sp_mean_loss,
@@ -230,6 +159,7 @@ def _sp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     sp_group, sp_rank = mpu.get_sequence_parallel_group(), mpu.get_sequence_parallel_rank()
     batch = packed_batch()
     shard = shard_batch(batch, sp_rank, SP_DEGREE)
+    inputs = (shard["input_ids"], shard["position_ids"], shard["labels"], shard["cu_seqlens"], shard["max_seqlen"])
     base = tiny_llama()
     micro_batch = batch["input_ids"].shape[0]
 
@@ -239,45 +169,56 @@ def _sp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     ref_loss.backward()
     result = {"ref_loss": ref_loss.detach(), "ref_grads": grads_of(reference), "local_tokens": shard["input_ids"].shape[1]}
 
-    # sp 2 by hand: Ulysses attention (DeepSpeed's all-to-all), chunked loss, sum of grads over the group
+    # sp 2 by hand: DeepSpeed's Ulysses attention around the trainer's varlen attention, the
+    # trainer's chunked loss head, gradients summed over the group
     sp_model = copy.deepcopy(base)
-    install_ulysses_attention(sp_model, sp_group, micro_batch, core=reference_varlen_core)
-    lm = _LMWithChunkedLoss(sp_model, CHUNK_TOKENS)
-    loss_sum, count = lm(shard["input_ids"], shard["position_ids"], shard["shift_labels"])
+    install_ulysses_attention(sp_model, sp_group, micro_batch)
+    model = train_model(sp_model)
+    loss_sum, count = model(*inputs)
     loss, loss_value = sp_mean_loss(loss_sum, count, sp_group)
     loss.backward()
     grads = grads_of(sp_model)
     for grad in grads.values():
         dist.all_reduce(grad, group=sp_group)
     result.update(sp_loss=loss_value.detach(), sp_grads=grads)
+    # control: the same pack with one segment per row (documents see each other) differs
+    rows = torch.arange(0, 2 * micro_batch * inputs[0].shape[1] + 1, 2 * inputs[0].shape[1], dtype=torch.int32)
+    with torch.no_grad():
+        leak_sum, leak_count = model(*inputs[:3], rows, 2 * inputs[0].shape[1])
+        result["leaky_loss"] = sp_mean_loss(leak_sum, leak_count, sp_group)[1]
 
-    # sp 2 through DeepSpeed engines given the mpu (ZeRO-3, then ZeRO-2): one SGD step of lr 1
+    # through DeepSpeed engines given the mpu (ZeRO-3, then ZeRO-2), normalised as the trainer
+    # does: loss_sum x divisor / tokens of the global batch; one SGD step of lr 1
+    global_tokens = count.clone()
+    dist.all_reduce(global_tokens)
     for stage in (3, 2):
         ds_model = copy.deepcopy(base)
-        install_ulysses_attention(ds_model, sp_group, micro_batch, core=reference_varlen_core)
+        install_ulysses_attention(ds_model, sp_group, micro_batch)
         before = {n: p.detach().clone() for n, p in ds_model.named_parameters()}
         config = {
             "train_micro_batch_size_per_gpu": micro_batch,
             "gradient_accumulation_steps": 1,
             "train_batch_size": micro_batch * world_size // SP_DEGREE,
-            "gradient_clipping": 0.0,
+            "gradient_clipping": 1e6,  # computes the norm, never clips
             "zero_optimization": {"stage": stage},
             "zero_allow_untested_optimizer": True,
             "sequence_parallel_size": SP_DEGREE,
             "steps_per_print": 10**9,
         }
-        module = _LMWithChunkedLoss(ds_model, CHUNK_TOKENS)
+        module = train_model(ds_model)
         engine, *_ = deepspeed.initialize(
             model=module, optimizer=torch.optim.SGD(module.parameters(), lr=1.0), config=config, mpu=mpu
         )
-        loss_sum, count = engine(shard["input_ids"], shard["position_ids"], shard["shift_labels"])
-        loss, loss_value = sp_mean_loss(loss_sum, count, sp_group, engine_sp_grad_scale(engine, SP_DEGREE))
-        engine.backward(loss)
+        loss_sum, count = engine(*inputs)
+        engine.backward(loss_sum * (deepspeed_grad_divisor(engine, SP_DEGREE) / global_tokens))
         engine.step()
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), enabled=stage == 3):
-            after = {n: p.detach().clone() for n, p in engine.module.hf.named_parameters()}
-        result[f"zero{stage}_loss"] = loss_value.detach()
+            after = {n: p.detach().clone() for n, p in engine.module.lm.named_parameters()}
+        value = loss_sum.detach().clone()
+        dist.all_reduce(value, group=sp_group)
+        result[f"zero{stage}_loss"] = value / global_tokens
         result[f"zero{stage}_steps"] = {n: before[n] - after[n] for n in before}
+        result[f"zero{stage}_grad_norm"] = float(engine.get_global_grad_norm())
         engine.destroy()
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
@@ -299,9 +240,12 @@ def test_sp2_equals_documents_one_by_one(tmp_path):
     for rank, res in enumerate(results):
         assert res["local_tokens"] == 23  # 45 tokens padded to 46, halved: each rank holds half
         ref_loss, ref_grads = res["ref_loss"], res["ref_grads"]
+        ref_norm = torch.sqrt(sum((g.double() ** 2).sum() for g in ref_grads.values())).item()
         torch.testing.assert_close(res["sp_loss"], ref_loss, **TOL, msg=f"rank {rank}: sp loss")
+        assert abs(res["leaky_loss"].item() - ref_loss.item()) > 1e-3, "the control should see the leak"
         for stage in (3, 2):
             torch.testing.assert_close(res[f"zero{stage}_loss"], ref_loss, **TOL, msg=f"rank {rank}: ZeRO-{stage} loss")
+            assert res[f"zero{stage}_grad_norm"] == pytest.approx(ref_norm, rel=1e-5), f"ZeRO-{stage} grad norm"
         for name, expected in ref_grads.items():
             torch.testing.assert_close(res["sp_grads"][name], expected, **TOL, msg=f"rank {rank}: grad of {name}")
             for stage in (3, 2):

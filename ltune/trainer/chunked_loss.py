@@ -29,8 +29,9 @@ The full loss (transformers' `ForCausalLMLoss`, which upcasts logits with `.floa
 N x V x (d + 4) for logits and their fp32 copy, and a gradient of the same size.
 
 Under ZeRO-3 the weight must be gathered where this is called, in forward and in backward, as it is
-for `F.linear`: call it inside the forward of a module that owns the weight (or that registered it
-with `deepspeed.zero.register_external_parameter`).
+for `F.linear`: call it inside the forward of the module that owns the weight (the trainer's
+`LossHead` is the lm_head itself; tests/test_sequence_parallel.py checks a ZeRO-3 step through it
+exactly) or of one that registered it with `deepspeed.zero.register_external_parameter`.
 """
 
 from __future__ import annotations
@@ -142,33 +143,3 @@ def chunked_loss_bytes(
         "weight_grad_bytes": weight_elems * (4 + dtype_bytes),
     }
 
-
-class ChunkedLMHeadLoss(torch.nn.Module):
-    """The output layer and the chunked loss as one module: forward(hidden (B, S, h), shift_labels
-    (B, S)) -> (loss sum fp32, count of real tokens).
-
-    It holds no parameter of its own: it uses `lm_head.weight` without registering `lm_head` as a
-    submodule (the model already owns it). Under ZeRO-3 the weight is registered as an external
-    parameter of this module (`deepspeed.zero.register_external_parameter`, before or after
-    partitioning), so DeepSpeed gathers it for this module's forward and, through the hook on its
-    output, for its backward. Put this module inside the model handed to `deepspeed.initialize`.
-    """
-
-    def __init__(self, lm_head: torch.nn.Module, chunk_tokens: int):
-        super().__init__()
-        if chunk_tokens <= 0:
-            raise ValueError(f"loss_chunk_tokens ({chunk_tokens}) must be positive")
-        if getattr(lm_head, "bias", None) is not None:
-            raise ValueError("chunked loss supports an output layer without bias only")
-        self._lm_head = [lm_head]  # a list: not a submodule
-        self.chunk_tokens = chunk_tokens
-        # harmless without ZeRO-3; needed with it, whether or not the weight is partitioned yet
-        from deepspeed.runtime.zero.partition_parameters import register_external_parameter
-
-        register_external_parameter(self, lm_head.weight)
-
-    def forward(self, hidden: Tensor, shift_labels: Tensor) -> tuple[Tensor, Tensor]:
-        weight = self._lm_head[0].weight
-        labels = shift_labels.reshape(-1)
-        loss_sum = chunked_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, labels, self.chunk_tokens)
-        return loss_sum, (labels != IGNORE_INDEX).sum()
