@@ -80,6 +80,9 @@ class RawTrace:
     num_docs: int
     trace_s: float
     max_rss_bytes: int
+    #: with inventory=True: (origin, operator, bytes) of every live activation storage at the
+    #: moment the activation bytes peak (a diagnostic of what the analytic terms miss)
+    inventory: list[tuple[str, str, int]] | None = None
 
 
 def torch_dtype(precision: str):
@@ -206,13 +209,29 @@ def _make_optimizer(params, fake_mode):
     return opt, masters
 
 
-def _make_tracker(timeline: Timeline):
+def _kernel_temporaries() -> dict:
+    """Operators whose CUDA kernel allocates a large temporary inside itself (so a dispatch-level
+    trace does not see it), and a function making a fake tensor of that temporary's size.
+
+    - aten.logsumexp (ATen/native/ReduceOps.cpp `logsumexp_out_impl`): `(self - maxes).exp_()`
+      holds one tensor the size of the input (used by the trainer's chunked loss).
+    """
+    import torch
+
+    aten = torch.ops.aten
+    return {aten.logsumexp.default: lambda x, *args, **kwargs: torch.empty_like(x, memory_format=torch.contiguous_format)}
+
+
+def _make_tracker(timeline: Timeline, with_inventory: bool | str = False):
     """A MemTracker that also records the timeline and the origin of activation bytes."""
     import torch
     from torch.distributed._tools.mem_tracker import _TOTAL_KEY as total_key
     from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType, _UpdateType
 
+    from torch._guards import active_fake_mode
+
     act_types = (_MemRefType.ACT, _MemRefType.TEMP)
+    kernel_temps = _kernel_temporaries()
     cpu = torch.device("cpu")
     layer_tag = ".layers."
 
@@ -222,6 +241,11 @@ def _make_tracker(timeline: Timeline):
             self.started_model = False
             self._origin_of: dict[int, int] = {}  # id(winfo) -> ORIGINS index
             self._origin_bytes = [0] * len(ORIGINS)
+            self._op = ""  # the operator being dispatched (for the inventory)
+            self._labels: dict[int, str] = {}  # id(winfo) -> operator that made it (inventory only)
+            self._sizes: dict[int, int] = {}
+            self.inventory: list[tuple[str, str, int]] | None = [] if with_inventory else None  # noqa
+            self._inventory_peak = -1
 
         # -- where are we
         def _region(self) -> str:
@@ -254,8 +278,13 @@ def _make_tracker(timeline: Timeline):
                     idx = self._origin_index()
                     self._origin_of[key] = idx
                     self._origin_bytes[idx] += winfo.mem_consumed
+                    if self.inventory is not None:
+                        self._labels[key] = self._op
+                        self._sizes[key] = winfo.mem_consumed
             elif u_type == _UpdateType.DEL:
                 idx = self._origin_of.pop(key, None)
+                self._labels.pop(key, None)
+                self._sizes.pop(key, None)
                 if idx is not None:
                     self._origin_bytes[idx] -= winfo.mem_consumed
             elif u_type == _UpdateType.REF:
@@ -295,6 +324,29 @@ def _make_tracker(timeline: Timeline):
             timeline.regions.append(self._region())
             timeline.values.append(values)
             timeline.origins.append(origins)
+            if (
+                self.inventory is not None
+                and with_inventory in (True, f"{phase}:{timeline.regions[-1]}")
+                and sum(origins) > self._inventory_peak
+            ):
+                self._inventory_peak = sum(origins)
+                self.inventory = [
+                    (ORIGINS[idx], self._labels.get(key, "?"), self._sizes.get(key, 0))
+                    for key, idx in self._origin_of.items()
+                ]
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self._op = str(func)
+            if func in kernel_temps and active_fake_mode() is self._fake_mode_on_entry:
+                # a temporary the CUDA kernel allocates inside itself, invisible to dispatch
+                reftype = _MemRefType.TEMP if self._mod_tracker.is_bw and not self._in_ac else _MemRefType.ACT
+                self._op = f"{func} (kernel temporary)"
+                temp = kernel_temps[func](*args, **(kwargs or {}))
+                self._track(reftype, temp)
+                self._update_peak_stats(None)
+                del temp
+                self._op = str(func)
+            return super().__torch_dispatch__(func, types, args, kwargs)
 
         def mark(self, name: str) -> None:
             timeline.marks[name] = self._values()
@@ -315,6 +367,7 @@ def trace_step(
     num_docs: int = DEFAULT_NUM_DOCS,
     loss_chunk_tokens: int = 4096,
     plan: Plan | None = None,
+    inventory: bool | str = False,
 ) -> RawTrace:
     """Run one fake training step of one rank's micro-batch under MemTracker; return the timeline."""
     import resource
@@ -330,7 +383,7 @@ def trace_step(
     params = [p for p in train_model.parameters() if p.requires_grad]
     opt, masters = _make_optimizer(params, fake_mode)
     timeline = Timeline()
-    tracker = _make_tracker(timeline)
+    tracker = _make_tracker(timeline, with_inventory=inventory)
     b = layout.micro_batch_size
     lengths = doc_lengths(tokens, num_docs)
     with _cuda_block_rounding(), _flash_kernel():
@@ -365,4 +418,5 @@ def trace_step(
         num_docs=num_docs,
         trace_s=time.perf_counter() - start,
         max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        inventory=tracker.inventory,
     )

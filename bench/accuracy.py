@@ -1,0 +1,116 @@
+"""Accuracy of the analytic memory model against the exact trace (`ltune trace`), without a GPU.
+
+For each configuration of the matrix below, prints the analytic per-GPU peak
+(ltune.planner.memory.estimate_memory) beside the traced one (ltune.trace.trace_memory: the
+trainer's model, attention and loss on fake CPU tensors under PyTorch's MemTracker, ZeRO and
+sequence-parallel partitioning applied per DeepSpeed) and the relative error, per configuration
+and per term. Both totals leave out the terms a trace cannot see (CUDA context, NCCL buffers,
+allocator fragmentation, DeepSpeed's buckets: ltune.trace.UNTRACED_TERMS); everything else --
+model states, activation checkpoints, a layer's working set, logits and loss -- is compared.
+
+error = (analytic - traced) / traced. The last line reads
+`max_abs_error_pct=X median_abs_error_pct=Y`. Goal: max <= 3, median <= 1.5.
+
+Usage: python bench/accuracy.py [--quick] [--json results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+from ltune.planner.memory import estimate_memory
+from ltune.planner.schema import Layout
+from ltune.profiles import load_gpu, resolve_model
+from ltune.trace import UNTRACED_TERMS, comparable_totals, trace_memory
+
+MIB = 2**20
+GPU = "a100-80g"
+
+# (model, ctx, num_gpus, zero_stage, sp_degree, recompute, loss, micro_batch, attention)
+MATRIX = [
+    ("qwen2.5-0.5b", 2048, 1, 0, 1, "full", "full", 1, "varlen"),
+    ("qwen2.5-0.5b", 4096, 1, 0, 1, "none", "chunked", 2, "varlen"),
+    ("qwen2.5-0.5b", 2048, 2, 2, 1, "full", "full", 1, "eager"),
+    ("qwen2.5-1.5b", 4096, 4, 2, 1, "full", "full", 2, "varlen"),
+    ("qwen2.5-1.5b", 8192, 8, 3, 1, "full", "chunked", 1, "varlen"),
+    ("internlm2-1.8b", 2048, 4, 1, 1, "none", "full", 1, "varlen"),
+    ("internlm2-1.8b", 16384, 8, 3, 1, "full", "chunked", 1, "varlen"),
+    ("internlm2-1.8b", 32768, 8, 3, 4, "full", "full", 1, "varlen"),
+    ("llama2-7b", 4096, 8, 3, 1, "full", "full", 2, "varlen"),
+    ("llama2-7b", 8192, 8, 3, 1, "none", "chunked", 1, "varlen"),
+    ("llama2-7b", 2048, 8, 2, 1, "none", "full", 2, "varlen"),
+    ("llama3.1-8b", 8192, 8, 3, 1, "full", "full", 1, "varlen"),
+    ("llama3.1-8b", 16384, 8, 3, 2, "full", "full", 1, "varlen"),
+    ("llama3.1-8b", 32768, 8, 3, 1, "full", "chunked", 1, "varlen"),
+]
+QUICK = [0, 1, 4, 11]
+
+
+def run_one(cfg) -> dict:
+    name, ctx, gpus, zero, sp, recompute, loss, mb, attn = cfg
+    model = resolve_model(name)
+    layout = Layout(
+        num_gpus=gpus, zero_stage=zero, sp_degree=sp, recompute=recompute, loss=loss,
+        micro_batch_size=mb, attention=attn,
+    )
+    analytic = estimate_memory(model, load_gpu(GPU), layout, ctx)
+    traced = trace_memory(model, ctx, layout)
+    a_total, t_total = comparable_totals(traced, analytic.terms)
+    terms = {}
+    for term in list(analytic.terms) + [k for k in traced.terms if k not in analytic.terms]:
+        if term in UNTRACED_TERMS:
+            continue
+        terms[term] = {"analytic_bytes": analytic.terms.get(term, 0), "traced_bytes": traced.terms.get(term, 0)}
+    return {
+        "config": f"{name} ctx={ctx} gpus={gpus} zero={zero} sp={sp} rc={recompute} loss={loss} mb={mb} attn={attn}",
+        "analytic_bytes": a_total,
+        "traced_bytes": t_total,
+        "error_pct": 100.0 * (a_total - t_total) / t_total,
+        "analytic_phase": analytic.peak_phase,
+        "traced_phase": traced.peak_phase,
+        "terms": terms,
+        "trace_s": traced.trace_s,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="four configurations only")
+    ap.add_argument("--json", help="also write the results to this file")
+    args = ap.parse_args(argv)
+    matrix = [MATRIX[i] for i in QUICK] if args.quick else MATRIX
+    start = time.perf_counter()
+    results = []
+    print(f"{'configuration':<84} {'analytic MiB':>12} {'traced MiB':>11} {'error %':>8}  phase a/t")
+    for cfg in matrix:
+        r = run_one(cfg)
+        results.append(r)
+        print(
+            f"{r['config']:<84} {r['analytic_bytes'] / MIB:>12.1f} {r['traced_bytes'] / MIB:>11.1f} "
+            f"{r['error_pct']:>+8.2f}  {r['analytic_phase']}/{r['traced_phase']}",
+            flush=True,
+        )
+    print("\nper term (MiB, analytic - traced), terms that differ by more than 1 MiB:")
+    for r in results:
+        diffs = [
+            f"{t}: {(v['analytic_bytes'] - v['traced_bytes']) / MIB:+.1f} "
+            f"({v['analytic_bytes'] / MIB:.1f} vs {v['traced_bytes'] / MIB:.1f})"
+            for t, v in r["terms"].items()
+            if abs(v["analytic_bytes"] - v["traced_bytes"]) > MIB
+        ]
+        print(f"  {r['config']}: " + ("; ".join(diffs) if diffs else "all within 1 MiB"))
+    errors = [abs(r["error_pct"]) for r in results]
+    print(f"\n{len(results)} configurations, {time.perf_counter() - start:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    print(f"max_abs_error_pct={max(errors):.2f} median_abs_error_pct={statistics.median(errors):.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
