@@ -172,3 +172,17 @@ def test_shards_are_disjoint_and_sp_groups_share():
     assert sorted(seen) == list(range(2 * 3 * 4 * 2))
     # ranks 0,1 form one sp group (sp 2): both have dp_rank 0 -> the same sequences
     assert shard_indices(1, 2, dp_rank=0 // 2, dp_size=2, **kw) == shard_indices(1, 2, dp_rank=1 // 2, dp_size=2, **kw)
+
+
+def test_layouts_not_supported_yet_are_refused(plan_factory):
+    import importlib.util
+
+    plan = plan_factory(model={"tokenizer": str(TOKENIZER)}, layout={"sp_degree": 2}, training={"seq_len": 64, "max_steps": 1, "data": [str(DATA)]})
+    with pytest.raises(TrainerInputError, match=r"layout.sp_degree \(2\)"):
+        validate_data(plan)
+    chunked = plan_factory(model={"tokenizer": str(TOKENIZER)}, layout={"loss": "chunked"}, training={"seq_len": 64, "max_steps": 1, "data": [str(DATA)]})
+    if importlib.util.find_spec("ltune.trainer.chunked_loss") is None:
+        with pytest.raises(TrainerInputError, match="chunked"):
+            validate_data(chunked)
+    else:
+        validate_data(chunked)

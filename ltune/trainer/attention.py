@@ -118,21 +118,23 @@ def _flash_attn(q, k, v, cu_seqlens, max_seqlen, causal, scale):
 
 
 def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale):
+    import inspect
+
     from torch.nn.attention.varlen import varlen_attn
 
-    # window (-1, 0) is causal, (-1, -1) full (torch 2.13 signature)
-    return varlen_attn(
-        q,
-        k,
-        v,
-        cu_seqlens,
-        cu_seqlens,
-        max_seqlen,
-        max_seqlen,
-        scale=scale,
-        window_size=(-1, 0) if causal else (-1, -1),
-        enable_gqa=q.shape[1] != k.shape[1],
-    )
+    params = inspect.signature(varlen_attn).parameters
+    kwargs = {"scale": scale}
+    if "window_size" in params:  # torch >= 2.11: window (-1, 0) is causal, (-1, -1) full
+        kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
+    else:  # torch 2.10
+        kwargs["is_causal"] = causal
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:
+            n_rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
 
 
 def varlen_attention(

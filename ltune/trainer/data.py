@@ -19,6 +19,7 @@ starts); transformers is imported only to tokenize.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -119,6 +120,16 @@ def check_tokenizer_dir(plan: Plan) -> Path:
     return folder
 
 
+def check_supported(plan: Plan) -> None:
+    """Layouts this trainer cannot run yet, refused up front (one line, exit 2)."""
+    if plan.layout.sp_degree > 1:
+        raise TrainerInputError(
+            f"layout.sp_degree ({plan.layout.sp_degree}): sequence parallelism is not in this trainer yet (issue 4)"
+        )
+    if plan.layout.loss == "chunked" and importlib.util.find_spec("ltune.trainer.chunked_loss") is None:
+        raise TrainerInputError("layout.loss 'chunked' needs ltune/trainer/chunked_loss.py (issue 4)")
+
+
 @dataclass(frozen=True)
 class DataSummary:
     files: tuple[str, ...]
@@ -127,13 +138,14 @@ class DataSummary:
 
 
 def validate_data(plan: Plan) -> DataSummary:
-    """Check the plan's data files and tokenizer folder without tokenizing (no torch).
+    """Check the plan's inputs without tokenizing (no torch): layout, tokenizer, data files.
 
     Paths must already be absolute or relative to the current folder (see
     ``ltune.trainer.paths.resolve_plan_paths``). Raises TrainerInputError with one line:
     a missing or empty file, a malformed JSON line (file:line), a chat record without an
     assistant turn, a missing tokenizer.
     """
+    check_supported(plan)
     check_tokenizer_dir(plan)
     files = data_files(plan.training.data)
     counts = {"text": 0, "chat": 0}

@@ -102,7 +102,7 @@ class Trainer:
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         layout = self.plan.layout
-        if self.world_size != layout.num_gpus * self.plan.hardware.num_nodes and self.world_size != layout.num_gpus:
+        if self.world_size != layout.num_gpus:
             raise TrainerInputError(f"the job has {self.world_size} processes but the plan's num_gpus is {layout.num_gpus}")
         self.sp_degree = layout.sp_degree
         self.dp_size = self.world_size // self.sp_degree
@@ -225,6 +225,7 @@ class Trainer:
         step_time_s = time.perf_counter() - start
         self.step += 1
         grad_norm = self.engine.get_global_grad_norm()
+        # all tokens computed on, padding included (loss_tokens counts the real targets)
         tokens_per_step = self.sequences_per_step * self.plan.training.seq_len
         tokens_per_s_per_gpu = tokens_per_step / step_time_s / self.world_size
         mfu = tokens_per_s_per_gpu * self.flops_per_token / self.peak_flops if self.peak_flops else None
