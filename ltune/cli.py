@@ -429,3 +429,153 @@ def check(
                 console.print(f"  host memory {gib(mem.host_bytes_per_node)} GiB per node > {gib(mem.host_capacity_bytes_per_node)} GiB")
     if failed:
         raise typer.Exit(1)
+
+
+# ---- trace (trace helper) ----
+
+
+def _trace_layout_from_options(model, ctx, gpu, gpus, zero_stage, sp_degree, offload, loss, recompute,
+                               micro_batch, attention, precision, chunk_tokens):
+    """(arch, gpu profile, layout, precision): the layout `ltune plan` would pick with these pins."""
+    from .planner.search import Pins, Request, search
+
+    if model is None or ctx is None:
+        raise ValueError("give --model and --ctx, or --plan plan.yaml")
+    choices = {"offload": (offload, ("none", "optimizer", "all")), "loss": (loss, ("full", "chunked")),
+               "recompute": (recompute, ("full", "none")), "attention": (attention, ("varlen", "eager")),
+               "precision": (precision, ("bf16", "fp16"))}
+    for key, (value, allowed) in choices.items():
+        if value is not None and value not in allowed:
+            raise ValueError(f"--{key} must be one of {', '.join(allowed)} (got '{value}')")
+    arch = resolve_model(model)
+    gpu_profile = load_gpu(gpu)
+    if precision is None:
+        precision = "bf16" if gpu_profile.supports_bf16 else "fp16"
+    if sp_degree is not None:
+        check_sp_degree(sp_degree, arch)
+        if gpus is not None and gpus % sp_degree:
+            raise ValueError(f"sp_degree ({sp_degree}) must divide --gpus ({gpus})")
+    pins = Pins(num_gpus=gpus, zero_stage=zero_stage, sp_degree=sp_degree, micro_batch_size=micro_batch,
+                offload=offload, recompute=recompute, loss=loss, attention=attention)
+    req = Request(model=arch, gpu=gpu_profile, seq_len=ctx, precision=precision, chunk_tokens=chunk_tokens, pins=pins)
+    result = search(req)
+    if result.best is not None:
+        layout = result.best.layout
+    elif result.shortfalls:
+        layout = result.shortfalls[0].layout  # nothing fits: trace the closest layout anyway
+    else:
+        raise ValueError("no layout matches these options")
+    return arch, gpu_profile, layout, precision
+
+
+def _trace_table(result, analytic) -> Table:
+    from .trace import UNTRACED_TERMS, comparable_totals, compare
+
+    table = Table(title="per-GPU memory: analytic vs traced (GiB)", show_footer=True)
+    a_total, t_total = comparable_totals(result, analytic.terms)
+    diff_pct = 100 * (a_total - t_total) / t_total if t_total else 0.0
+    table.add_column("term", footer="total of traced terms")
+    table.add_column("analytic", justify="right", footer=gib(a_total))
+    table.add_column("traced", justify="right", footer=gib(t_total))
+    table.add_column("analytic - traced", justify="right", footer=f"{(a_total - t_total) / GIB:+,.3f}")
+    table.add_column("%", justify="right", footer=f"{diff_pct:+.2f}")
+    for row in compare(result, analytic.terms):
+        a, t = row["analytic_bytes"], row["traced_bytes"]
+        if not a and (t or 0) < 2**20:
+            continue  # below 1 MiB on both sides (inputs, buffers)
+        if t is None:
+            table.add_row(row["term"], gib(a), "[dim]not traced[/]", "", "")
+            continue
+        pct = f"{100 * (a - t) / t:+.1f}" if t else ""
+        table.add_row(row["term"], gib(a), gib(t), f"{(a - t) / GIB:+,.3f}", pct)
+    table.caption = (
+        f"peak: analytic at '{analytic.peak_phase}', traced at '{result.peak_phase}'; "
+        f"not traced: {', '.join(UNTRACED_TERMS)}"
+    )
+    return table
+
+
+@app.command()
+def trace(
+    plan_path: Optional[Path] = typer.Option(None, "--plan", help="Trace the layout of this plan.yaml."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Profile name, HF config.json or folder, or a size like 7b."),
+    ctx: Optional[int] = typer.Option(None, "--ctx", help="Context length: tokens per packed sequence.", min=1),
+    gpu: str = typer.Option("a100-80g", "--gpu", help="GPU profile (ltune gpus)."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", help="GPU count (default: what ltune plan picks).", min=1),
+    zero_stage: Optional[int] = typer.Option(None, "--zero-stage", help="Pin the ZeRO stage.", min=0, max=3),
+    sp_degree: Optional[int] = typer.Option(None, "--sp-degree", help="Ulysses sequence-parallel degree.", min=1),
+    offload: Optional[str] = typer.Option(None, "--offload", help="none|optimizer|all."),
+    loss: Optional[str] = typer.Option(None, "--loss", help="full|chunked."),
+    recompute: Optional[str] = typer.Option(None, "--recompute", help="full|none."),
+    micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help="Packed sequences per GPU per step.", min=1),
+    attention: str = typer.Option("varlen", "--attention", help="varlen or eager."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="bf16|fp16."),
+    chunk_tokens: int = typer.Option(4096, "--loss-chunk-tokens", help="Tokens per chunk of the chunked loss.", min=1),
+    num_docs: Optional[int] = typer.Option(None, "--num-docs", help="Documents packed in each traced sequence (default 4).", min=1),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+) -> None:
+    """Trace one training step on fake CPU tensors (exact, no GPU) and compare with the plan's breakdown.
+
+    Unpinned layout options are chosen as `ltune plan` would. Needs torch and transformers.
+    """
+    from .planner.memory import estimate_memory
+
+    try:
+        if plan_path is not None:
+            plan_obj = load_plan(plan_path)
+            arch, layout = plan_obj.model.architecture, plan_obj.layout
+            seq_len, prec = plan_obj.training.seq_len, plan_obj.training.precision
+            chunk_tokens = plan_obj.training.loss_chunk_tokens
+            gpu_profile = load_gpu(plan_obj.hardware.gpu)
+            model_name = plan_obj.model.name
+        else:
+            arch, gpu_profile, layout, prec = _trace_layout_from_options(
+                model, ctx, gpu, gpus, zero_stage, sp_degree, offload, loss, recompute, micro_batch, attention,
+                precision, chunk_tokens)
+            plan_obj, seq_len, model_name = None, ctx, model
+        analytic = estimate_memory(arch, gpu_profile, layout, seq_len, precision=prec, chunk_tokens=chunk_tokens)
+    except (PlanError, ProfileError, ValueError) as e:
+        raise fail(str(e).splitlines()[-1] if "validation error" in str(e) else str(e))
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise fail(f"ltune trace needs torch and transformers (pip install 'ltune[train]'): {e}")
+    from .trace import comparable_totals, compare, trace_memory
+
+    try:
+        result = trace_memory(arch, seq_len, layout, prec, loss_chunk_tokens=chunk_tokens, num_docs=num_docs,
+                              plan=plan_obj)
+    except ValueError as e:
+        raise fail(str(e))
+    a_total, t_total = comparable_totals(result, analytic.terms)
+    if as_json:
+        out = {
+            "model": model_name,
+            "gpu": gpu_profile.name,
+            "seq_len": seq_len,
+            "precision": prec,
+            "layout": layout.model_dump(),
+            "analytic": {"terms": analytic.terms, "total_bytes": analytic.total_bytes, "peak_phase": analytic.peak_phase},
+            "traced": result.model_dump(mode="json"),
+            "comparison": compare(result, analytic.terms),
+            "comparable": {"analytic_bytes": a_total, "traced_bytes": t_total,
+                           "error_pct": 100 * (a_total - t_total) / t_total if t_total else 0.0},
+        }
+        print(json.dumps(out, indent=2))
+        return
+    console.print(
+        f"[bold]{model_name}[/] ({arch.num_params() / 1e9:.2f}B params) at {seq_len:,} tokens, {prec}, "
+        f"on {gpu_profile.display_name}: {_layout_line(layout)}"
+    )
+    console.print(
+        f"traced one step of {layout.micro_batch_size} x {result.tokens_per_rank:,} tokens per rank "
+        f"({result.num_docs} documents per sequence) in {result.trace_s:.1f} s, "
+        f"{result.max_rss_bytes / 1e9:.2f} GB resident"
+    )
+    console.print(_trace_table(result, analytic))
+    for note in result.corrections:
+        console.print(f"[dim]- {note}[/]")
+
+
+# ---- end trace ----
