@@ -6,15 +6,18 @@ import os
 
 import pytest
 
-from ltune.planner.schema import Plan
-from ltune.profiles.schema import ModelProfile
-
 # DeepSpeed JIT-builds a CPU comm op on first use; keep it in a cache folder.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/ltune/torch_extensions"))
 
 
-def tiny_arch(**overrides) -> ModelProfile:
-    """A llama-shaped model of ~1M parameters (hidden 64, 2 layers, GQA 4/2)."""
+# ltune's schemas (pydantic) are imported lazily, so that the GPU-only tests can run on a
+# machine that has torch but not the rest of ltune's dependencies.
+
+
+def tiny_arch(**overrides):
+    """A llama-shaped model of ~100k parameters (hidden 64, 2 layers, GQA 4/2) -> ModelProfile."""
+    from ltune.profiles.schema import ModelProfile
+
     fields = dict(
         name="tiny-test",
         source="test fixture",
@@ -33,13 +36,15 @@ def tiny_arch(**overrides) -> ModelProfile:
 
 def make_plan(
     *,
-    arch: ModelProfile | None = None,
+    arch=None,
     layout: dict | None = None,
     training: dict | None = None,
     model: dict | None = None,
     gpu: str = "cpu",
-) -> Plan:
+):
     """A Plan built from small dicts of overrides (validated like a plan.yaml)."""
+    from ltune.planner.schema import Plan
+
     arch = arch or tiny_arch()
     model_fields = {"name": arch.name, "architecture": arch.model_dump()}
     model_fields.update(model or {})
