@@ -71,6 +71,7 @@ class TraceResult(BaseModel):
     peak_phase: str
     terms: dict[str, int]
     phase_peak_bytes: dict[str, int]
+    phase_terms: dict[str, dict[str, int]]  # the terms at each phase's own peak
     unsharded_peak_bytes: int
     unsharded_peak_by_category: dict[str, int]
     untraced_terms: tuple[str, ...] = UNTRACED_TERMS
@@ -172,6 +173,7 @@ def shard(raw: RawTrace, model_name: str, seq_len: int, layout: Layout, precisio
     }
     best_total, best_terms, best_phase = -1, {}, "forward"
     phase_peaks: dict[str, int] = {}
+    phase_terms: dict[str, dict[str, int]] = {}
     for pass_phase, region, values, origins in zip(tl.phases, tl.regions, tl.values, tl.origins):
         phase = _phase_of(pass_phase, region)
         terms = dict(states_by_phase[phase])
@@ -180,6 +182,7 @@ def shard(raw: RawTrace, model_name: str, seq_len: int, layout: Layout, precisio
         total = sum(terms.values())
         if total > phase_peaks.get(phase, -1):
             phase_peaks[phase] = total
+            phase_terms[phase] = terms
         if total > best_total:
             best_total, best_terms, best_phase = total, terms, phase
     totals = [sum(v) for v in tl.values]
@@ -196,6 +199,7 @@ def shard(raw: RawTrace, model_name: str, seq_len: int, layout: Layout, precisio
         peak_phase=best_phase,
         terms=best_terms,
         phase_peak_bytes=phase_peaks,
+        phase_terms=phase_terms,
         unsharded_peak_bytes=totals[raw_idx],
         unsharded_peak_by_category=dict(zip(CATEGORIES, tl.values[raw_idx])),
         trace_s=raw.trace_s,

@@ -1,0 +1,136 @@
+"""ltune.trace: the traced step is exact on what can be computed by hand, and the analytic model
+stays within the accuracy goal (3%) of it on small real-shaped models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from ltune.planner.memory import estimate_memory  # noqa: E402
+from ltune.planner.schema import Layout  # noqa: E402
+from ltune.profiles import load_gpu, load_model  # noqa: E402
+from ltune.profiles.schema import ModelProfile  # noqa: E402
+from ltune.trace import comparable_totals, trace_memory  # noqa: E402
+from ltune.trace.flash import flash_attention_bytes, flash_varlen_memory  # noqa: E402
+from ltune.trace.sharding import model_state_bytes  # noqa: E402
+from ltune.trace.tracer import CATEGORIES, trace_step  # noqa: E402
+
+BLOCK = 512  # the CUDA caching allocator's smallest block
+
+
+def _blocks(n_bytes: int) -> int:
+    return math.ceil(n_bytes / BLOCK) * BLOCK
+
+
+TINY = ModelProfile(
+    name="tiny-test",
+    source="test",
+    family="llama",
+    hidden_size=128,
+    num_layers=3,
+    num_attention_heads=4,
+    num_kv_heads=2,
+    intermediate_size=352,
+    vocab_size=512,
+)
+
+
+def _cat(values: tuple[int, ...], name: str) -> int:
+    return values[CATEGORIES.index(name)]
+
+
+@pytest.fixture(scope="module")
+def tiny_trace():
+    layout = Layout(num_gpus=1, zero_stage=0, recompute="full", loss="full")
+    return trace_step(TINY, 256, layout, num_docs=2)
+
+
+def test_model_states_are_exact(tiny_trace):
+    """Parameters, gradients, fp32 masters and Adam moments: numel x dtype size, per tensor."""
+    raw, m = tiny_trace, TINY
+    h, ffn, q, kv, v = m.hidden_size, m.intermediate_size, m.q_size, m.kv_size, m.vocab_size
+    layer = [h * q, h * kv, h * kv, q * h, h * ffn, h * ffn, ffn * h, h, h]
+    numels = [v * h] + layer * m.num_layers + [h, v * h]
+    assert raw.num_params == sum(numels) == m.num_params()
+    assert sorted(raw.param_numels) == sorted(numels)
+    start, after_bw = raw.timeline.marks["start"], raw.timeline.marks["after_backward"]
+    assert _cat(start, "Parameter") == sum(_blocks(2 * n) for n in numels)
+    assert _cat(start, "Other") == sum(_blocks(4 * n) for n in numels)  # fp32 master copies
+    # two fp32 moments per tensor and fused AdamW's fp32 step counter (one 512 B block each)
+    assert _cat(start, "Optstate") == sum(2 * _blocks(4 * n) + BLOCK for n in numels)
+    assert _cat(after_bw, "Gradient") == sum(_blocks(2 * n) for n in numels)
+    assert _cat(start, "Gradient") == 0 and _cat(raw.timeline.marks["end"], "Gradient") == 0
+
+
+def test_checkpoints_and_full_loss_by_hand(tiny_trace):
+    """Full recompute keeps each layer's 16-bit input; transformers-style full loss peaks at
+    3 fp32 copies of the logits in its backward (log-probs, their gradient, the input gradient)."""
+    from ltune.trace.sharding import shard
+
+    layout = Layout(num_gpus=1, zero_stage=0, recompute="full", loss="full")
+    res = shard(tiny_trace, "tiny", 256, layout, "bf16")
+    t, h, v, d = 256, TINY.hidden_size, TINY.vocab_size, TINY.head_size
+    # L layer inputs + the final norm's saved fp32 input, normalised and output (8h) and fp32
+    # rsqrt(variance) (4 per token) + RoPE cos/sin
+    expected = TINY.num_layers * 2 * t * h + 8 * t * h + 4 * t + 2 * 2 * t * d
+    loss = res.phase_terms["loss"]
+    assert loss["activations_checkpoints"] == expected
+    assert 3 * 4 * t * v <= loss["logits_loss"] <= 3 * 4 * t * v + 4 * BLOCK
+
+
+def test_flash_stand_in_saves_what_flash_attn_saves():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    tokens, heads, kv_heads, dim = 1024, 8, 2, 64
+    with FakeTensorMode():
+        q = torch.empty(tokens, heads, dim, dtype=torch.bfloat16, requires_grad=True)
+        k = torch.empty(tokens, kv_heads, dim, dtype=torch.bfloat16, requires_grad=True)
+        v = torch.empty(tokens, kv_heads, dim, dtype=torch.bfloat16, requires_grad=True)
+        out = flash_varlen_memory(q, k, v, num_docs=3)
+        saved = sum(t.numel() * t.element_size() for t in out.grad_fn.saved_tensors)
+    expected = flash_attention_bytes(num_tokens=tokens, num_heads=heads, num_kv_heads=kv_heads, head_dim=dim, num_docs=3)
+    assert saved == expected["saved_bytes"] + 16  # + flash's 2 x int64 RNG state
+    assert out.shape == q.shape and out.dtype == q.dtype
+
+
+def test_zero_partitioning_arithmetic():
+    numels = [1000, 300_000, 50_000, 900_001]
+    lay3 = Layout(num_gpus=8, zero_stage=3)
+    states = model_state_bytes(numels, 2, lay3, "bf16", "backward")
+    # ZeRO-3: tensors <= 1e5 elements stay whole (persistence threshold), the others ceil(n / 8)
+    assert states["weights"] == 2 * (1000 + 50_000 + 37_500 + 112_501)
+    assert states["master_weights"] == 4 * (125 + 37_500 + 6_250 + 112_501)
+    assert states["optimizer_states"] == 2 * states["master_weights"]
+    lay1 = Layout(num_gpus=4, zero_stage=1)
+    s1 = model_state_bytes(numels, 2, lay1, "bf16", "step")
+    assert s1["gradients"] == 2 * sum(numels) and s1["gradients_fp32"] == 4 * math.ceil(sum(numels) / 4)
+
+
+QWEN_SMALL = load_model("qwen2.5-0.5b").model_copy(update={"name": "qwen2.5-0.5b-4l", "num_layers": 4})
+
+
+@pytest.mark.parametrize(
+    "layout, seq_len",
+    [
+        (Layout(num_gpus=1, zero_stage=0, recompute="full", loss="full"), 1024),
+        (Layout(num_gpus=8, zero_stage=3, sp_degree=2, recompute="none", loss="full", micro_batch_size=2), 2048),
+    ],
+    ids=["zero0-recompute-full", "zero3-sp2-no-recompute-mb2"],
+)
+def test_analytic_within_goal_of_trace(layout, seq_len):
+    res = trace_memory(QWEN_SMALL, seq_len, layout)
+    analytic = estimate_memory(QWEN_SMALL, load_gpu("a100-80g"), layout, seq_len)
+    a_total, t_total = comparable_totals(res, analytic.terms)
+    assert abs(a_total - t_total) / t_total <= 0.03, (a_total, t_total, res.terms, analytic.terms)
+    assert res.tokens_per_rank == seq_len // layout.sp_degree
+
+
+def test_bad_input_is_a_value_error():
+    with pytest.raises(ValueError, match="sp_degree"):
+        trace_memory(TINY, 256, Layout(num_gpus=3, sp_degree=3))
+    with pytest.raises(ValueError, match="must divide seq_len"):
+        trace_memory(TINY, 255, Layout(num_gpus=2, sp_degree=2))
