@@ -31,6 +31,9 @@ def export_hf_model(engine, plan, run_dir: Path, tokenizer=None) -> Path | None:
         lm.config.use_cache = False
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+            if lm.config.pad_token_id is None and tokenizer.pad_token_id is not None:
+                lm.config.pad_token_id = tokenizer.pad_token_id
+                lm.config.save_pretrained(str(tmp))
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
     dist.barrier()

@@ -146,6 +146,7 @@ class Trainer:
         arch = self.plan.model.architecture
         self.flops_per_token = flops_per_token(arch, self.plan.training.seq_len)
         self.peak_flops = peak_flops_per_gpu(self.plan)
+        self.prediction = predicted(self.plan)
         self.say(
             f"model: {arch.num_params() / 1e6:.1f}M parameters, ZeRO-{self.plan.layout.zero_stage}, "
             f"{self.plan.training.precision}, {self.world_size} processes, {self.total_steps} steps"
@@ -244,7 +245,7 @@ class Trainer:
     def log_step(self, record: dict) -> None:
         memory = {k: int(self._all_reduce(float(v), op=dist.ReduceOp.MAX)) for k, v in peak_memory().items()}
         record.update(memory)
-        record.update(predicted(self.plan))
+        record.update(self.prediction)
         if self.rank != 0:
             return
         self.metrics.write(record)

@@ -1,8 +1,12 @@
 """What one step measured, beside what the plan predicted; the metrics.jsonl writer.
 
-FLOPs per token follow the PaLM convention (Chowdhery et al. 2022, appendix B), as
-torchtitan counts them: 6N + 12 * L * H * Q * T, with N the parameters outside the
-input embedding, L layers, H heads of size Q, T the sequence length; no causal halving.
+FLOPs per token follow the PaLM convention (Chowdhery et al. 2022, appendix B):
+6N + 12 * L * H * Q * T, with N all parameters (as the planner counts them,
+ltune/planner/throughput.py), L layers, H heads of size Q, T the sequence length; no
+causal halving, and recompute not counted (model FLOPs, so MFU is comparable).
+
+The prediction logged beside the measurements is the plan's own, or, when the plan
+carries none, the planner's re-check of its layout (``ltune.planner.fit.check_fit``).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from ..profiles.schema import ModelProfile
 
 
 def flops_per_token(arch: ModelProfile, seq_len: int) -> float:
-    n = arch.num_params() - arch.embedding_params()
+    n = arch.num_params()
     return 6.0 * n + 12.0 * arch.num_layers * arch.num_attention_heads * arch.head_size * seq_len
 
 
@@ -45,13 +49,21 @@ def peak_memory() -> dict:
 
 
 def predicted(plan: Plan) -> dict:
-    """The plan's predictions, keyed like the measurements (empty when the plan has none)."""
-    if plan.prediction is None:
-        return {}
+    """The predictions for the plan, keyed like the measurements (empty when unavailable)."""
+    if plan.prediction is not None:
+        memory, throughput = plan.prediction.memory, plan.prediction.throughput
+    else:
+        try:
+            from ..planner.fit import check_fit
+
+            evaluation = check_fit(plan)
+        except Exception:  # a planner that cannot judge this plan must not stop training
+            return {}
+        memory, throughput = evaluation.memory, evaluation.throughput
     return {
-        "predicted_peak_bytes": plan.prediction.memory.total_bytes,
-        "predicted_tokens_per_s_per_gpu": plan.prediction.throughput.tokens_per_s_per_gpu,
-        "predicted_mfu": plan.prediction.throughput.mfu,
+        "predicted_peak_bytes": memory.total_bytes,
+        "predicted_tokens_per_s_per_gpu": throughput.tokens_per_s_per_gpu,
+        "predicted_mfu": throughput.mfu,
     }
 
 
