@@ -21,6 +21,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +99,8 @@ class Trainer:
 
     def join_process_group(self) -> None:
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        # DeepSpeed 0.19 calls collectives that torch 2.13 marks deprecated, once per call
+        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
         engine_lib.init_distributed()
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
