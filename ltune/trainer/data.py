@@ -121,7 +121,11 @@ def check_tokenizer_dir(plan: Plan) -> Path:
 
 
 def check_supported(plan: Plan) -> None:
-    """Layouts this trainer cannot run yet, refused up front (one line, exit 2)."""
+    """Layouts this trainer cannot run yet, refused up front by the trainer (one line, exit 2).
+
+    Not part of validate_data: the launcher may still plan, dry-run or write sbatch
+    scripts for such layouts.
+    """
     if plan.layout.sp_degree > 1:
         raise TrainerInputError(
             f"layout.sp_degree ({plan.layout.sp_degree}): sequence parallelism is not in this trainer yet (issue 4)"
@@ -138,14 +142,13 @@ class DataSummary:
 
 
 def validate_data(plan: Plan) -> DataSummary:
-    """Check the plan's inputs without tokenizing (no torch): layout, tokenizer, data files.
+    """Check the plan's data files and tokenizer folder without tokenizing (no torch).
 
     Paths must already be absolute or relative to the current folder (see
     ``ltune.trainer.paths.resolve_plan_paths``). Raises TrainerInputError with one line:
     a missing or empty file, a malformed JSON line (file:line), a chat record without an
     assistant turn, a missing tokenizer.
     """
-    check_supported(plan)
     check_tokenizer_dir(plan)
     files = data_files(plan.training.data)
     counts = {"text": 0, "chat": 0}

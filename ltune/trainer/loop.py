@@ -31,7 +31,7 @@ import torch.distributed as dist
 from ..planner.io import load_plan
 from . import checkpoint, engine as engine_lib
 from .attention import cu_seqlens_from_position_ids
-from .data import PackedDataset, collate, load_or_tokenize, load_tokenizer, shard_indices, validate_data
+from .data import PackedDataset, check_supported, collate, load_or_tokenize, load_tokenizer, shard_indices, validate_data
 from .ds_config import build_ds_config
 from .errors import TrainerInputError
 from .loss import IGNORE_INDEX, shift_labels
@@ -91,6 +91,7 @@ class Trainer:
 
     def check_inputs(self) -> None:
         """Bad data or tokenizer fail here, on every rank, before any heavy work."""
+        check_supported(self.plan)
         validate_data(self.plan)
         self.tokenizer = load_tokenizer(self.plan)
         vocab = self.plan.model.architecture.vocab_size

@@ -76,12 +76,6 @@ def init_sp_groups(sp_degree: int):
     return mpu
 
 
-def dp_rank_and_degree(rank: int, world_size: int, sp_degree: int) -> tuple[int, int]:
-    """Data-parallel rank and degree of a global rank: the ranks of one contiguous sp group read
-    the same sequences."""
-    return rank // sp_degree, world_size // sp_degree
-
-
 # ---------------------------------------------------------------- batches
 
 
@@ -124,9 +118,9 @@ def shard_batch(batch: dict[str, Tensor], sp_rank: int, sp_degree: int, pad_toke
     local = padded["input_ids"].shape[1] // sp_degree
     window = slice(sp_rank * local, (sp_rank + 1) * local)
     return {
-        "input_ids": padded["input_ids"][:, window],
-        "position_ids": padded["position_ids"][:, window],
-        "labels": targets[:, window],
+        "input_ids": padded["input_ids"][:, window].contiguous(),
+        "position_ids": padded["position_ids"][:, window].contiguous(),
+        "labels": targets[:, window].contiguous(),
         "cu_seqlens": cu_seqlens,
         "max_seqlen": max_seqlen,
     }
