@@ -46,6 +46,10 @@ MATRIX = [
     ("llama3.1-8b", 8192, 8, 3, 1, "full", "full", 1, "varlen"),
     ("llama3.1-8b", 16384, 8, 3, 2, "full", "full", 1, "varlen"),
     ("llama3.1-8b", 32768, 8, 3, 1, "full", "chunked", 1, "varlen"),
+    ("qwen2.5-1.5b", 32768, 8, 3, 1, "full", "chunked", 2, "varlen"),
+    ("llama2-7b", 16384, 8, 3, 1, "full", "chunked", 2, "varlen"),
+    ("qwen2.5-0.5b", 4096, 8, 3, 1, "full", "chunked", 1, "eager"),
+    ("qwen2.5-0.5b", 8192, 8, 3, 1, "full", "chunked", 1, "eager"),
 ]
 QUICK = [0, 1, 4, 11]
 

@@ -250,14 +250,21 @@ def _make_tracker(timeline: Timeline, with_inventory: bool | str = False):
         # -- where are we
         def _region(self) -> str:
             parents = self._mod_tracker.parents
-            region = "head"
+            region = "head"  # the output layer and the loss, inside or outside a module
+            body = False
             for name in parents:
                 if layer_tag in name:
                     return "layer"
+                if name.endswith("lm_head"):
+                    return "head"
                 if name.endswith(("embed_tokens", "rotary_emb")):
                     region = "embed"  # the layers' shared inputs: embeddings, RoPE cos/sin
                 elif name.endswith(".norm") and region == "head":
                     region = "norm"
+                elif name.endswith("lm.model"):
+                    body = True
+            if region == "head" and body:
+                region = "embed"  # made in the model body outside layers: the attention mask
             return region
 
         def _origin_index(self) -> int:
