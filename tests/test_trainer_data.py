@@ -179,9 +179,10 @@ def test_layouts_not_supported_yet_are_refused(plan_factory):
 
     from ltune.trainer.data import check_supported
 
-    plan = plan_factory(model={"tokenizer": str(TOKENIZER)}, layout={"sp_degree": 2}, training={"seq_len": 64, "max_steps": 1, "data": [str(DATA)]})
-    with pytest.raises(TrainerInputError, match=r"layout.sp_degree \(2\)"):
+    plan = plan_factory(model={"tokenizer": str(TOKENIZER)}, layout={"sp_degree": 2, "attention": "eager"}, training={"seq_len": 64, "max_steps": 1, "data": [str(DATA)]})
+    with pytest.raises(TrainerInputError, match=r"layout.sp_degree \(2\) needs attention 'varlen'"):
         check_supported(plan)
+    check_supported(plan_factory(layout={"sp_degree": 2}))
     validate_data(plan)  # the data itself is fine: the launcher may still plan such layouts
     chunked = plan_factory(model={"tokenizer": str(TOKENIZER)}, layout={"loss": "chunked"}, training={"seq_len": 64, "max_steps": 1, "data": [str(DATA)]})
     if importlib.util.find_spec("ltune.trainer.chunked_loss") is None:

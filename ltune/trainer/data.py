@@ -126,9 +126,9 @@ def check_supported(plan: Plan) -> None:
     Not part of validate_data: the launcher may still plan, dry-run or write sbatch
     scripts for such layouts.
     """
-    if plan.layout.sp_degree > 1:
+    if plan.layout.sp_degree > 1 and plan.layout.attention == "eager":
         raise TrainerInputError(
-            f"layout.sp_degree ({plan.layout.sp_degree}): sequence parallelism is not in this trainer yet (issue 4)"
+            f"layout.sp_degree ({plan.layout.sp_degree}) needs attention 'varlen' (Ulysses wraps the varlen core), not 'eager'"
         )
     if plan.layout.loss == "chunked" and importlib.util.find_spec("ltune.trainer.chunked_loss") is None:
         raise TrainerInputError("layout.loss 'chunked' needs ltune/trainer/chunked_loss.py (issue 4)")

@@ -83,8 +83,12 @@ def build_optimizer(plan: Plan, model: torch.nn.Module) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=training.learning_rate, betas=tuple(training.betas))
 
 
-def initialize(plan: Plan, ds_config: dict, model: torch.nn.Module, total_steps: int):
-    """The DeepSpeed engine around ``model``, with our optimizer and schedule."""
+def initialize(plan: Plan, ds_config: dict, model: torch.nn.Module, total_steps: int, mpu=None):
+    """The DeepSpeed engine around ``model``, with our optimizer and schedule.
+
+    mpu: DeepSpeed's sequence-parallel groups when sp_degree > 1
+    (``sequence_parallel.init_sp_groups``), so that ZeRO shards and reduces over all ranks.
+    """
     import deepspeed
 
     optimizer = build_optimizer(plan, model)
@@ -93,10 +97,7 @@ def initialize(plan: Plan, ds_config: dict, model: torch.nn.Module, total_steps:
     def scheduler(opt):
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total_steps))
 
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=mpu
+    )
     return engine
-
-
-def gradient_average_world_size(engine) -> int:
-    """How many ranks DeepSpeed averages gradients over (all of them, with or without sp)."""
-    return int(getattr(engine, "seq_dp_world_size", None) or engine.dp_world_size)

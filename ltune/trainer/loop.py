@@ -7,10 +7,18 @@ Every piece is one small method below.
 
 Loss normalisation: the loss is the mean over all real (non -100) target tokens of the
 global batch. Each rank counts the tokens it will feed in this step (all its micro
-batches); an all-reduce gives the global count G. Each micro batch backpropagates
-loss_sum x W x A / G, where W is the number of ranks DeepSpeed averages gradients over
-and A the gradient accumulation steps DeepSpeed divides by, so the applied gradient is
-exactly d(sum of all token losses)/dθ / G.
+batches; under sequence parallelism, its shard of them); an all-reduce gives the global
+count G. Each micro batch backpropagates loss_sum x W x A / G, where W is what DeepSpeed
+divides the all-rank gradient sum by (the world size without sp;
+``sequence_parallel.deepspeed_grad_divisor`` with it) and A the gradient accumulation
+steps DeepSpeed divides by, so the applied gradient is exactly
+d(sum of all token losses)/dθ / G.
+
+Sequence parallelism (Ulysses, sp_degree > 1, ``sequence_parallel.py``): sp groups are
+contiguous ranks that read the same packed sequence (dp_rank = rank // sp_degree); each
+keeps its slice (``shard_batch``: labels shifted and cu_seqlens taken over the whole
+sequence first), and attention runs through DeepSpeed's ``UlyssesSPAttentionHF`` around
+the trainer's varlen core.
 """
 
 from __future__ import annotations
@@ -111,6 +119,12 @@ class Trainer:
         self.sp_degree = layout.sp_degree
         self.dp_size = self.world_size // self.sp_degree
         self.dp_rank = self.rank // self.sp_degree  # sp groups are contiguous ranks: same sequences
+        self.sp_rank = self.rank % self.sp_degree
+        self.mpu = None
+        if self.sp_degree > 1:
+            from .sequence_parallel import init_sp_groups
+
+            self.mpu = init_sp_groups(self.sp_degree)
         self.device = engine_lib.device()
         signal.signal(signal.SIGTERM, self._on_sigterm)
 
@@ -128,8 +142,8 @@ class Trainer:
                 f"token id {int(data.tokens.max())} is outside the model's vocab_size "
                 f"({self.plan.model.architecture.vocab_size})"
             )
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.dataset = PackedDataset(data, training.seq_len, training.seed, pad_token_id=pad)
+        self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.dataset = PackedDataset(data, training.seq_len, training.seed, pad_token_id=self.pad_token_id)
         epoch = self.dataset.epoch(0)
         self.sequences_per_step = layout.micro_batch_size * training.gradient_accumulation_steps * self.dp_size
         if training.max_steps is not None:
@@ -145,8 +159,14 @@ class Trainer:
 
     def build_engine(self) -> None:
         model = build_model(self.plan, self.ds_config)
-        self.engine = engine_lib.initialize(self.plan, self.ds_config, model, self.total_steps)
-        self.average_world = engine_lib.gradient_average_world_size(self.engine)
+        if self.mpu is not None:
+            from .sequence_parallel import install_ulysses_attention
+
+            install_ulysses_attention(model.lm, self.mpu.get_sequence_parallel_group(), self.plan.layout.micro_batch_size)
+        self.engine = engine_lib.initialize(self.plan, self.ds_config, model, self.total_steps, mpu=self.mpu)
+        from .sequence_parallel import deepspeed_grad_divisor
+
+        self.grad_divisor = deepspeed_grad_divisor(self.engine, self.sp_degree)
         arch = self.plan.model.architecture
         self.flops_per_token = flops_per_token(arch, self.plan.training.seq_len)
         self.peak_flops = peak_flops_per_gpu(self.plan)
@@ -203,8 +223,15 @@ class Trainer:
         return batches
 
     def prepare_micro_batch(self, arrays: dict[str, np.ndarray]) -> dict:
-        """Tensors on the device, labels shifted per document, document boundaries."""
+        """Tensors on the device, labels shifted per document, document boundaries.
+
+        Under sequence parallelism: this rank's slice of the sequence (``shard_batch``).
+        """
         batch = {k: torch.from_numpy(v).to(self.device) for k, v in arrays.items()}
+        if self.sp_degree > 1:
+            from .sequence_parallel import shard_batch
+
+            return shard_batch(batch, self.sp_rank, self.sp_degree, pad_token_id=self.pad_token_id)
         batch["labels"] = shift_labels(batch["labels"], batch["position_ids"])
         if self.plan.layout.attention == "varlen":
             batch["cu_seqlens"], batch["max_seqlen"] = cu_seqlens_from_position_ids(batch["position_ids"])
@@ -218,7 +245,7 @@ class Trainer:
         lr = self.engine.get_lr()[0]
         local_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
         global_tokens = max(1, int(self._all_reduce(float(local_tokens))))
-        scale = self.average_world * len(batches) / global_tokens
+        scale = self.grad_divisor * len(batches) / global_tokens
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         for b in batches:
             micro_loss_sum, _ = self.engine(b["input_ids"], b["position_ids"], b["labels"], b["cu_seqlens"], b["max_seqlen"])
