@@ -134,3 +134,33 @@ def test_bad_input_is_a_value_error():
         trace_memory(TINY, 256, Layout(num_gpus=3, sp_degree=3))
     with pytest.raises(ValueError, match="must divide seq_len"):
         trace_memory(TINY, 255, Layout(num_gpus=2, sp_degree=2))
+
+
+def test_cli_trace_json_and_errors(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from ltune.cli import app
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "intermediate_size": 352, "vocab_size": 512,
+    }))
+    pins = ["--gpus", "2", "--zero-stage", "2", "--sp-degree", "1", "--micro-batch", "1", "--offload", "none",
+            "--recompute", "full", "--loss", "chunked", "--loss-chunk-tokens", "64"]
+    result = CliRunner().invoke(app, ["trace", "--model", str(config), "--ctx", "256", *pins, "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert out["layout"]["zero_stage"] == 2 and out["layout"]["loss"] == "chunked"
+    traced = out["traced"]
+    assert traced["terms"]["weights"] == 2 * traced["num_params"]  # ZeRO-2 keeps whole 16-bit weights
+    assert out["comparable"]["traced_bytes"] == sum(traced["terms"].values())
+    terms = {row["term"] for row in out["comparison"]}
+    assert {"weights", "logits_loss", "fragmentation"} <= terms
+    bad = CliRunner().invoke(app, ["trace", "--model", str(config), "--ctx", "256", "--sp-degree", "3"])
+    assert bad.exit_code == 2
+    assert "sp_degree (3) must divide" in bad.output
+    missing = CliRunner().invoke(app, ["trace", "--ctx", "256"])
+    assert missing.exit_code == 2
