@@ -27,13 +27,12 @@ def export_hf_model(engine, plan, run_dir: Path, tokenizer=None) -> Path | None:
         tmp = out.with_name("hf_model.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         lm.config.use_cache = True  # for inference; training set it off
+        if lm.config.pad_token_id is None and tokenizer is not None and tokenizer.pad_token_id is not None:
+            lm.config.pad_token_id = tokenizer.pad_token_id
         lm.save_pretrained(str(tmp), state_dict=unwrap_state_dict(state_dict), safe_serialization=True)
         lm.config.use_cache = False
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-            if lm.config.pad_token_id is None and tokenizer.pad_token_id is not None:
-                lm.config.pad_token_id = tokenizer.pad_token_id
-                lm.config.save_pretrained(str(tmp))
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
     dist.barrier()
