@@ -199,7 +199,12 @@ def rmsnorm_saved_bytes_per_token(s: Shape) -> int:
 
 def attention_saved_bytes_per_token(s: Shape, lay: Layout) -> int:
     """Varlen flash attention saves q, k, v (after RoPE), its output and an fp32
-    logsumexp per head (Dao 2023, FlashAttention-2); RoPE saves only cos/sin."""
+    logsumexp per head (Dao 2023, FlashAttention-2); RoPE saves only cos/sin. Eager
+    attention (transformers' eager_attention_forward) saves q, k and v repeated to all
+    query heads (repeat_kv) and the attention output, 16-bit (its scores: see
+    eager_attention_bytes_per_layer)."""
+    if lay.attention == "eager":
+        return HALF * 4 * s.q_size
     return HALF * (2 * s.q_size + 2 * s.kv_size) + FP32 * s.heads
 
 
@@ -223,9 +228,21 @@ def eager_attention_bytes_per_layer(s: Shape, lay: Layout) -> int:
 
 
 def layer_backward_transient_bytes_per_token(s: Shape) -> int:
-    """Gradients in flight inside one layer's backward: the incoming and outgoing
-    hidden gradients and the three ffn-sized gradients of the gated MLP."""
-    return HALF * (2 * s.hidden + 3 * s.ffn)
+    """Gradients in flight at a layer's backward peak, inside the gated MLP's backward
+    right after down_proj's: the incoming hidden gradient (h), the gradient of
+    act(gate)*up (ffn) and those of act(gate) and up (2 ffn), less act(gate)*up itself
+    (ffn), which down_proj's backward has released; the outgoing hidden gradient is not
+    made yet (measured with `ltune trace`, bench/accuracy.py)."""
+    return HALF * (s.hidden + 2 * s.ffn)
+
+
+def shared_layer_inputs_bytes(s: Shape, lay: Layout) -> int:
+    """Inputs every layer reads, made once: RoPE cos and sin (16-bit, head_dim per token)
+    and, for eager attention, transformers' additive 16-bit mask over the whole sequence."""
+    t = tokens_per_rank(s, lay)
+    rope = 2 * HALF * t * (s.q_size // s.heads)
+    mask = lay.micro_batch_size * s.seq_len * s.seq_len * HALF if lay.attention == "eager" else 0
+    return rope + mask
 
 
 def activation_checkpoints_bytes(s: Shape, lay: Layout) -> int:
@@ -238,14 +255,31 @@ def activation_checkpoints_bytes(s: Shape, lay: Layout) -> int:
     return s.layers * per_layer
 
 
+def eager_backward_bytes_per_layer(s: Shape, lay: Layout) -> int:
+    """Eager attention's own backward peak, at the softmax backward: the saved fp32
+    softmax, the fp32 gradient of the probabilities and the fp32 softmax gradient
+    (3 x 4 bytes per score; the 16-bit probabilities are released by then), beside the
+    layer's input norm (8h), q and the repeated k (2 x q), the gradient of the attention
+    output (q) and the incoming hidden gradient (h), 16-bit. Without recompute the saved
+    fp32 softmax and 16-bit probabilities already count in the checkpoints."""
+    if lay.attention != "eager":
+        return 0
+    t = tokens_per_rank(s, lay)
+    scores = eager_attention_bytes_per_layer(s, lay) // (FP32 + HALF)
+    if lay.recompute == "full":
+        return 3 * FP32 * scores + HALF * t * (5 * s.hidden + 3 * s.q_size)
+    return (2 * FP32 - HALF) * scores + HALF * t * (s.hidden + 2 * s.q_size)
+
+
 def activation_working_bytes(s: Shape, lay: Layout) -> int:
     """One layer's working set in backward: its recomputed activations (with full
-    recompute) and the gradients in flight."""
+    recompute) and the gradients in flight, at the larger of the MLP's and (eager)
+    attention's backward peaks."""
     t = tokens_per_rank(s, lay)
     work = layer_backward_transient_bytes_per_token(s) * t
     if lay.recompute == "full":
         work += layer_saved_bytes_per_token(s, lay) * t + eager_attention_bytes_per_layer(s, lay)
-    return work
+    return max(work, eager_backward_bytes_per_layer(s, lay))
 
 
 def final_norm_bytes(s: Shape, lay: Layout) -> int:
@@ -262,23 +296,27 @@ def logits_loss_bytes(s: Shape, lay: Layout) -> int:
     Full: transformers' ForCausalLMLoss upcasts the 16-bit logits to fp32 and runs
     log-softmax (reference.md); its backward holds the fp32 log-probabilities, their
     gradient and the input gradient at once: 3 x 4 bytes per logit (Megatron-LM counts
-    the fp32 cross-entropy at 4*s*b*V). Chunked (ltune.trainer.chunked_loss, which
-    `chunked_loss_bytes` there describes): an fp32 logsumexp per token, and the larger of
-    the forward chunk (16-bit logits beside their fp32 copy, then the fp32 logits beside
-    logsumexp's temporary) and the backward chunk (its fp32 gradient cast to 16 bits,
-    beside the fp32 accumulator of the output layer's weight gradient; or the 16-bit
-    chunk gradient beside the accumulator and one 16-bit V x h product). Measured on an
-    H200 (V 128256, h 2048, 16384 tokens, chunks of 4096): full 23.48 GiB (this term:
-    23.49), chunked 4.01 GiB with the hidden gradient (this term: 3.91 + 0.06).
+    the fp32 cross-entropy at 4*s*b*V).
+
+    Chunked (ltune/trainer/chunked_loss.py, whose `chunked_loss_bytes` gives the same
+    moments), c = min(chunk_tokens, t): the fp32 logsumexp per token (4t) plus the largest
+    of three moments: forward, the chunk's fp32 logits and logsumexp's same-size fp32
+    temporary (8cV; ATen logsumexp_out_impl); backward, the chunk's fp32 gradient and its
+    16-bit cast (6cV) beside the fp32 weight-gradient accumulator (4Vh) and the 16-bit
+    hidden gradient (2th); backward, the 16-bit chunk gradient (2cV), the accumulator and
+    one chunk's 16-bit V x h product (6Vh), and the hidden gradient. Measured with
+    `ltune trace` and on an H200 (V 128256, h 2048, 16384 tokens, chunks of 4096: full
+    23.48 GiB, this term 23.49; chunked 4.01 GiB, this term 3.98).
     """
     t = tokens_per_rank(s, lay)
     if lay.loss == "full":
         return 3 * FP32 * s.vocab * t
-    chunk_logits = min(s.chunk_tokens, t) * s.vocab
-    weight = s.vocab * s.hidden
-    forward = chunk_logits * max(HALF + FP32, 2 * FP32)
-    backward = max(chunk_logits * (FP32 + HALF) + FP32 * weight, chunk_logits * HALF + (FP32 + HALF) * weight)
-    return FP32 * t + max(forward, backward)
+    cv, vh, th = min(s.chunk_tokens, t) * s.vocab, s.vocab * s.hidden, t * s.hidden
+    return FP32 * t + max(
+        2 * FP32 * cv,
+        (HALF + FP32) * cv + FP32 * vh + HALF * th,
+        HALF * cv + (FP32 + HALF) * vh + HALF * th,
+    )
 
 
 # ---------------------------------------------------------------- runtime reserve
@@ -344,13 +382,22 @@ def activation_terms(s: Shape, lay: Layout, phase: str) -> dict[str, int]:
     """Activations, logits and loss: depend on sp degree, micro-batch, recompute, loss
     and attention only (the optimizer step holds none)."""
     terms = dict.fromkeys(ACTIVATION_TERMS, 0)
+    shared = shared_layer_inputs_bytes(s, lay)
     if phase == "loss":
-        terms["activations_checkpoints"] = activation_checkpoints_bytes(s, lay) + final_norm_bytes(s, lay)
+        terms["activations_checkpoints"] = activation_checkpoints_bytes(s, lay) + final_norm_bytes(s, lay) + shared
         terms["logits_loss"] = logits_loss_bytes(s, lay)
     elif phase == "backward":
-        terms["activations_checkpoints"] = activation_checkpoints_bytes(s, lay)
+        terms["activations_checkpoints"] = activation_checkpoints_bytes(s, lay) + shared
         terms["activations_layer"] = activation_working_bytes(s, lay)
+        terms["logits_loss"] = tied_output_grad_bytes(s)
     return terms
+
+
+def tied_output_grad_bytes(s: Shape) -> int:
+    """With tied embeddings the output layer's 16-bit weight gradient waits, through the
+    whole layers' backward, for the embedding's backward to add its own (autograd sums
+    the two uses of one leaf before AccumulateGrad, so ZeRO's hooks see it only then)."""
+    return HALF * s.vocab * s.hidden if s.tied else 0
 
 
 def reserve_terms(gpu: GpuProfile, lay: Layout, allocated_bytes: int) -> dict[str, int]:
