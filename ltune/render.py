@@ -1,0 +1,127 @@
+"""Rich renderables and JSON shapes for the command line. Builds; never prints."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from .profiles import GIB
+
+
+def gib(n_bytes: float) -> str:
+    return f"{n_bytes / GIB:,.2f}"
+
+
+def layout_line(lay) -> str:
+    return (
+        f"{lay.num_gpus} GPU{'s' if lay.num_gpus > 1 else ''}, ZeRO-{lay.zero_stage}, sp {lay.sp_degree}, "
+        f"micro-batch {lay.micro_batch_size}, offload {lay.offload}, recompute {lay.recompute}, "
+        f"loss {lay.loss}, attention {lay.attention}"
+    )
+
+
+def speed_line(ev) -> str:
+    th = ev.throughput
+    return (
+        f"step {th.step_time_s:.2f} s, {th.tokens_per_s_per_gpu:,.0f} tokens/s/GPU, MFU {100 * th.mfu:.1f}%"
+        f" (exposed communication {th.exposed_comm_s:.2f} s)"
+    )
+
+
+def breakdown_table(ev, title: str, limits: bool = False) -> Table:
+    """Per-GPU memory by term (GiB and % of the GPU); `limits` adds usable and host rows."""
+    mem = ev.memory
+    table = Table(title=title, show_footer=True)
+    table.add_column("term", footer=f"total (peak: {mem.peak_phase})")
+    table.add_column("GiB", justify="right", footer=gib(mem.total_bytes))
+    table.add_column("% of GPU", justify="right", footer=f"{100 * mem.total_bytes / mem.capacity_bytes:.1f}")
+    for name, size in mem.terms.items():
+        if size:
+            table.add_row(name, gib(size), f"{100 * size / mem.capacity_bytes:.1f}")
+    if limits:
+        table.add_section()
+        table.add_row("usable (capacity less margin)", gib(mem.usable_bytes), f"{100 * mem.usable_bytes / mem.capacity_bytes:.1f}")
+        if mem.host_bytes_per_node:
+            table.add_row("host memory per node", gib(mem.host_bytes_per_node), "")
+            table.add_row("host capacity per node", gib(mem.host_capacity_bytes_per_node), "")
+    return table
+
+
+def runners_up_table(evaluations) -> Table:
+    table = Table(title="runners-up")
+    for col in ("layout", "GiB", "tokens/s/GPU"):
+        table.add_column(col, justify="left" if col == "layout" else "right")
+    for ev in evaluations:
+        table.add_row(layout_line(ev.layout), gib(ev.memory.total_bytes), f"{ev.throughput.tokens_per_s_per_gpu:,.0f}")
+    return table
+
+
+def evaluation_json(ev) -> dict:
+    return {
+        "fits": ev.fits,
+        "layout": ev.layout.model_dump(),
+        "memory": ev.memory.model_dump(),
+        "throughput": ev.throughput.model_dump(),
+    }
+
+
+def trace_table(result, analytic) -> Table:
+    """Analytic vs traced memory per term, with the difference."""
+    from .trace import UNTRACED_TERMS, comparable_totals, compare
+
+    table = Table(title="per-GPU memory: analytic vs traced (GiB)", show_footer=True)
+    a_total, t_total = comparable_totals(result, analytic.terms)
+    diff_pct = 100 * (a_total - t_total) / t_total if t_total else 0.0
+    table.add_column("term", footer="total of traced terms")
+    table.add_column("analytic", justify="right", footer=gib(a_total))
+    table.add_column("traced", justify="right", footer=gib(t_total))
+    table.add_column("analytic - traced", justify="right", footer=f"{(a_total - t_total) / GIB:+,.3f}")
+    table.add_column("%", justify="right", footer=f"{diff_pct:+.2f}")
+    for row in compare(result, analytic.terms):
+        a, t = row["analytic_bytes"], row["traced_bytes"]
+        if not a and (t or 0) < 2**20:
+            continue  # below 1 MiB on both sides (inputs, buffers)
+        if t is None:
+            table.add_row(row["term"], gib(a), "[dim]not traced[/]", "", "")
+            continue
+        pct = f"{100 * (a - t) / t:+.1f}" if t else ""
+        table.add_row(row["term"], gib(a), gib(t), f"{(a - t) / GIB:+,.3f}", pct)
+    table.caption = (
+        f"peak: analytic at '{analytic.peak_phase}', traced at '{result.peak_phase}'; "
+        f"not traced: {', '.join(UNTRACED_TERMS)}"
+    )
+    return table
+
+
+def plan_json(req, result, model_name: str, closest) -> dict:
+    """`ltune plan --json`: the chosen (or closest) layout and the rest of the search."""
+    from .planner.search import evaluate, remedies
+
+    chosen = result.best or (evaluate(req, closest.layout) if closest else None)
+    out = evaluation_json(chosen) if chosen else {"fits": False}
+    out.update(
+        model=model_name, gpu=req.gpu.name, seq_len=req.seq_len, precision=req.precision,
+        safety_margin=req.safety_margin,
+        runners_up=[evaluation_json(ev) for ev in result.runners_up],
+        shortfalls=[sf.model_dump() for sf in result.shortfalls],
+        conventional=evaluation_json(result.conventional) if result.conventional else None,
+        layouts_evaluated=result.evaluated,
+    )
+    if closest is not None:
+        out["remedies"] = remedies(req, closest)
+    return out
+
+
+def trace_json(name, gpu_profile, seq_len, prec, layout, analytic, result) -> dict:
+    """`ltune trace --json`: analytic and traced terms side by side."""
+    from .trace import comparable_totals, compare
+
+    a_total, t_total = comparable_totals(result, analytic.terms)
+    return {
+        "model": name, "gpu": gpu_profile.name, "seq_len": seq_len, "precision": prec,
+        "layout": layout.model_dump(),
+        "analytic": {"terms": analytic.terms, "total_bytes": analytic.total_bytes, "peak_phase": analytic.peak_phase},
+        "traced": result.model_dump(mode="json"),
+        "comparison": compare(result, analytic.terms),
+        "comparable": {"analytic_bytes": a_total, "traced_bytes": t_total,
+                       "error_pct": 100 * (a_total - t_total) / t_total if t_total else 0.0},
+    }
