@@ -150,32 +150,30 @@ _SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([bm])$", re.IGNORECASE)
 def generic_model(target_params: int) -> ModelProfile:
     """A llama-shaped stand-in with about `target_params` parameters.
 
-    Shape rules from the Llama 2 family (Touvron et al. 2023): head_dim 128,
-    about 128 hidden units per layer, gated MLP of ~8/3 h rounded to 256, 8 KV heads
-    from 32 layers on, vocabulary 32000.
+    Shape rules from the Llama 2 and 3 families (Touvron et al. 2023): head_dim 128,
+    hidden width a multiple of 256, gated MLP of ~8/3 h rounded up to 256, 8 KV heads
+    once there are 16 heads or more, vocabulary 32000, and about 100-160 hidden units per
+    layer; among those shapes, the one closest to the size, then to 128 units per layer.
     """
-    best: ModelProfile | None = None
-    for h in range(256, 16385, 128):
-        layers = max(2, round(h / 128))
+    best: tuple[tuple[float, float], ModelProfile] | None = None
+    for h in range(512, 16385, 256):
         heads = h // 128 if h % 128 == 0 else h // 64
+        kv = 8 if heads >= 16 and heads % 8 == 0 else heads
         ffn = -(-int(8 * h / 3) // 256) * 256
-        kv = 8 if layers >= 32 and heads % 8 == 0 else heads
-        cand = ModelProfile(
-            name=f"generic-{h}x{layers}",
-            source="generic llama-shaped estimate (no published config)",
-            family="generic",
-            hidden_size=h,
-            num_layers=layers,
-            num_attention_heads=heads,
-            num_kv_heads=kv,
-            intermediate_size=ffn,
-            vocab_size=32000,
-            generic=True,
-        )
-        if best is None or abs(cand.num_params() - target_params) < abs(best.num_params() - target_params):
-            best = cand
-    assert best is not None
-    return best
+        probe = ModelProfile(name="probe", source="", family="generic", hidden_size=h, num_layers=1,
+                             num_attention_heads=heads, num_kv_heads=kv, intermediate_size=ffn, vocab_size=32000)
+        per_layer = probe.layer_params()
+        layers = max(2, round((target_params - probe.num_params() + per_layer) / per_layer))
+        if not 100 <= h / layers <= 160:
+            continue
+        cand = probe.model_copy(update={"name": f"generic-{h}x{layers}", "num_layers": layers, "generic": True,
+                                        "source": "generic llama-shaped estimate (no published config)"})
+        key = (abs(cand.num_params() - target_params) / target_params, abs(h / layers - 128))
+        if best is None or key < best[0]:
+            best = (key, cand)
+    if best is None:
+        raise ProfileError(f"no llama-shaped model near {target_params / 1e9:g}B parameters")
+    return best[1]
 
 
 def resolve_model(spec: str) -> ModelProfile:
