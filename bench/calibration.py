@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from ltune.planner import throughput as T
-from ltune.planner.memory import Shape
+from ltune.planner.shape import Shape
 from ltune.planner.schema import Layout
 from ltune.profiles import load_gpu, load_model
 

@@ -2,7 +2,9 @@
 
 import pytest
 
+from ltune.planner import activations as A
 from ltune.planner import memory as M
+from ltune.planner import shape as S
 from ltune.planner.schema import Layout
 from ltune.profiles import GIB, load_gpu, load_model
 
@@ -28,7 +30,7 @@ def test_xtuner_internlm2_20b_facts(ctx, fits_on, not_on):
 
 
 def shape(model="llama2-7b", seq_len=4096, **kw):
-    return M.Shape.of(load_model(model), seq_len, **kw)
+    return S.Shape.of(load_model(model), seq_len, **kw)
 
 
 def test_model_states_follow_zero_partitioning():
@@ -64,7 +66,7 @@ def test_model_states_agree_with_deepspeed_estimator():
     bucket) but must land within 15% for a 7B on 8 GPUs."""
     s = shape()
     lay = Layout(num_gpus=8, zero_stage=3)
-    ours = sum(M.state_terms(s, lay, "step").values()) - M.HALF * M.REDUCE_BUCKET_SIZE
+    ours = sum(M.state_terms(s, lay, "step").values()) - S.HALF * M.REDUCE_BUCKET_SIZE
     deepspeed = 4 * s.largest_leaf_params + 18 * s.params // 8
     assert ours == pytest.approx(deepspeed, rel=0.15)
 
@@ -86,12 +88,12 @@ def test_layer_activations_counted_from_the_architecture():
     s = shape()
     h, f = 4096, 11008
     expected = 2 * 8 * h + 2 * (2 * h + 2 * h) + 4 * 32 + 8 * f
-    assert M.layer_saved_bytes_per_token(s, Layout(num_gpus=1)) == expected
+    assert A.layer_saved_bytes_per_token(s, Layout(num_gpus=1)) == expected
 
 
 def test_gqa_shrinks_attention_activations():
-    mha = M.attention_saved_bytes_per_token(shape("llama2-7b"), Layout(num_gpus=1))
-    gqa = M.attention_saved_bytes_per_token(shape("llama3.1-8b"), Layout(num_gpus=1))
+    mha = A.attention_saved_bytes_per_token(shape("llama2-7b"), Layout(num_gpus=1))
+    gqa = A.attention_saved_bytes_per_token(shape("llama3.1-8b"), Layout(num_gpus=1))
     assert gqa < mha
 
 
@@ -99,7 +101,7 @@ def test_full_recompute_keeps_one_input_per_layer():
     """Korthikanti et al. 2022: full recompute keeps 2 s b h bytes per layer."""
     s = shape(seq_len=8192)
     lay = Layout(num_gpus=1, micro_batch_size=2, recompute="full")
-    assert M.activation_checkpoints_bytes(s, lay) == 32 * 2 * 2 * 8192 * 4096
+    assert A.activation_checkpoints_bytes(s, lay) == 32 * 2 * 2 * 8192 * 4096
 
 
 def test_sequence_parallel_divides_sequence_terms():
@@ -109,24 +111,24 @@ def test_sequence_parallel_divides_sequence_terms():
         sp2 = Layout(num_gpus=2, sp_degree=2, **kw)
         sp1 = Layout(num_gpus=2, sp_degree=1, **kw)
         assert M.activation_terms(s, sp2, "backward") == M.activation_terms(s_half, sp1, "backward")
-        assert M.logits_loss_bytes(s, sp2) == M.logits_loss_bytes(s_half, sp1)
+        assert A.logits_loss_bytes(s, sp2) == A.logits_loss_bytes(s_half, sp1)
 
 
 def test_eager_attention_is_quadratic_and_varlen_linear():
     lay_e = Layout(num_gpus=1, attention="eager", recompute="none")
     lay_v = Layout(num_gpus=1, attention="varlen", recompute="none")
-    e1 = M.eager_attention_bytes_per_layer(shape(seq_len=4096), lay_e)
-    e2 = M.eager_attention_bytes_per_layer(shape(seq_len=8192), lay_e)
+    e1 = A.eager_attention_bytes_per_layer(shape(seq_len=4096), lay_e)
+    e2 = A.eager_attention_bytes_per_layer(shape(seq_len=8192), lay_e)
     assert e2 == 4 * e1 > 0
-    assert M.activation_checkpoints_bytes(shape(seq_len=8192), lay_e) > 3 * M.activation_checkpoints_bytes(shape(seq_len=4096), lay_e)
-    v1 = M.activation_checkpoints_bytes(shape(seq_len=4096), lay_v)
-    assert M.activation_checkpoints_bytes(shape(seq_len=8192), lay_v) == 2 * v1
+    assert A.activation_checkpoints_bytes(shape(seq_len=8192), lay_e) > 3 * A.activation_checkpoints_bytes(shape(seq_len=4096), lay_e)
+    v1 = A.activation_checkpoints_bytes(shape(seq_len=4096), lay_v)
+    assert A.activation_checkpoints_bytes(shape(seq_len=8192), lay_v) == 2 * v1
 
 
 def test_full_loss_holds_fp32_logits_and_chunked_does_not():
     s = shape("internlm2-20b", seq_len=32768, chunk_tokens=4096)
-    full = M.logits_loss_bytes(s, Layout(num_gpus=1, loss="full"))
-    chunked = M.logits_loss_bytes(s, Layout(num_gpus=1, loss="chunked"))
+    full = A.logits_loss_bytes(s, Layout(num_gpus=1, loss="full"))
+    chunked = A.logits_loss_bytes(s, Layout(num_gpus=1, loss="chunked"))
     assert full == 3 * 4 * 92544 * 32768  # fp32 log-probs, their gradient, the input gradient
     assert chunked < full / 5
 
@@ -136,7 +138,7 @@ def test_peak_is_the_largest_moment_and_terms_sum_to_total():
     lay = Layout(num_gpus=8, **XTUNER)
     b = M.estimate_memory(model, A100, lay, 8192)
     assert sum(b.terms.values()) == b.total_bytes
-    s = M.Shape.of(model, 8192)
+    s = S.Shape.of(model, 8192)
     totals = {ph: sum(M.phase_terms(s, lay, A100, ph).values()) for ph in M.PHASES}
     assert b.total_bytes == max(totals.values())
     assert b.peak_phase == max(totals, key=totals.get)
@@ -154,11 +156,11 @@ def test_chunked_loss_term_is_what_the_trainer_allocates(model, seq_len, sp):
     from ltune.trainer.chunked_loss import chunked_loss_bytes
 
     arch = load_model(model)
-    s = M.Shape.of(arch, seq_len, chunk_tokens=4096)
+    s = S.Shape.of(arch, seq_len, chunk_tokens=4096)
     lay = Layout(num_gpus=sp, sp_degree=sp, loss="chunked")
-    trainer = chunked_loss_bytes(chunk_tokens=4096, num_tokens=M.tokens_per_rank(s, lay),
+    trainer = chunked_loss_bytes(chunk_tokens=4096, num_tokens=S.tokens_per_rank(s, lay),
                                  vocab_size=arch.vocab_size, hidden_size=arch.hidden_size)
-    t = M.tokens_per_rank(s, lay)
+    t = S.tokens_per_rank(s, lay)
     hidden_grad = 2 * t * arch.hidden_size  # the returned gradient, live in the backward moments
     expected = trainer["lse_bytes"] + max(trainer["forward_bytes"], trainer["backward_bytes"] + hidden_grad)
-    assert M.logits_loss_bytes(s, lay) == expected
+    assert A.logits_loss_bytes(s, lay) == expected

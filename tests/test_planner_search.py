@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from ltune.cli import app
 from ltune.planner import throughput as T
 from ltune.planner.io import PlanError, load_plan, plan_from_dict
-from ltune.planner.memory import Shape
+from ltune.planner.shape import Shape
 from ltune.planner.schema import Layout
 from ltune.planner.search import Pins, Request, search
 from ltune.profiles import load_gpu, load_model

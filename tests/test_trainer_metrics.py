@@ -11,7 +11,7 @@ from ltune.trainer.metrics import flops_per_token, predicted
 
 
 def test_flops_per_token_agrees_with_the_planner(plan_factory):
-    from ltune.planner.memory import Shape
+    from ltune.planner.shape import Shape
     from ltune.planner.throughput import model_flops_per_token
 
     arch = plan_factory().model.architecture

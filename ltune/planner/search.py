@@ -12,7 +12,6 @@ from ..profiles.schema import GIB, GpuProfile, ModelProfile
 from .memory import (
     PHASES,
     SAFETY_MARGIN,
-    Shape,
     activation_terms,
     comm_buffers_bytes,
     estimate_memory,
@@ -21,6 +20,7 @@ from .memory import (
     peak_terms,
     state_terms,
 )
+from .shape import Shape
 from .schema import Evaluation, Layout, _Frozen, check_sp_degree
 from .throughput import estimate_throughput, tokens_per_s_per_gpu
 

@@ -9,7 +9,7 @@ counted in MFU.
 from __future__ import annotations
 
 from ..profiles.schema import GpuProfile
-from .memory import HALF, Shape, tokens_per_rank
+from .shape import HALF, Shape, tokens_per_rank
 from .schema import Layout, Throughput
 
 #: Fraction of the measured matmul ceiling (GpuProfile.matmul_efficiency, stas00 MAMF)

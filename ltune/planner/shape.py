@@ -1,0 +1,61 @@
+"""Layout-independent numbers of a (model, context) pair, and element sizes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..profiles.schema import ModelProfile
+from .schema import Layout
+
+HALF = 2  # bytes of a bf16/fp16 element
+FP32 = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """Layout-independent numbers of one (model, seq_len) pair, computed once per plan."""
+
+    params: int
+    layers: int
+    hidden: int
+    q_size: int
+    kv_size: int
+    heads: int
+    ffn: int
+    vocab: int
+    tied: bool
+    largest_leaf_params: int  # biggest module ZeRO-3 gathers at once
+    layer_params: int
+    persistent_params: int  # tensors at or below stage3_param_persistence_threshold
+    seq_len: int
+    precision: str = "bf16"
+    chunk_tokens: int = 4096
+
+    @classmethod
+    def of(cls, model: ModelProfile, seq_len: int, precision: str = "bf16", chunk_tokens: int = 4096) -> "Shape":
+        h = model.hidden_size
+        persistent = (2 * model.num_layers + 1) * h  # RMSNorm weights
+        if model.attention_bias:
+            persistent += model.num_layers * (model.q_size + 2 * model.kv_size)
+        return cls(
+            params=model.num_params(),
+            layers=model.num_layers,
+            hidden=h,
+            q_size=model.q_size,
+            kv_size=model.kv_size,
+            heads=model.num_attention_heads,
+            ffn=model.intermediate_size,
+            vocab=model.vocab_size,
+            tied=model.tie_word_embeddings,
+            largest_leaf_params=model.largest_tensor_params(),
+            layer_params=model.layer_params(),
+            persistent_params=persistent,
+            seq_len=seq_len,
+            precision=precision,
+            chunk_tokens=chunk_tokens,
+        )
+
+
+def tokens_per_rank(shape: Shape, layout: Layout) -> int:
+    """Ulysses splits each sequence over sp_degree ranks (Jacobs et al. 2023, DeepSpeed-Ulysses)."""
+    return layout.micro_batch_size * -(-shape.seq_len // layout.sp_degree)
