@@ -14,15 +14,17 @@ from __future__ import annotations
 
 from typing import Any
 
+# DeepSpeed defaults (runtime/zero/config.py), counted in elements: the planner's memory
+# model uses the very same constants.
+from ..planner.memory import (
+    ALLGATHER_BUCKET_SIZE,
+    REDUCE_BUCKET_SIZE,
+    STAGE3_MAX_LIVE_PARAMETERS,
+    STAGE3_PARAM_PERSISTENCE_THRESHOLD,
+    STAGE3_PREFETCH_BUCKET_SIZE,
+    SUB_GROUP_SIZE,
+)
 from ..planner.schema import Plan
-
-# DeepSpeed defaults (runtime/zero/config.py), counted in elements.
-REDUCE_BUCKET_SIZE = 500_000_000
-ALLGATHER_BUCKET_SIZE = 500_000_000
-STAGE3_PREFETCH_BUCKET_SIZE = 50_000_000
-STAGE3_MAX_LIVE_PARAMETERS = 1_000_000_000
-STAGE3_PARAM_PERSISTENCE_THRESHOLD = 100_000
-SUB_GROUP_SIZE = 1_000_000_000
 
 # DeepSpeed fp16 dynamic loss scaling defaults (runtime/fp16/loss_scaler.py, runtime/constants.py).
 FP16_INITIAL_SCALE_POWER = 16
