@@ -209,162 +209,6 @@ def _make_optimizer(params, fake_mode):
     return opt, masters
 
 
-def _kernel_temporaries() -> dict:
-    """Operators whose CUDA kernel allocates a large temporary inside itself (so a dispatch-level
-    trace does not see it), and a function making a fake tensor of that temporary's size.
-
-    - aten.logsumexp (ATen/native/ReduceOps.cpp `logsumexp_out_impl`): `(self - maxes).exp_()`
-      holds one tensor the size of the input (used by the trainer's chunked loss).
-    """
-    import torch
-
-    aten = torch.ops.aten
-    return {aten.logsumexp.default: lambda x, *args, **kwargs: torch.empty_like(x, memory_format=torch.contiguous_format)}
-
-
-def _make_tracker(timeline: Timeline, with_inventory: bool | str = False):
-    """A MemTracker that also records the timeline and the origin of activation bytes."""
-    import torch
-    from torch.distributed._tools.mem_tracker import _TOTAL_KEY as total_key
-    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType, _UpdateType
-
-    from torch._guards import active_fake_mode
-
-    act_types = (_MemRefType.ACT, _MemRefType.TEMP)
-    kernel_temps = _kernel_temporaries()
-    cpu = torch.device("cpu")
-    layer_tag = ".layers."
-
-    class _TimelineTracker(MemTracker):
-        def __init__(self) -> None:
-            super().__init__()
-            self.started_model = False
-            self._origin_of: dict[int, int] = {}  # id(winfo) -> ORIGINS index
-            self._origin_bytes = [0] * len(ORIGINS)
-            self._op = ""  # the operator being dispatched (for the inventory)
-            self._labels: dict[int, str] = {}  # id(winfo) -> operator that made it (inventory only)
-            self._sizes: dict[int, int] = {}
-            self.inventory: list[tuple[str, str, int]] | None = [] if with_inventory else None  # noqa
-            self._inventory_peak = -1
-
-        # -- where are we
-        def _region(self) -> str:
-            parents = self._mod_tracker.parents
-            region = "head"  # the output layer and the loss, inside or outside a module
-            body = False
-            for name in parents:
-                if layer_tag in name:
-                    return "layer"
-                if name.endswith("lm_head"):
-                    return "head"
-                if name.endswith(("embed_tokens", "rotary_emb")):
-                    region = "embed"  # the layers' shared inputs: embeddings, RoPE cos/sin
-                elif name.endswith(".norm") and region == "head":
-                    region = "norm"
-                elif name.endswith("lm.model"):
-                    body = True
-            if region == "head" and body:
-                region = "embed"  # made in the model body outside layers: the attention mask
-            return region
-
-        def _origin_index(self) -> int:
-            if not self.started_model:
-                pas = "input"
-            elif self._mod_tracker.is_bw:
-                pas = "recompute" if self._in_ac else "backward"
-            else:
-                pas = "forward"
-            return ORIGINS.index(f"{pas}:{self._region()}")
-
-        # -- bookkeeping of activation bytes by origin, at MemTracker's single update point
-        def _update_snap(self, u_type, winfo, old_mem_consumed=None, old_reftype=None) -> None:
-            super()._update_snap(u_type, winfo, old_mem_consumed, old_reftype)
-            key = id(winfo)
-            if u_type == _UpdateType.ADD:
-                if winfo.reftype in act_types:
-                    idx = self._origin_index()
-                    self._origin_of[key] = idx
-                    self._origin_bytes[idx] += winfo.mem_consumed
-                    if self.inventory is not None:
-                        self._labels[key] = self._op
-                        self._sizes[key] = winfo.mem_consumed
-            elif u_type == _UpdateType.DEL:
-                idx = self._origin_of.pop(key, None)
-                self._labels.pop(key, None)
-                self._sizes.pop(key, None)
-                if idx is not None:
-                    self._origin_bytes[idx] -= winfo.mem_consumed
-            elif u_type == _UpdateType.REF:
-                idx = self._origin_of.get(key)
-                if idx is not None and winfo.reftype not in act_types:
-                    self._origin_bytes[idx] -= winfo.mem_consumed
-                    del self._origin_of[key]
-                elif idx is None and winfo.reftype in act_types:
-                    idx = self._origin_index()
-                    self._origin_of[key] = idx
-                    self._origin_bytes[idx] += winfo.mem_consumed
-            elif u_type == _UpdateType.SIZE:
-                idx = self._origin_of.get(key)
-                if idx is not None:
-                    self._origin_bytes[idx] += winfo.mem_consumed - old_mem_consumed
-
-        def _update_peak_stats(self, peak_state) -> None:
-            # MemTracker's own version also walks every module's stats after every operator
-            # (most of the run time on a large model); the timeline holds what we need.
-            for dev, dev_snap in self._curr_mem_snap.items():
-                if self._peak_mem.get(dev, 0) < dev_snap[total_key]:
-                    self._peak_mem[dev] = dev_snap[total_key]
-                    self._peak_mem_snap[dev] = dict(dev_snap)
-            self._record()
-
-        def _values(self) -> tuple[int, ...]:
-            snap = self._curr_mem_snap.get(cpu, {})
-            return tuple(snap.get(cat, 0) for cat in self._ref_class)
-
-        def _record(self) -> None:
-            values = self._values()
-            origins = tuple(self._origin_bytes)
-            if timeline.values and values == timeline.values[-1] and origins == timeline.origins[-1]:
-                return
-            phase = "optimizer" if self._in_opt else ("backward" if self._mod_tracker.is_bw else "forward")
-            timeline.phases.append(phase)
-            timeline.regions.append(self._region())
-            timeline.values.append(values)
-            timeline.origins.append(origins)
-            if (
-                self.inventory is not None
-                and with_inventory in (True, f"{phase}:{timeline.regions[-1]}")
-                and sum(origins) > self._inventory_peak
-            ):
-                self._inventory_peak = sum(origins)
-                self.inventory = [
-                    (ORIGINS[idx], self._labels.get(key, "?"), self._sizes.get(key, 0))
-                    for key, idx in self._origin_of.items()
-                ]
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self._op = str(func)
-            if func in kernel_temps and active_fake_mode() is self._fake_mode_on_entry:
-                # a temporary the CUDA kernel allocates inside itself, invisible to dispatch
-                reftype = _MemRefType.TEMP if self._mod_tracker.is_bw and not self._in_ac else _MemRefType.ACT
-                self._op = f"{func} (kernel temporary)"
-                temp = kernel_temps[func](*args, **(kwargs or {}))
-                self._track(reftype, temp)
-                self._update_peak_stats(None)
-                del temp
-                self._op = str(func)
-            return super().__torch_dispatch__(func, types, args, kwargs)
-
-        def mark(self, name: str) -> None:
-            timeline.marks[name] = self._values()
-
-    tracker = _TimelineTracker()
-    names = tuple(c.value for c in tracker._ref_class)
-    if names != CATEGORIES:
-        raise RuntimeError(f"MemTracker's categories changed ({names}); ltune.trace expects {CATEGORIES}")
-    return tracker
-
-
 def trace_step(
     model: ModelProfile,
     seq_len: int,
@@ -379,8 +223,9 @@ def trace_step(
     """Run one fake training step of one rank's micro-batch under MemTracker; return the timeline."""
     import resource
 
-    import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .tracker import make_tracker
 
     tokens = validate(model, seq_len, layout, num_docs)
     start = time.perf_counter()
@@ -390,8 +235,7 @@ def trace_step(
     params = [p for p in train_model.parameters() if p.requires_grad]
     opt, masters = _make_optimizer(params, fake_mode)
     timeline = Timeline()
-    tracker = _make_tracker(timeline, with_inventory=inventory)
-    b = layout.micro_batch_size
+    tracker = make_tracker(timeline, with_inventory=inventory)
     lengths = doc_lengths(tokens, num_docs)
     with _cuda_block_rounding(), _flash_kernel():
         tracker.track_external(opt, *masters)
@@ -400,30 +244,48 @@ def trace_step(
         tracker._track_module_params_and_buffers(train_model, install_grad_hooks=True)
         with fake_mode, tracker:
             tracker.mark("start")
-            input_ids = torch.zeros((b, tokens), dtype=torch.int64)
-            labels = torch.zeros((b, tokens), dtype=torch.int64)
-            position_ids = torch.cat([torch.arange(n, dtype=torch.int64) for n in lengths]).expand(b, tokens)
-            cu_seqlens = torch.zeros(b * num_docs + 1, dtype=torch.int32)
-            tracker.started_model = True
-            loss_sum, num_tokens = train_model(input_ids, position_ids, labels, cu_seqlens, max(lengths))
-            loss = loss_sum / num_tokens
-            tracker.mark("after_forward")
-            loss.backward()
-            del loss, loss_sum, num_tokens
-            tracker.mark("after_backward")
-            opt.step()
-            tracker.mark("after_step")
-            train_model.zero_grad(set_to_none=True)
-            tracker.mark("end")
+            # the batch stays referenced here, alive to the end of the step as a real loop's is
+            batch = _packed_batch(layout.micro_batch_size, lengths)
+            _run_step(train_model, opt, tracker, batch, max(lengths))
     return RawTrace(
         timeline=timeline,
         num_params=sum(p.numel() for p in params),
         param_numels=[p.numel() for p in params],
         dtype_bytes=params[0].element_size(),
         tokens_per_rank=tokens,
-        micro_batch_size=b,
+        micro_batch_size=layout.micro_batch_size,
         num_docs=num_docs,
         trace_s=time.perf_counter() - start,
         max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         inventory=tracker.inventory,
     )
+
+
+def _packed_batch(micro_batch_size: int, lengths: list[int]):
+    """One rank's packed micro-batch of documents of `lengths` tokens: input_ids, position_ids
+    (restarting per document), labels, cu_seqlens. Made inside the tracker: the step's input."""
+    import torch
+
+    b, tokens = micro_batch_size, sum(lengths)
+    input_ids = torch.zeros((b, tokens), dtype=torch.int64)
+    labels = torch.zeros((b, tokens), dtype=torch.int64)
+    position_ids = torch.cat([torch.arange(n, dtype=torch.int64) for n in lengths]).expand(b, tokens)
+    cu_seqlens = torch.zeros(b * len(lengths) + 1, dtype=torch.int32)
+    return input_ids, position_ids, labels, cu_seqlens
+
+
+def _run_step(train_model, opt, tracker, batch, max_doc_len: int) -> None:
+    """Forward, backward, optimizer step, zero_grad, inside the fake mode and the tracker; marks
+    after_forward, after_backward, after_step and end on the timeline."""
+    input_ids, position_ids, labels, cu_seqlens = batch
+    tracker.started_model = True
+    loss_sum, num_tokens = train_model(input_ids, position_ids, labels, cu_seqlens, max_doc_len)
+    loss = loss_sum / num_tokens
+    tracker.mark("after_forward")
+    loss.backward()
+    del loss, loss_sum, num_tokens
+    tracker.mark("after_backward")
+    opt.step()
+    tracker.mark("after_step")
+    train_model.zero_grad(set_to_none=True)
+    tracker.mark("end")
