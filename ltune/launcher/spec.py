@@ -151,98 +151,26 @@ def plan_launch(
 
     Reads the file system (data, hostfile, run folder) and test-binds the master port,
     but writes and starts nothing. Raises LaunchError (exit 2) or FitRefused (exit 1).
+    The steps run in the order of the module docstring's checks.
     """
-    if options.launcher not in LAUNCHERS:
-        raise LaunchError(f"--launcher must be one of {', '.join(LAUNCHERS)} (got {options.launcher!r})")
+    _check_launcher(options.launcher)
     cwd = Path(cwd or os.getcwd()).resolve()
     plan_dir = Path(plan_path).expanduser().resolve().parent
     run_dir = rundir.default_run_dir(plan, options.run_dir, cwd)
     resolved = rundir.resolve_plan(plan, plan_dir, run_dir)
-    is_cpu = plan.hardware.gpu == CPU_TARGET
-
-    # nodes and hostfile
-    try:
-        gpu = load_gpu(plan.hardware.gpu)
-    except ProfileError as e:
-        raise LaunchError(f"hardware.gpu: {e}") from None
-    nodes = node_layout(
-        plan.layout.num_gpus,
-        plan.hardware.num_nodes,
-        gpu.gpus_per_node,
-        gpu.name,
-        nnodes_override=options.nnodes,
-        allow_oversubscribe=is_cpu,
-    )
-    if options.hostfile is not None:
-        if options.launcher != "deepspeed":
-            raise LaunchError("--hostfile is read by the deepspeed launcher only (--launcher deepspeed)")
-        check_hostfile(read_hostfile(options.hostfile), nodes, options.hostfile)
-    hostfile = str(Path(options.hostfile).expanduser().resolve()) if options.hostfile else None
-    if options.master_port is not None and not 0 < options.master_port < 65536:
-        raise LaunchError(f"--master-port ({options.master_port}) must be in 1..65535")
-
-    # data
+    nodes = _node_layout(plan, options)
+    hostfile = _checked_hostfile(options, nodes)
+    _check_master_port_range(options.master_port)
     validate_plan_data(resolved)
-
-    # fit
-    evaluation = evaluate_fit(plan)
-    forced = False
-    if evaluation is not None and not evaluation.fits:
-        if not options.force:
-            raise FitRefused(shortfall_message(plan, evaluation), evaluation)
-        forced = True
-
-    # run folder
-    if options.resume:
-        stored = rundir.check_resume_run_dir(run_dir)
-        rundir.check_same_plan(stored, resolved, run_dir)
-    else:
-        rundir.check_fresh_run_dir(run_dir)
-
-    # port
-    if options.master_port is not None:
-        master_port = options.master_port
-    elif is_cpu and options.launcher != "slurm" and nodes.nnodes == 1:
-        master_port = free_port()
-    else:
-        master_port = DEFAULT_MASTER_PORT
-    master_here = options.launcher != "slurm" and (nodes.nnodes == 1 or options.node_rank == 0)
-    if master_here and not options.dry_run and port_in_use(master_port):
-        raise LaunchError(f"master port {master_port} is in use; pass --master-port with a free port")
-
+    evaluation, forced = _fit_or_refuse(plan, options.force)
+    _check_run_dir(run_dir, resolved, options.resume)
+    master_port = _master_port(plan, options, nodes)
     env = job_env(plan, nodes, cpu_count=cpu_count, environ=environ, local=options.launcher != "slurm")
-    from ..trainer.ds_config import build_ds_config  # pure; imported late (trainer-owned)
-
-    ds_config = build_ds_config(resolved)
-
-    sbatch_text = None
-    if options.launcher == "slurm":
-        script = build_sbatch(
-            run_dir,
-            nodes,
-            master_port,
-            job_name=f"ltune-{plan.model.architecture.name}",
-            gpus=not is_cpu,
-            env=env,
-            cwd=cwd,
-            resume=options.resume,
-            python=python,
-        )
-        sbatch_text = script.render()
-        sbatch_name = "resume.sbatch" if options.resume else rundir.SBATCH_FILE
-        argv = ["sbatch", str(run_dir / sbatch_name)]
-    elif options.launcher == "torchrun":
-        argv = torchrun_argv(
-            run_dir, nodes, master_port, resume=options.resume,
-            master_addr=options.master_addr, node_rank=options.node_rank, python=python,
-        )
-    else:
-        argv = deepspeed_argv(
-            run_dir, nodes, master_port, resume=options.resume, hostfile=hostfile,
-            master_addr=options.master_addr, node_rank=options.node_rank, python=python,
-            visible_devices=None if is_cpu else (os.environ if environ is None else environ).get("CUDA_VISIBLE_DEVICES"),
-        )
-
+    ds_config = _ds_config(resolved)
+    argv, sbatch_text = _launch_argv(
+        plan, options, run_dir, nodes, master_port,
+        env=env, cwd=cwd, hostfile=hostfile, python=python, environ=environ,
+    )
     spec = LaunchSpec(
         launcher=options.launcher,
         run_dir=run_dir,
@@ -258,8 +186,134 @@ def plan_launch(
         forced=forced,
         resume=options.resume,
     )
-    if options.resume:
-        files = {"resume.sbatch": sbatch_text} if sbatch_text is not None else {}
+    return replace(spec, files=_run_dir_files(spec))
+
+
+# ---------------------------------------------------------------- the steps of plan_launch
+
+
+def _check_launcher(launcher: str) -> None:
+    if launcher not in LAUNCHERS:
+        raise LaunchError(f"--launcher must be one of {', '.join(LAUNCHERS)} (got {launcher!r})")
+
+
+def _node_layout(plan: Plan, options: LaunchOptions) -> NodeLayout:
+    """Nodes and processes per node from the plan's GPUs and the target's GPUs per node
+    (the cpu target may put more processes on a node than it has cores)."""
+    try:
+        gpu = load_gpu(plan.hardware.gpu)
+    except ProfileError as e:
+        raise LaunchError(f"hardware.gpu: {e}") from None
+    return node_layout(
+        plan.layout.num_gpus,
+        plan.hardware.num_nodes,
+        gpu.gpus_per_node,
+        gpu.name,
+        nnodes_override=options.nnodes,
+        allow_oversubscribe=plan.hardware.gpu == CPU_TARGET,
+    )
+
+
+def _checked_hostfile(options: LaunchOptions, nodes: NodeLayout) -> str | None:
+    """--hostfile, checked against the node layout (deepspeed launcher only); its absolute path."""
+    if options.hostfile is None:
+        return None
+    if options.launcher != "deepspeed":
+        raise LaunchError("--hostfile is read by the deepspeed launcher only (--launcher deepspeed)")
+    check_hostfile(read_hostfile(options.hostfile), nodes, options.hostfile)
+    return str(Path(options.hostfile).expanduser().resolve()) if options.hostfile else None
+
+
+def _check_master_port_range(master_port: int | None) -> None:
+    if master_port is not None and not 0 < master_port < 65536:
+        raise LaunchError(f"--master-port ({master_port}) must be in 1..65535")
+
+
+def _fit_or_refuse(plan: Plan, force: bool) -> tuple[Evaluation | None, bool]:
+    """The planner's fit check and whether --force overrides a failed one (else FitRefused)."""
+    evaluation = evaluate_fit(plan)
+    if evaluation is None or evaluation.fits:
+        return evaluation, False
+    if not force:
+        raise FitRefused(shortfall_message(plan, evaluation), evaluation)
+    return evaluation, True
+
+
+def _check_run_dir(run_dir: Path, resolved: Plan, resume: bool) -> None:
+    """A resumed run continues the same plan in its folder; a new run needs a fresh folder."""
+    if resume:
+        stored = rundir.check_resume_run_dir(run_dir)
+        rundir.check_same_plan(stored, resolved, run_dir)
     else:
-        files = rundir.launch_files(resolved, ds_config, spec.command, sbatch_text)
-    return replace(spec, files=files)
+        rundir.check_fresh_run_dir(run_dir)
+
+
+def _master_port(plan: Plan, options: LaunchOptions, nodes: NodeLayout) -> int:
+    """--master-port, else a free port (single-node cpu runs started here), else the default;
+    refused if in use where the master runs on this machine (unless a dry run)."""
+    if options.master_port is not None:
+        master_port = options.master_port
+    elif plan.hardware.gpu == CPU_TARGET and options.launcher != "slurm" and nodes.nnodes == 1:
+        master_port = free_port()
+    else:
+        master_port = DEFAULT_MASTER_PORT
+    master_here = options.launcher != "slurm" and (nodes.nnodes == 1 or options.node_rank == 0)
+    if master_here and not options.dry_run and port_in_use(master_port):
+        raise LaunchError(f"master port {master_port} is in use; pass --master-port with a free port")
+    return master_port
+
+
+def _ds_config(resolved: Plan) -> dict[str, Any]:
+    from ..trainer.ds_config import build_ds_config  # pure; imported late (trainer-owned)
+
+    return build_ds_config(resolved)
+
+
+def _launch_argv(
+    plan: Plan,
+    options: LaunchOptions,
+    run_dir: Path,
+    nodes: NodeLayout,
+    master_port: int,
+    *,
+    env: dict[str, str],
+    cwd: Path,
+    hostfile: str | None,
+    python: str | None,
+    environ: Mapping[str, str] | None,
+) -> tuple[list[str], str | None]:
+    """The launcher's argv and, for slurm, the sbatch script text it submits."""
+    is_cpu = plan.hardware.gpu == CPU_TARGET
+    if options.launcher == "slurm":
+        script = build_sbatch(
+            run_dir,
+            nodes,
+            master_port,
+            job_name=f"ltune-{plan.model.architecture.name}",
+            gpus=not is_cpu,
+            env=env,
+            cwd=cwd,
+            resume=options.resume,
+            python=python,
+        )
+        sbatch_name = "resume.sbatch" if options.resume else rundir.SBATCH_FILE
+        return ["sbatch", str(run_dir / sbatch_name)], script.render()
+    if options.launcher == "torchrun":
+        argv = torchrun_argv(
+            run_dir, nodes, master_port, resume=options.resume,
+            master_addr=options.master_addr, node_rank=options.node_rank, python=python,
+        )
+        return argv, None
+    argv = deepspeed_argv(
+        run_dir, nodes, master_port, resume=options.resume, hostfile=hostfile,
+        master_addr=options.master_addr, node_rank=options.node_rank, python=python,
+        visible_devices=None if is_cpu else (os.environ if environ is None else environ).get("CUDA_VISIBLE_DEVICES"),
+    )
+    return argv, None
+
+
+def _run_dir_files(spec: LaunchSpec) -> dict[str, str]:
+    """What the launch writes into the run folder: a resume writes only its sbatch script."""
+    if spec.resume:
+        return {"resume.sbatch": spec.sbatch} if spec.sbatch is not None else {}
+    return rundir.launch_files(spec.plan, spec.ds_config, spec.command, spec.sbatch)
