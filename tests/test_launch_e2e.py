@@ -18,7 +18,6 @@ EXAMPLE = ROOT / "examples" / "tiny-cpu" / "plan.yaml"
 
 
 @pytest.mark.distributed
-@pytest.mark.skipif(not EXAMPLE.is_file(), reason="examples/tiny-cpu/plan.yaml not present")
 def test_launch_tiny_cpu_example_to_the_end(tmp_path):
     run_dir = tmp_path / "run"
     env = dict(os.environ)
