@@ -896,20 +896,13 @@ class Runner:
         t0 = time.monotonic()
         self.results["data"] = write_data(self.data_dir, self.setup.num_docs, self.setup.doc_tokens)
         self.results["data"]["write_s"] = round(time.monotonic() - t0, 1)
-        try:
-            import torch
+        from importlib.metadata import PackageNotFoundError, version
 
-            self.results["torch"] = torch.__version__
-        except ImportError:
-            pass
-        try:
-            import deepspeed  # noqa: F401 - only its version; importing it touches no GPU
-            import transformers
-
-            self.results["transformers"] = transformers.__version__
-            self.results["deepspeed"] = deepspeed.__version__
-        except Exception as e:  # noqa: BLE001
-            self.results["import_error"] = f"{type(e).__name__}: {e}"[:300]
+        for package in ("torch", "transformers", "deepspeed", "pydantic"):  # no import: no CUDA here
+            try:
+                self.results[package] = version(package)
+            except PackageNotFoundError:
+                self.results[package] = None
 
     def phase_ctx(self) -> None:
         out_file = self.work / "ctx.json"
