@@ -7,7 +7,7 @@
 #   run(command="LTUNE_COMMIT=<git rev-parse HEAD> bash bench/gpu_validate.sh",
 #       carry=[".whl"], timeout_s=540)
 #
-# .whl (git-ignored) holds what the device image lacks or has too old: deepspeed 0.19.8 (no
+# First, here: bash bench/fetch_wheels.sh (fills .whl). .whl (git-ignored) holds what the device image lacks or has too old: deepspeed 0.19.8 (no
 # ops), pydantic 2.13 + pydantic_core (cp312) + annotated_types + typing_inspection +
 # typing_extensions 4.15, hjson, and transformers 5.23.0 (the device has 5.17, which lacks
 # transformers.integrations.deepspeed.prevent_arange_dtype_change that ltune's ZeRO-3 build
