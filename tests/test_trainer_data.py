@@ -12,15 +12,13 @@ from _launch import DATA, REPO, TOKENIZER, tiny_plan_dict, write_plan
 
 from ltune.trainer.data import (
     IGNORE_INDEX,
-    PackedDataset,
     TokenizedData,
     load_or_tokenize,
     load_tokenizer,
-    pack_documents,
-    shard_indices,
     tokenize_record,
     validate_data,
 )
+from ltune.trainer.packing import PackedDataset, pack_documents, shard_indices
 from ltune.trainer.errors import TrainerInputError
 
 

@@ -3,7 +3,7 @@
 Layout: RUN_DIR/checkpoints/step_<N>/ as written by ``engine.save_checkpoint`` (and
 RUN_DIR/checkpoints/latest naming the newest tag), plus ``trainer_state_rank<r>.pt``
 per rank: the step, and the Python/NumPy/torch RNG states. The data position needs no
-state of its own: the packed stream is a pure function of (seed, step) (data.py).
+state of its own: the packed stream is a pure function of (seed, step) (packing.py).
 """
 
 from __future__ import annotations

@@ -1,16 +1,9 @@
-"""Training data: JSONL reading and checks, chat rendering, a tokenization cache, packing.
+"""Training data: JSONL reading and checks, chat rendering, a tokenization cache.
 
 Records are JSON objects, one per line: ``{"text": "..."}`` (loss on every token) or
 ``{"messages": [{"role": ..., "content": ...}, ...]}`` rendered with the tokenizer's
 chat template, loss on the assistant turns only. A data path is a JSONL file or a
 folder of them (``*.jsonl``, recursively, sorted).
-
-Packing: documents are shuffled (seeded per epoch) and placed greedily, in order, into
-sequences of exactly ``seq_len`` tokens; a document that does not fit in what is left
-of the current sequence starts the next one, and the rest is padding (its own segment,
-no loss). ``position_ids`` restart at 0 at every document, which is how attention finds
-the boundaries. A document longer than ``seq_len`` is split into ``seq_len`` pieces;
-the count of split documents is reported, never silently truncated.
 
 This module imports no torch (the launcher calls ``validate_data`` before any process
 starts); transformers is imported only to tokenize.
@@ -300,112 +293,3 @@ def load_or_tokenize(plan: Plan, tokenizer=None) -> tuple[TokenizedData, bool]:
     except OSError:  # another process got there first
         shutil.rmtree(tmp, ignore_errors=True)
     return data, False
-
-
-# ---------------------------------------------------------------- packing
-
-
-@dataclass(frozen=True)
-class PackedEpoch:
-    """One epoch's sequences: each a list of (doc, start, length) segments."""
-
-    sequences: list[list[tuple[int, int, int]]]
-    num_split_docs: int
-    num_padding_tokens: int
-
-
-def pack_documents(doc_lengths: np.ndarray, seq_len: int, order: np.ndarray) -> PackedEpoch:
-    """Greedy in-order packing into sequences of exactly seq_len tokens (see module doc)."""
-    if seq_len <= 0:
-        raise ValueError(f"seq_len ({seq_len}) must be positive")
-    sequences: list[list[tuple[int, int, int]]] = []
-    current: list[tuple[int, int, int]] = []
-    used = 0
-    split = 0
-    padding = 0
-
-    def close() -> None:
-        nonlocal current, used, padding
-        if current:
-            padding += seq_len - used
-            sequences.append(current)
-        current, used = [], 0
-
-    for doc in order:
-        length = int(doc_lengths[doc])
-        if length > seq_len:
-            split += 1
-        start = 0
-        while start < length:
-            piece = min(seq_len, length - start)
-            if used + piece > seq_len:
-                close()
-            current.append((int(doc), start, piece))
-            used += piece
-            start += piece
-            if used == seq_len:
-                close()
-    close()
-    return PackedEpoch(sequences, split, padding)
-
-
-class PackedDataset:
-    """An endless, deterministic stream of packed sequences over epochs.
-
-    Sequence g of the stream is a pure function of (seed, g): epoch e shuffles the
-    documents with seed + e. Resuming at step s means reading from g = s x (sequences
-    per step): no iterator state to save.
-    """
-
-    def __init__(self, data: TokenizedData, seq_len: int, seed: int, pad_token_id: int = 0):
-        if data.num_docs == 0:
-            raise TrainerInputError("training.data: no documents")
-        self.data = data
-        self.seq_len = seq_len
-        self.seed = seed
-        self.pad_token_id = pad_token_id
-        self._epochs: dict[int, PackedEpoch] = {}
-
-    def epoch(self, index: int) -> PackedEpoch:
-        if index not in self._epochs:
-            order = np.random.default_rng(self.seed + index).permutation(self.data.num_docs)
-            self._epochs = {index: pack_documents(self.data.doc_lengths, self.seq_len, order)}
-        return self._epochs[index]
-
-    @property
-    def sequences_per_epoch(self) -> int:
-        return len(self.epoch(0).sequences)
-
-    def sample(self, index: int) -> dict[str, np.ndarray]:
-        """input_ids, position_ids and labels (-100 where there is no loss) of sequence ``index``."""
-        per_epoch = self.sequences_per_epoch
-        segments = self.epoch(index // per_epoch).sequences[index % per_epoch]
-        input_ids = np.full(self.seq_len, self.pad_token_id, dtype=np.int64)
-        labels = np.full(self.seq_len, IGNORE_INDEX, dtype=np.int64)
-        position_ids = np.zeros(self.seq_len, dtype=np.int64)
-        at = 0
-        offsets = self.data.doc_offsets
-        for doc, start, length in segments:
-            lo = offsets[doc] + start
-            ids = self.data.tokens[lo : lo + length]
-            input_ids[at : at + length] = ids
-            labels[at : at + length] = np.where(self.data.loss_mask[lo : lo + length], ids, IGNORE_INDEX)
-            position_ids[at : at + length] = np.arange(length)
-            at += length
-        if at < self.seq_len:  # padding: its own segment, no loss
-            position_ids[at:] = np.arange(self.seq_len - at)
-        return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
-
-
-def shard_indices(step: int, micro_step: int, *, micro_batch_size: int, grad_accum: int, dp_rank: int, dp_size: int) -> list[int]:
-    """Stream indices of the sequences one data-parallel rank reads at (step, micro_step).
-
-    Ranks of one sequence-parallel group share a dp_rank and so read the same sequences.
-    """
-    per_step = micro_batch_size * grad_accum * dp_size
-    first = step * per_step + (micro_step * dp_size + dp_rank) * micro_batch_size
-    return list(range(first, first + micro_batch_size))
-
-
-def collate(samples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    return {key: np.stack([s[key] for s in samples]) for key in samples[0]}

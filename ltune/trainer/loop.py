@@ -39,7 +39,8 @@ import torch.distributed as dist
 from ..planner.io import load_plan
 from . import checkpoint, engine as engine_lib
 from .attention import cu_seqlens_from_position_ids
-from .data import PackedDataset, check_supported, collate, load_or_tokenize, load_tokenizer, shard_indices, validate_data
+from .data import check_supported, load_or_tokenize, load_tokenizer, validate_data
+from .packing import PackedDataset, collate, shard_indices
 from .ds_config import build_ds_config
 from .errors import TrainerInputError
 from .loss import IGNORE_INDEX, shift_labels
