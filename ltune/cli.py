@@ -62,9 +62,12 @@ ChunkOpt = Annotated[int, typer.Option("--loss-chunk-tokens", help="Tokens per c
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
 
 def _one_line(e: Exception) -> str:
-    """pydantic's multi-line message reduced to its last line."""
-    text = str(e)
-    return text.splitlines()[-1] if "validation error" in text else text
+    """A pydantic error as its first field path and message; others as they are."""
+    from pydantic import ValidationError
+
+    from .planner.io import describe_error
+
+    return describe_error(e.errors()[0]) if isinstance(e, ValidationError) else str(e)
 
 
 # ---------------------------------------------------------------- plan, check
@@ -122,12 +125,14 @@ def plan(
     micro_batch: MicroBatchOpt = None,
     attention: AttentionOpt = "varlen",
     precision: PrecisionOpt = None,
-    host_mem_gib: Annotated[Optional[float], typer.Option("--host-mem-gib", help="Host memory per node for offload (default: the GPU profile's).")] = None,
+    host_mem_gib: Annotated[Optional[float], typer.Option("--host-mem-gib", help="Host memory per node for offload (default: the GPU profile's).", min=0.0)] = None,
     safety_margin: Annotated[float, typer.Option("--safety-margin", help="Fraction of GPU memory kept free.", min=0.0, max=0.5)] = 0.05,
     chunk_tokens: ChunkOpt = 4096,
     steps: Annotated[int, typer.Option("--steps", help="Training steps written to plan.yaml.", min=1)] = 1000,
-    lr: Annotated[float, typer.Option("--lr", help="Learning rate written to plan.yaml.")] = 2e-5,
+    lr: Annotated[float, typer.Option("--lr", help="Learning rate written to plan.yaml (> 0).")] = 2e-5,
     data: Annotated[Optional[list[str]], typer.Option("--data", help="JSONL file or folder (repeatable), written to plan.yaml.")] = None,
+    tokenizer: Annotated[Optional[Path], typer.Option("--tokenizer", help="Local tokenizer folder, written to plan.yaml.")] = None,
+    model_path: Annotated[Optional[Path], typer.Option("--model-path", help="Local HF model folder (safetensors), written to plan.yaml; random init if unset.")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the recommended plan to this plan.yaml.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -135,9 +140,11 @@ def plan(
 
     Exit 0 when a layout fits, 1 when none does, 2 for bad input.
     """
-    from .planner.build import build_plan
+    from .planner.build import build_plan, relative_to_plan
     from .planner.search import search
 
+    if lr <= 0:
+        raise fail(f"--lr must be > 0 (got {lr})")
     try:
         req = request_from_options(model, ctx, gpu, gpus, zero_stage, sp_degree, offload, loss, recompute, micro_batch,
                              attention, precision, chunk_tokens, max_gpus, safety_margin, host_mem_gib)
@@ -154,9 +161,12 @@ def plan(
             _report_no_fit(req, closest)
         raise typer.Exit(1)
     if output is not None:
+        files = {"path": model_path, "tokenizer": tokenizer}
+        files = {k: relative_to_plan(str(v), output) for k, v in files.items() if v is not None}
+        training = {"max_steps": steps, "learning_rate": lr,
+                    "data": [relative_to_plan(p, output) for p in data or []]}
         try:
-            plan_obj = build_plan(req, result.best, model, {"max_steps": steps, "learning_rate": lr, "data": data or []},
-                                  host_mem_gib)
+            plan_obj = build_plan(req, result.best, model, training, host_mem_gib, files)
         except ValueError as e:
             raise fail(_one_line(e))
         dump_plan(plan_obj, output)
@@ -193,9 +203,7 @@ def _report_fit(plan, spec) -> None:
     """One line when the plan fits; the breakdown and a warning when forced."""
     from .launcher import shortfall_message
 
-    if spec.evaluation is None:
-        err_console.print("[yellow]warning:[/] fit re-check unavailable; launching unchecked")
-    elif spec.forced:
+    if spec.forced:
         console.print(breakdown_table(spec.evaluation, "memory per GPU (fit re-check)", limits=True))
         err_console.print(f"[yellow]warning:[/] {shortfall_message(plan, spec.evaluation)}; launching anyway (--force)")
     else:

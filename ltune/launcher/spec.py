@@ -11,7 +11,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-from ..planner.schema import Evaluation, Plan
+from ..planner.fit import check_fit
+from ..planner.memory import SAFETY_MARGIN
+from ..planner.schema import Evaluation, Plan, Prediction
 from ..profiles import GIB, ProfileError, load_gpu
 from . import rundir
 from .command import (
@@ -63,7 +65,7 @@ class LaunchSpec:
     nodes: NodeLayout
     master_port: int
     sbatch: str | None = None
-    evaluation: Evaluation | None = None  # None when the planner's fit check is unavailable
+    evaluation: Evaluation | None = None  # the planner's re-check of the plan
     forced: bool = False  # the plan does not fit and --force launches it anyway
     resume: bool = False
     files: dict[str, str] = field(default_factory=dict)  # name -> text, written into run_dir
@@ -77,12 +79,8 @@ class LaunchSpec:
 # ---------------------------------------------------------------- fit
 
 
-def evaluate_fit(plan: Plan) -> Evaluation | None:
-    """The planner's re-check of the plan on its target (None until the planner has it)."""
-    try:
-        from ..planner.fit import check_fit
-    except ImportError:
-        return None
+def evaluate_fit(plan: Plan) -> Evaluation:
+    """The planner's re-check of the plan on its target."""
     try:
         return check_fit(plan)
     except ValueError as e:  # the planner cannot judge this plan (e.g. an unknown profile)
@@ -163,6 +161,7 @@ def plan_launch(
     _check_master_port_range(options.master_port)
     validate_plan_data(resolved)
     evaluation, forced = _fit_or_refuse(plan, options.force)
+    resolved = _with_prediction(resolved, evaluation)
     _check_run_dir(run_dir, resolved, options.resume)
     master_port = _master_port(plan, options, nodes)
     env = job_env(plan, nodes, cpu_count=cpu_count, environ=environ, local=options.launcher != "slurm")
@@ -224,15 +223,24 @@ def _checked_hostfile(options: LaunchOptions, nodes: NodeLayout) -> str | None:
     return str(Path(options.hostfile).expanduser().resolve()) if options.hostfile else None
 
 
+def _with_prediction(resolved: Plan, evaluation: Evaluation) -> Plan:
+    """The run folder's plan carries today's re-check as its prediction, so the job's
+    metrics stand beside numbers for the layout it really runs (an edited plan's stale
+    prediction would not)."""
+    margin = resolved.prediction.safety_margin if resolved.prediction else SAFETY_MARGIN
+    prediction = Prediction(memory=evaluation.memory, throughput=evaluation.throughput, safety_margin=margin)
+    return resolved.model_copy(update={"prediction": prediction})
+
+
 def _check_master_port_range(master_port: int | None) -> None:
     if master_port is not None and not 0 < master_port < 65536:
         raise LaunchError(f"--master-port ({master_port}) must be in 1..65535")
 
 
-def _fit_or_refuse(plan: Plan, force: bool) -> tuple[Evaluation | None, bool]:
+def _fit_or_refuse(plan: Plan, force: bool) -> tuple[Evaluation, bool]:
     """The planner's fit check and whether --force overrides a failed one (else FitRefused)."""
     evaluation = evaluate_fit(plan)
-    if evaluation is None or evaluation.fits:
+    if evaluation.fits:
         return evaluation, False
     if not force:
         raise FitRefused(shortfall_message(plan, evaluation), evaluation)

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from .schema import Evaluation, Hardware, ModelSpec, Plan, Prediction, Training
 from .search import Request
 
 
-def build_plan(req: Request, ev: Evaluation, model_name: str, training: dict, host_mem_gib: float | None) -> Plan:
-    """The plan for one evaluated layout: model, hardware, layout, training, prediction."""
+def relative_to_plan(path: str, plan_path: Path) -> str:
+    """A path as the plan file will read it: relative to the plan's folder (launch's rule)."""
+    return os.path.relpath(Path(path).resolve(), Path(plan_path).resolve().parent)
+
+
+def build_plan(req: Request, ev: Evaluation, model_name: str, training: dict, host_mem_gib: float | None,
+               model_files: dict | None = None) -> Plan:
+    """The plan for one evaluated layout: model, hardware, layout, training, prediction.
+    `model_files` may hold `path` (local HF weights) and `tokenizer` folders."""
     per_node = req.gpu.gpus_per_node
     nodes = -(-ev.layout.num_gpus // per_node)
     if nodes > 1 and ev.layout.num_gpus % per_node:
@@ -16,7 +26,7 @@ def build_plan(req: Request, ev: Evaluation, model_name: str, training: dict, ho
             f"for {req.gpu.name} across nodes"
         )
     return Plan(
-        model=ModelSpec(name=model_name, architecture=req.model),
+        model=ModelSpec(name=model_name, architecture=req.model, **(model_files or {})),
         hardware=Hardware(gpu=req.gpu.name, num_nodes=nodes, host_mem_gib=host_mem_gib),
         layout=ev.layout,
         training=Training(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..profiles import GIB, load_gpu
+from .io import PlanError
 from .schema import Evaluation, Plan
 from .search import Request, evaluate
 
@@ -10,7 +11,9 @@ from .search import Request, evaluate
 def request_for(plan: Plan) -> Request:
     """The search request a plan stands for (its model, GPU, context and precision)."""
     gpu = load_gpu(plan.hardware.gpu)
-    host = int(plan.hardware.host_mem_gib * GIB) if plan.hardware.host_mem_gib else None
+    if plan.training.precision == "bf16" and not gpu.supports_bf16:
+        raise PlanError(f"training.precision: {gpu.name} has no bf16 (got 'bf16'); use fp16")
+    host = int(plan.hardware.host_mem_gib * GIB) if plan.hardware.host_mem_gib is not None else None
     margin = plan.prediction.safety_margin if plan.prediction else None
     fields = dict(
         model=plan.model.architecture,

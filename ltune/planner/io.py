@@ -14,7 +14,8 @@ class PlanError(ValueError):
     """A plan file that cannot be used (a user mistake, exit 2)."""
 
 
-def _describe(err: dict) -> str:
+def describe_error(err: dict) -> str:
+    """One pydantic error as `field.path: message (got value)`."""
     where = ".".join(str(p) for p in err["loc"]) or "(top level)"
     msg = err["msg"]
     if err.get("type") in ("missing",):
@@ -35,7 +36,7 @@ def plan_from_dict(data: dict, source: str = "plan") -> Plan:
     try:
         return Plan.model_validate(data)
     except ValidationError as e:
-        raise PlanError(f"{source}: {_describe(e.errors()[0])}") from None
+        raise PlanError(f"{source}: {describe_error(e.errors()[0])}") from None
 
 
 def load_plan(path: str | Path) -> Plan:

@@ -263,6 +263,6 @@ def estimate_memory(
         capacity_bytes=gpu.hbm_bytes,
         usable_bytes=int(gpu.hbm_bytes * (1 - safety_margin)),
         host_bytes_per_node=host_offload_bytes_per_gpu(s, layout) * per_node,
-        host_capacity_bytes_per_node=host_mem_bytes or gpu.host_mem_bytes_per_node,
+        host_capacity_bytes_per_node=gpu.host_mem_bytes_per_node if host_mem_bytes is None else host_mem_bytes,
         peak_phase=phase,
     )

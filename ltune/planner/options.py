@@ -29,6 +29,9 @@ def request_from_options(model, ctx, gpu, gpus, zero_stage, sp_degree, offload, 
         precision = "bf16" if gpu_profile.supports_bf16 else "fp16"
     elif precision == "bf16" and not gpu_profile.supports_bf16:
         raise ValueError(f"{gpu_profile.name} has no bf16; use --precision fp16")
+    per_node = gpu_profile.gpus_per_node
+    if gpus is not None and gpus > per_node and gpus % per_node:
+        raise ValueError(f"--gpus ({gpus}) must be a multiple of the GPUs per node ({per_node}) of {gpu_profile.name}")
     if sp_degree is not None:
         check_sp_degree(sp_degree, arch)
         if gpus is not None and gpus % sp_degree:
@@ -37,4 +40,4 @@ def request_from_options(model, ctx, gpu, gpus, zero_stage, sp_degree, offload, 
                 offload=offload, recompute=recompute, loss=loss, attention=attention, max_gpus=max_gpus)
     extra = {} if safety_margin is None else {"safety_margin": safety_margin}
     return Request(model=arch, gpu=gpu_profile, seq_len=ctx, precision=precision, chunk_tokens=chunk_tokens,
-                   host_mem_bytes=int(host_mem_gib * GIB) if host_mem_gib else None, pins=pins, **extra)
+                   host_mem_bytes=int(host_mem_gib * GIB) if host_mem_gib is not None else None, pins=pins, **extra)

@@ -175,7 +175,7 @@ def search(req: Request, runners_up: int = 4) -> SearchResult:
     best = evaluate(req, fitting[0][1], s) if fitting else None
     others = [evaluate(req, c, s) for _, c in fitting[1 : 1 + runners_up]]
     min_fit = best.layout.num_gpus if best else None
-    host_cap = req.host_mem_bytes or req.gpu.host_mem_bytes_per_node
+    host_cap = (req.gpu.host_mem_bytes_per_node if req.host_mem_bytes is None else req.host_mem_bytes)
     shortfalls = [
         _shortfall(s, req, c, name, size, host_cap)
         for n, (_, c, name, size) in sorted(closest.items())
@@ -197,7 +197,7 @@ def _search(req: Request, runners_up: int, allow_offload: bool):
     key and combined per candidate."""
     s = Shape.of(req.model, req.seq_len, req.precision, req.chunk_tokens)
     usable = int(req.gpu.hbm_bytes * (1 - req.safety_margin))
-    host_cap = req.host_mem_bytes or req.gpu.host_mem_bytes_per_node
+    host_cap = (req.gpu.host_mem_bytes_per_node if req.host_mem_bytes is None else req.host_mem_bytes)
     states: dict[tuple, tuple[int, ...]] = {}
     acts: dict[tuple, tuple[int, ...]] = {}
     context = req.gpu.cuda_context_bytes
@@ -255,12 +255,11 @@ def _shortfall(s: Shape, req: Request, c: Candidate, name: str, size: int, host_
 
 
 def _conventional(req: Request, s: Shape) -> Evaluation | None:
-    """XTuner's recipe for long context: ZeRO-3, full recompute, full loss, micro-batch 1."""
-    for n in gpu_counts(req.pins.model_copy(update={"num_gpus": None})):
-        if n % (req.pins.num_gpus or n) and n < (req.pins.num_gpus or 0):
-            continue
-        lay = Layout(num_gpus=n, zero_stage=3, sp_degree=1, micro_batch_size=1,
-                     offload="none", recompute="full", loss="full")
+    """XTuner's recipe for long context: ZeRO-3, full recompute, full loss, micro-batch 1,
+    at the pinned GPU count or the smallest that fits."""
+    for n in gpu_counts(req.pins):
+        lay = Layout(num_gpus=n, zero_stage=3, sp_degree=1, micro_batch_size=1, offload="none",
+                     recompute="full", loss="full", attention=req.pins.attention)
         ev = evaluate(req, lay, s)
         if ev.fits:
             return ev

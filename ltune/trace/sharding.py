@@ -31,11 +31,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
+from ..planner.memory import STAGE3_PARAM_PERSISTENCE_THRESHOLD, SUB_GROUP_SIZE  # DeepSpeed defaults
 from ..planner.schema import Layout
 from .tracer import CATEGORIES, ORIGINS, RawTrace
-
-STAGE3_PARAM_PERSISTENCE_THRESHOLD = 100_000  # deepspeed/runtime/zero/config.py default
-SUB_GROUP_SIZE = 1_000_000_000  # same file
 FP32 = 4
 
 #: terms the trace cannot see (not tensors of the training step, or DeepSpeed's own buffers)

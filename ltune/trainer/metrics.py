@@ -22,8 +22,11 @@ from ..profiles.schema import ModelProfile
 
 
 def flops_per_token(arch: ModelProfile, seq_len: int) -> float:
-    n = arch.num_params()
-    return 6.0 * n + 12.0 * arch.num_layers * arch.num_attention_heads * arch.head_size * seq_len
+    """Model FLOPs per token exactly as the planner counts them (PaLM, for MFU)."""
+    from ..planner.shape import Shape
+    from ..planner.throughput import model_flops_per_token
+
+    return model_flops_per_token(Shape.of(arch, seq_len))
 
 
 def peak_flops_per_gpu(plan: Plan) -> float | None:
