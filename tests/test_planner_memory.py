@@ -148,19 +148,3 @@ def test_usable_memory_keeps_the_margin():
     b = M.estimate_memory(load_model("llama2-7b"), A100, Layout(num_gpus=8), 4096, safety_margin=0.1)
     assert b.usable_bytes == int(0.9 * A100.hbm_bytes)
     assert b.capacity_bytes == 80 * GIB
-
-
-@pytest.mark.parametrize("model, seq_len, sp", [("internlm2-20b", 32768, 1), ("llama3.1-8b", 65536, 4), ("qwen2.5-0.5b", 2048, 2)])
-def test_chunked_loss_term_is_what_the_trainer_allocates(model, seq_len, sp):
-    """The planner's term and the trainer's own account of its chunked loss agree exactly."""
-    from ltune.trainer.chunked_loss import chunked_loss_bytes
-
-    arch = load_model(model)
-    s = S.Shape.of(arch, seq_len, chunk_tokens=4096)
-    lay = Layout(num_gpus=sp, sp_degree=sp, loss="chunked")
-    trainer = chunked_loss_bytes(chunk_tokens=4096, num_tokens=S.tokens_per_rank(s, lay),
-                                 vocab_size=arch.vocab_size, hidden_size=arch.hidden_size)
-    t = S.tokens_per_rank(s, lay)
-    hidden_grad = 2 * t * arch.hidden_size  # the returned gradient, live in the backward moments
-    expected = trainer["lse_bytes"] + max(trainer["forward_bytes"], trainer["backward_bytes"] + hidden_grad)
-    assert A.logits_loss_bytes(s, lay) == expected

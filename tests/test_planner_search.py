@@ -160,3 +160,22 @@ def test_plan_never_imports_the_training_stack():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("ctx", [8192, 32768])
+def test_search_hot_loop_judges_as_estimate_memory_does(ctx):
+    """The search combines cached partial sums for speed; its fit verdict must be the one
+    estimate_memory gives, layout by layout (near the boundary included)."""
+    from itertools import product
+
+    from ltune.planner.memory import estimate_memory
+
+    model, gpu = load_model("internlm2-20b"), load_gpu("a100-80g")
+    verdicts = set()
+    for n, z, sp, mb, rc, loss in product((4, 8, 16), (1, 2, 3), (1, 2), (1, 2), ("full", "none"), ("full", "chunked")):
+        pins = dict(num_gpus=n, zero_stage=z, sp_degree=sp, micro_batch_size=mb, recompute=rc, loss=loss, offload="none")
+        r = search(request(ctx=ctx, **pins))
+        expected = estimate_memory(model, gpu, Layout(**pins), ctx).fits
+        assert (r.best is not None) == expected, pins
+        verdicts.add(expected)
+    assert verdicts == {True, False}  # the grid straddles the boundary

@@ -129,6 +129,29 @@ def test_analytic_within_goal_of_trace(layout, seq_len):
     assert res.tokens_per_rank == seq_len // layout.sp_degree
 
 
+@pytest.mark.parametrize(
+    "layout, seq_len",
+    [
+        (Layout(num_gpus=8, zero_stage=3, recompute="full", loss="chunked"), 2048),
+        (Layout(num_gpus=8, zero_stage=3, recompute="none", loss="full", attention="eager"), 1024),
+    ],
+    ids=["chunked-recompute", "eager-no-recompute"],
+)
+def test_activation_and_loss_terms_within_goal_of_trace(layout, seq_len):
+    """Model states are partition arithmetic on both sides; the activation, logits and loss
+    terms are the independently traced part, so each is checked on its own at the peak."""
+    from ltune.planner.memory import phase_terms
+    from ltune.planner.shape import Shape
+
+    res = trace_memory(QWEN_SMALL, seq_len, layout, loss_chunk_tokens=512)
+    analytic = phase_terms(Shape.of(QWEN_SMALL, seq_len, chunk_tokens=512), layout, load_gpu("a100-80g"),
+                           res.peak_phase)
+    traced = res.phase_terms[res.peak_phase]
+    for term in ("activations_checkpoints", "activations_layer", "logits_loss"):
+        a, t = analytic[term], traced.get(term, 0)
+        assert abs(a - t) <= 0.03 * max(t, 2**20), (res.peak_phase, term, a, t)
+
+
 def test_bad_input_is_a_value_error():
     with pytest.raises(ValueError, match="sp_degree"):
         trace_memory(TINY, 256, Layout(num_gpus=3, sp_degree=3))

@@ -69,6 +69,8 @@ def resolve_backend(device: torch.device) -> str:
         return name
     if device.type != "cuda":
         return "sdpa"
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return "sdpa"  # flash-attn 2 and PyTorch's varlen kernel need Ampere (sm80) or newer
     if flash_attn_available():
         return "flash_attn"
     if not _warned_no_flash:
