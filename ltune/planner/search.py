@@ -285,6 +285,10 @@ def remedies(req: Request, sf: Shortfall) -> list[str]:
     pinned = [flag for key, flag in flags.items() if getattr(p, key) is not None]
     if pinned:
         out.append(f"unpin {', '.join(pinned)} to let the search choose")
+    if sf.host_over_bytes > 0:
+        out.append("give the nodes more host memory (--host-mem-gib) or offload less")
+        if sf.over_bytes <= 0:
+            return out + ["use a GPU with more memory (ltune gpus)"]
     if p.num_gpus is None and sf.num_gpus >= p.max_gpus:
         out.append(f"allow more than {p.max_gpus} GPUs (--max-gpus)")
     if sf.largest_term == "logits_loss" and p.loss != "chunked":
