@@ -110,6 +110,22 @@ def _report_no_fit(req, closest) -> None:
         err_console.print(f"  - {hint}")
 
 
+def _write_plan(req, best, model_name: str, output: Path, host_mem_gib, training: dict, model_files: dict,
+                quiet: bool) -> None:
+    """Write plan.yaml, with data and model paths relative to the plan file (launch's rule)."""
+    from .planner.build import build_plan, relative_to_plan
+
+    files = {k: relative_to_plan(str(v), output) for k, v in model_files.items() if v is not None}
+    training = {**training, "data": [relative_to_plan(p, output) for p in training["data"]]}
+    try:
+        plan_obj = build_plan(req, best, model_name, training, host_mem_gib, files)
+    except ValueError as e:
+        raise fail(_one_line(e))
+    dump_plan(plan_obj, output)
+    if not quiet:
+        console.print(f"wrote {output}")
+
+
 @app.command()
 def plan(
     model: ModelOpt,
@@ -140,14 +156,13 @@ def plan(
 
     Exit 0 when a layout fits, 1 when none does, 2 for bad input.
     """
-    from .planner.build import build_plan, relative_to_plan
     from .planner.search import search
 
     if lr <= 0:
         raise fail(f"--lr must be > 0 (got {lr})")
     try:
         req = request_from_options(model, ctx, gpu, gpus, zero_stage, sp_degree, offload, loss, recompute, micro_batch,
-                             attention, precision, chunk_tokens, max_gpus, safety_margin, host_mem_gib)
+                                   attention, precision, chunk_tokens, max_gpus, safety_margin, host_mem_gib)
     except (ProfileError, ValueError) as e:
         raise fail(_one_line(e))
     result = search(req)
@@ -161,17 +176,9 @@ def plan(
             _report_no_fit(req, closest)
         raise typer.Exit(1)
     if output is not None:
-        files = {"path": model_path, "tokenizer": tokenizer}
-        files = {k: relative_to_plan(str(v), output) for k, v in files.items() if v is not None}
-        training = {"max_steps": steps, "learning_rate": lr,
-                    "data": [relative_to_plan(p, output) for p in data or []]}
-        try:
-            plan_obj = build_plan(req, result.best, model, training, host_mem_gib, files)
-        except ValueError as e:
-            raise fail(_one_line(e))
-        dump_plan(plan_obj, output)
-        if not as_json:
-            console.print(f"wrote {output}")
+        _write_plan(req, result.best, model, output, host_mem_gib,
+                    {"max_steps": steps, "learning_rate": lr, "data": data or []},
+                    {"path": model_path, "tokenizer": tokenizer}, quiet=as_json)
 
 
 @app.command()

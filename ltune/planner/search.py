@@ -68,6 +68,11 @@ class Request(_Frozen):
     host_mem_bytes: int | None = None
     pins: Pins = Pins()
 
+    @property
+    def host_capacity_bytes(self) -> int:
+        """Host memory per node: --host-mem-gib, else the GPU profile's default."""
+        return self.gpu.host_mem_bytes_per_node if self.host_mem_bytes is None else self.host_mem_bytes
+
 
 class Shortfall(_Frozen):
     """The closest a GPU count came to fitting."""
@@ -167,15 +172,15 @@ def search(req: Request, runners_up: int = 4) -> SearchResult:
     searched when nothing fits without them (they trade a lot of speed for memory).
     """
     start = time.perf_counter()
-    result = _search(req, runners_up, allow_offload=req.pins.offload is not None)
+    result = _search(req, allow_offload=req.pins.offload is not None)
     if not result[0] and req.pins.offload is None:
-        offloading = _search(req, runners_up, allow_offload=True)
+        offloading = _search(req, allow_offload=True)
         result = (offloading[0], offloading[1], offloading[2], result[3] + offloading[3])
     fitting, closest, s, evaluated = result
     best = evaluate(req, fitting[0][1], s) if fitting else None
     others = [evaluate(req, c, s) for _, c in fitting[1 : 1 + runners_up]]
     min_fit = best.layout.num_gpus if best else None
-    host_cap = (req.gpu.host_mem_bytes_per_node if req.host_mem_bytes is None else req.host_mem_bytes)
+    host_cap = req.host_capacity_bytes
     shortfalls = [
         _shortfall(s, req, c, name, size, host_cap)
         for n, (_, c, name, size) in sorted(closest.items())
@@ -191,13 +196,13 @@ def search(req: Request, runners_up: int = 4) -> SearchResult:
     )
 
 
-def _search(req: Request, runners_up: int, allow_offload: bool):
+def _search(req: Request, allow_offload: bool):
     """The hot loop. Model states depend only on (GPUs, stage, offload) and activations
     only on (sp, micro-batch, recompute, loss, attention): each part is computed once per
     key and combined per candidate."""
     s = Shape.of(req.model, req.seq_len, req.precision, req.chunk_tokens)
     usable = int(req.gpu.hbm_bytes * (1 - req.safety_margin))
-    host_cap = (req.gpu.host_mem_bytes_per_node if req.host_mem_bytes is None else req.host_mem_bytes)
+    host_cap = req.host_capacity_bytes
     states: dict[tuple, tuple[int, ...]] = {}
     acts: dict[tuple, tuple[int, ...]] = {}
     context = req.gpu.cuda_context_bytes
