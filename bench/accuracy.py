@@ -30,7 +30,7 @@ from ltune.trace import UNTRACED_TERMS, comparable_totals, trace_memory
 MIB = 2**20
 GPU = "a100-80g"
 
-# (model, ctx, num_gpus, zero_stage, sp_degree, recompute, loss, micro_batch, attention)
+# (model, ctx, num_gpus, zero_stage, sp_degree, recompute, loss, micro_batch, attention[, precision])
 MATRIX = [
     ("qwen2.5-0.5b", 2048, 1, 0, 1, "full", "full", 1, "varlen"),
     ("qwen2.5-0.5b", 4096, 1, 0, 1, "none", "chunked", 2, "varlen"),
@@ -51,19 +51,22 @@ MATRIX = [
     ("llama2-7b", 16384, 8, 3, 1, "full", "chunked", 2, "varlen"),
     ("qwen2.5-0.5b", 4096, 8, 3, 1, "full", "chunked", 1, "eager"),
     ("qwen2.5-0.5b", 8192, 8, 3, 1, "full", "chunked", 1, "eager"),
+    ("qwen2.5-0.5b", 4096, 2, 0, 1, "none", "chunked", 1, "varlen", "fp32"),
+    ("qwen2.5-1.5b", 8192, 8, 3, 1, "full", "chunked", 1, "varlen", "fp32"),
+    ("llama3.1-8b", 8192, 8, 3, 2, "full", "full", 1, "varlen", "fp32"),
 ]
 QUICK = [0, 1, 5, 12]
 
 
 def run_one(cfg) -> dict:
-    name, ctx, gpus, zero, sp, recompute, loss, mb, attn = cfg
+    name, ctx, gpus, zero, sp, recompute, loss, mb, attn, precision = (*cfg, "bf16")[:10]
     model = resolve_model(name)
     layout = Layout(
         num_gpus=gpus, zero_stage=zero, sp_degree=sp, recompute=recompute, loss=loss,
         micro_batch_size=mb, attention=attn,
     )
-    analytic = estimate_memory(model, load_gpu(GPU), layout, ctx)
-    traced = trace_memory(model, ctx, layout)
+    analytic = estimate_memory(model, load_gpu(GPU), layout, ctx, precision=precision)
+    traced = trace_memory(model, ctx, layout, precision)
     a_total, t_total = comparable_totals(traced, analytic.terms)
     terms = {}
     for term in list(analytic.terms) + [k for k in traced.terms if k not in analytic.terms]:
@@ -71,7 +74,8 @@ def run_one(cfg) -> dict:
             continue
         terms[term] = {"analytic_bytes": analytic.terms.get(term, 0), "traced_bytes": traced.terms.get(term, 0)}
     return {
-        "config": f"{name} ctx={ctx} gpus={gpus} zero={zero} sp={sp} rc={recompute} loss={loss} mb={mb} attn={attn}",
+        "config": f"{name} ctx={ctx} gpus={gpus} zero={zero} sp={sp} rc={recompute} loss={loss} mb={mb} attn={attn}"
+                  + (f" {precision}" if precision != "bf16" else ""),
         "analytic_bytes": a_total,
         "traced_bytes": t_total,
         "error_pct": 100.0 * (a_total - t_total) / t_total,

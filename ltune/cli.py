@@ -57,7 +57,7 @@ LossOpt = Annotated[Optional[str], typer.Option("--loss", help=f"full|chunked (c
 RecomputeOpt = Annotated[Optional[str], typer.Option("--recompute", help=f"full|none (gradient checkpointing). {_PIN}")]
 MicroBatchOpt = Annotated[Optional[int], typer.Option("--micro-batch", help=f"Packed sequences per GPU per step. {_PIN}", min=1)]
 AttentionOpt = Annotated[str, typer.Option("--attention", help="varlen (flash, linear memory) or eager (quadratic).")]
-PrecisionOpt = Annotated[Optional[str], typer.Option("--precision", help="bf16|fp16 (default bf16, fp16 where the GPU has no bf16).")]
+PrecisionOpt = Annotated[Optional[str], typer.Option("--precision", help="bf16|fp16|fp32 (default bf16, fp16 where the GPU has no bf16; fp32 is full precision, no mixed precision).")]
 ChunkOpt = Annotated[int, typer.Option("--loss-chunk-tokens", help="Tokens per chunk of the chunked loss.", min=1)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
 
@@ -81,7 +81,7 @@ def _print_plan(req, result, model_name: str) -> None:
                f"ffn {m.intermediate_size}, vocab {m.vocab_size})[/]") if m.generic else ""
     console.print(
         f"[bold]{model_name}[/] ({m.num_params() / 1e9:.2f}B params, {m.num_layers} layers, hidden "
-        f"{m.hidden_size}){generic} at {req.seq_len:,} tokens on {g.display_name} "
+        f"{m.hidden_size}){generic} at {req.seq_len:,} tokens, {req.precision}, on {g.display_name} "
         f"({gib(g.hbm_bytes)} GiB; plans keep a {100 * req.safety_margin:.0f}% safety margin)"
     )
     best = result.best
@@ -97,7 +97,8 @@ def _print_plan(req, result, model_name: str) -> None:
     if conv is not None and (best is None or conv.layout != best.layout):
         console.print(
             f"\n[bold]constrained (ZeRO-3, no sp, no offload, full recompute, full loss, micro-batch 1):[/] "
-            f"{conv.layout.num_gpus} GPUs, {gib(conv.memory.total_bytes)} GiB, {speed_line(conv)}"
+            f"{conv.layout.num_gpus} GPU{'s' if conv.layout.num_gpus > 1 else ''}, "
+            f"{gib(conv.memory.total_bytes)} GiB, {speed_line(conv)}"
         )
     console.print(f"[dim]{result.evaluated:,} layouts evaluated in {result.seconds * 1000:.0f} ms[/]")
 
@@ -428,7 +429,7 @@ def models() -> None:
 def gpus() -> None:
     """List the GPU profiles (memory as the CUDA runtime reports it)."""
     table = Table(title="GPU profiles")
-    for col in ("name", "device", "memory GiB", "bf16 TFLOPS", "fp16 TFLOPS", "HBM TB/s", "per node"):
+    for col in ("name", "device", "memory GiB", "bf16 TFLOPS", "fp16 TFLOPS", "fp32 TFLOPS", "HBM TB/s", "per node"):
         table.add_column(col, justify="left" if col in ("name", "device") else "right")
     for name in gpu_names():
         g = load_gpu(name)
@@ -438,6 +439,7 @@ def gpus() -> None:
             gib(g.hbm_bytes),
             f"{g.bf16_tflops:g}" if g.supports_bf16 else "-",
             f"{g.fp16_tflops:g}",
+            f"{g.fp32_tflops:g}",
             f"{g.hbm_bandwidth_bytes_per_s / 1e12:.2f}",
             str(g.gpus_per_node),
         )

@@ -108,44 +108,56 @@ def test_zero_partitioning_arithmetic():
     lay1 = Layout(num_gpus=4, zero_stage=1)
     s1 = model_state_bytes(numels, 2, lay1, "bf16", "step")
     assert s1["gradients"] == 2 * sum(numels) and s1["gradients_fp32"] == 4 * math.ceil(sum(numels) / 4)
+    lay0 = Layout(num_gpus=4, zero_stage=0)
+    # BF16_Optimizer partitions master and moments; its fp32 gradient buffer is whole
+    s0 = model_state_bytes(numels, 2, lay0, "bf16", "backward")
+    assert s0["master_weights"] == 4 * math.ceil(sum(numels) / 4) and s0["gradients_fp32"] == 4 * sum(numels)
+    # fp32 at ZeRO-0: the bare optimizer, gradients on the parameters, no master copy
+    f0 = model_state_bytes(numels, 4, lay0, "fp32", "step")
+    assert f0 == {"weights": 4 * sum(numels), "gradients": 4 * sum(numels), "gradients_fp32": 0,
+                  "master_weights": 0, "optimizer_states": 8 * sum(numels)}
 
 
 QWEN_SMALL = load_model("qwen2.5-0.5b").model_copy(update={"name": "qwen2.5-0.5b-4l", "num_layers": 4})
 
 
 @pytest.mark.parametrize(
-    "layout, seq_len",
+    "layout, seq_len, precision",
     [
-        (Layout(num_gpus=1, zero_stage=0, recompute="full", loss="full"), 1024),
-        (Layout(num_gpus=8, zero_stage=3, sp_degree=2, recompute="none", loss="full", micro_batch_size=2), 2048),
+        (Layout(num_gpus=1, zero_stage=0, recompute="full", loss="full"), 1024, "bf16"),
+        (Layout(num_gpus=8, zero_stage=3, sp_degree=2, recompute="none", loss="full", micro_batch_size=2), 2048, "bf16"),
+        (Layout(num_gpus=2, zero_stage=0, recompute="none", loss="chunked"), 1024, "fp32"),
     ],
-    ids=["zero0-recompute-full", "zero3-sp2-no-recompute-mb2"],
+    ids=["zero0-recompute-full", "zero3-sp2-no-recompute-mb2", "fp32-zero0-2gpus-chunked"],
 )
-def test_analytic_within_goal_of_trace(layout, seq_len):
-    res = trace_memory(QWEN_SMALL, seq_len, layout)
-    analytic = estimate_memory(QWEN_SMALL, load_gpu("a100-80g"), layout, seq_len)
+def test_analytic_within_goal_of_trace(layout, seq_len, precision):
+    res = trace_memory(QWEN_SMALL, seq_len, layout, precision=precision)
+    analytic = estimate_memory(QWEN_SMALL, load_gpu("a100-80g"), layout, seq_len, precision=precision)
     a_total, t_total = comparable_totals(res, analytic.terms)
     assert abs(a_total - t_total) / t_total <= 0.03, (a_total, t_total, res.terms, analytic.terms)
     assert res.tokens_per_rank == seq_len // layout.sp_degree
 
 
 @pytest.mark.parametrize(
-    "layout, seq_len",
+    "layout, seq_len, precision",
     [
-        (Layout(num_gpus=8, zero_stage=3, recompute="full", loss="chunked"), 2048),
-        (Layout(num_gpus=8, zero_stage=3, recompute="none", loss="full", attention="eager"), 1024),
+        (Layout(num_gpus=8, zero_stage=3, recompute="full", loss="chunked"), 2048, "bf16"),
+        (Layout(num_gpus=8, zero_stage=3, recompute="none", loss="full", attention="eager"), 1024, "bf16"),
+        # fp32: the peak moves to the tied embedding's backward (three V x h fp32 gradients)
+        (Layout(num_gpus=8, zero_stage=3, recompute="full", loss="chunked"), 2048, "fp32"),
+        (Layout(num_gpus=8, zero_stage=3, recompute="none", loss="full", attention="eager"), 1024, "fp32"),
     ],
-    ids=["chunked-recompute", "eager-no-recompute"],
+    ids=["chunked-recompute", "eager-no-recompute", "fp32-chunked-recompute", "fp32-eager-no-recompute"],
 )
-def test_activation_and_loss_terms_within_goal_of_trace(layout, seq_len):
+def test_activation_and_loss_terms_within_goal_of_trace(layout, seq_len, precision):
     """Model states are partition arithmetic on both sides; the activation, logits and loss
     terms are the independently traced part, so each is checked on its own at the peak."""
     from ltune.planner.memory import phase_terms
     from ltune.planner.shape import Shape
 
-    res = trace_memory(QWEN_SMALL, seq_len, layout, loss_chunk_tokens=512)
-    analytic = phase_terms(Shape.of(QWEN_SMALL, seq_len, chunk_tokens=512), layout, load_gpu("a100-80g"),
-                           res.peak_phase)
+    res = trace_memory(QWEN_SMALL, seq_len, layout, precision=precision, loss_chunk_tokens=512)
+    analytic = phase_terms(Shape.of(QWEN_SMALL, seq_len, precision, chunk_tokens=512), layout,
+                           load_gpu("a100-80g"), res.peak_phase)
     traced = res.phase_terms[res.peak_phase]
     for term in ("activations_checkpoints", "activations_layer", "logits_loss"):
         a, t = analytic[term], traced.get(term, 0)

@@ -30,7 +30,9 @@ def _tail(result) -> str:
 
 
 def test_zero3_run_then_resume_reproduces_it(tmp_path):
-    plan = tiny_plan_dict(layout={"zero_stage": 3}, training={"max_steps": 8, "checkpoint_every": 4})
+    # bf16 here (the examples run fp32): DeepSpeed's mixed-precision ZeRO-3 path, saved and resumed
+    plan = tiny_plan_dict(layout={"zero_stage": 3},
+                          training={"max_steps": 8, "checkpoint_every": 4, "precision": "bf16"})
     plan_file = write_plan(tmp_path / "plan.yaml", plan)
     run_dir = tmp_path / "run"
     first = launch(plan_file, run_dir, tmp_path / "cache")

@@ -67,6 +67,16 @@ def test_zero2_fp16_optimizer_offload(plan_factory):
     }
 
 
+def test_fp32_disables_mixed_precision(plan_factory):
+    plan = plan_factory(
+        layout={"num_gpus": 2, "zero_stage": 0, "micro_batch_size": 1},
+        training={"seq_len": 256, "max_steps": 10, "precision": "fp32"},
+    )
+    config = build_ds_config(plan)
+    assert config["bf16"] == {"enabled": False} and config["fp16"] == {"enabled": False}
+    assert config["zero_optimization"]["stage"] == 0
+
+
 def test_sequence_parallel_divides_the_batch_and_offload_all(plan_factory):
     make_plan = plan_factory
     # 8 GPUs, sp 4: dp degree 2, so train_batch_size = 1 x 3 x 2.

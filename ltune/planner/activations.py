@@ -8,31 +8,32 @@ checked against `ltune trace` (bench/accuracy.py).
 from __future__ import annotations
 
 from .schema import Layout
-from .shape import FP32, HALF, Shape, tokens_per_rank
+from .shape import FP32, Shape, tokens_per_rank, upcast_copy_bytes
 
 # Korthikanti et al. count 34*s*b*h for a GPT layer; the gated MLP and GQA change the sum.
 
 
 def rmsnorm_saved_bytes_per_token(s: Shape) -> int:
-    """RMSNorm upcasts to fp32 and saves it (4h), the normalised 16-bit x (2h), and
-    its output is saved by the next linear layer (2h)."""
-    return 8 * s.hidden
+    """RMSNorm upcasts to fp32 and saves it (4h; in fp32 that is its input itself), the
+    normalised x cast back to the model dtype (dh), and its output is saved by the next
+    linear layer (dh); d is the model dtype's bytes (16-bit: 8h in all)."""
+    return (FP32 + 2 * s.dtype_bytes) * s.hidden
 
 
 def attention_saved_bytes_per_token(s: Shape, lay: Layout) -> int:
     """Varlen flash attention saves q, k, v (after RoPE), its output and an fp32
     logsumexp per head (Dao 2023, FlashAttention-2); RoPE saves only cos/sin. Eager
     attention (transformers' eager_attention_forward) saves q, k and v repeated to all
-    query heads (repeat_kv) and the attention output, 16-bit (its scores: see
+    query heads (repeat_kv) and the attention output, in the model dtype (its scores: see
     eager_attention_bytes_per_layer)."""
     if lay.attention == "eager":
-        return HALF * 4 * s.q_size
-    return HALF * (2 * s.q_size + 2 * s.kv_size) + FP32 * s.heads
+        return s.dtype_bytes * 4 * s.q_size
+    return s.dtype_bytes * (2 * s.q_size + 2 * s.kv_size) + FP32 * s.heads
 
 
 def mlp_saved_bytes_per_token(s: Shape) -> int:
-    """SwiGLU saves gate, silu(gate), up and their product: 4 x ffn 16-bit values."""
-    return 4 * HALF * s.ffn
+    """SwiGLU saves gate, silu(gate), up and their product: 4 x ffn values of the model dtype."""
+    return 4 * s.dtype_bytes * s.ffn
 
 
 def layer_saved_bytes_per_token(s: Shape, lay: Layout) -> int:
@@ -41,12 +42,19 @@ def layer_saved_bytes_per_token(s: Shape, lay: Layout) -> int:
 
 
 def eager_attention_bytes_per_layer(s: Shape, lay: Layout) -> int:
-    """Eager attention keeps the fp32 softmax (4) and its 16-bit copy (2) for each of
-    the heads on this rank over the whole packed sequence: quadratic in its length."""
+    """Eager attention keeps the fp32 softmax (4) and its 16-bit copy (2; none in fp32) for
+    each of the heads on this rank over the whole packed sequence: quadratic in its length."""
     if lay.attention != "eager":
         return 0
-    heads_here = s.heads // lay.sp_degree
-    return lay.micro_batch_size * heads_here * s.seq_len * s.seq_len * (FP32 + HALF)
+    return eager_scores_per_layer(s, lay) * (FP32 + upcast_copy_bytes(s.dtype_bytes))
+
+
+def eager_scores_per_layer(s: Shape, lay: Layout) -> int:
+    """Attention scores one layer of eager attention makes on this rank: its heads over the
+    whole packed sequence, squared."""
+    if lay.attention != "eager":
+        return 0
+    return lay.micro_batch_size * (s.heads // lay.sp_degree) * s.seq_len * s.seq_len
 
 
 def layer_backward_transient_bytes_per_token(s: Shape) -> int:
@@ -55,24 +63,25 @@ def layer_backward_transient_bytes_per_token(s: Shape) -> int:
     act(gate)*up (ffn) and those of act(gate) and up (2 ffn), less act(gate)*up itself
     (ffn), which down_proj's backward has released; the outgoing hidden gradient is not
     made yet (measured with `ltune trace`, bench/accuracy.py)."""
-    return HALF * (s.hidden + 2 * s.ffn)
+    return s.dtype_bytes * (s.hidden + 2 * s.ffn)
 
 
 def shared_layer_inputs_bytes(s: Shape, lay: Layout) -> int:
-    """Inputs every layer reads, made once: RoPE cos and sin (16-bit, head_dim per token)
-    and, for eager attention, transformers' additive 16-bit mask over the whole sequence."""
+    """Inputs every layer reads, made once: RoPE cos and sin (model dtype, head_dim per token)
+    and, for eager attention, transformers' additive mask over the whole sequence (model dtype)."""
     t = tokens_per_rank(s, lay)
-    rope = 2 * HALF * t * (s.q_size // s.heads)
-    mask = lay.micro_batch_size * s.seq_len * s.seq_len * HALF if lay.attention == "eager" else 0
+    d = s.dtype_bytes
+    rope = 2 * d * t * (s.q_size // s.heads)
+    mask = lay.micro_batch_size * s.seq_len * s.seq_len * d if lay.attention == "eager" else 0
     return rope + mask
 
 
 def activation_checkpoints_bytes(s: Shape, lay: Layout) -> int:
-    """Full recompute keeps each layer's 16-bit input (Korthikanti et al.: 2sbh per layer);
+    """Full recompute keeps each layer's input (Korthikanti et al.: 2sbh per layer in 16-bit);
     without recompute every layer keeps all it saves."""
     t = tokens_per_rank(s, lay)
     if lay.recompute == "full":
-        return s.layers * HALF * s.hidden * t
+        return s.layers * s.dtype_bytes * s.hidden * t
     per_layer = layer_saved_bytes_per_token(s, lay) * t + eager_attention_bytes_per_layer(s, lay)
     return s.layers * per_layer
 
@@ -81,16 +90,24 @@ def eager_backward_bytes_per_layer(s: Shape, lay: Layout) -> int:
     """Eager attention's own backward peak, at the softmax backward: the saved fp32
     softmax, the fp32 gradient of the probabilities and the fp32 softmax gradient
     (3 x 4 bytes per score; the 16-bit probabilities are released by then), beside the
-    layer's input norm (8h), q and the repeated k (2 x q), the gradient of the attention
-    output (q) and the incoming hidden gradient (h), 16-bit. Without recompute the saved
-    fp32 softmax and 16-bit probabilities already count in the checkpoints."""
+    layer's input norm, q and the repeated k (2 x q), the gradient of the attention
+    output (q) and the incoming hidden gradient (h), in the model dtype. Without recompute
+    the saved fp32 softmax and 16-bit probabilities already count in the checkpoints."""
     if lay.attention != "eager":
         return 0
-    t = tokens_per_rank(s, lay)
-    scores = eager_attention_bytes_per_layer(s, lay) // (FP32 + HALF)
+    t, d = tokens_per_rank(s, lay), s.dtype_bytes
+    scores = eager_scores_per_layer(s, lay)
     if lay.recompute == "full":
-        return 3 * FP32 * scores + HALF * t * (5 * s.hidden + 3 * s.q_size)
-    return (2 * FP32 - HALF) * scores + HALF * t * (s.hidden + 2 * s.q_size)
+        return 3 * FP32 * scores + t * (rmsnorm_saved_bytes_per_token(s) + d * (s.hidden + 3 * s.q_size))
+    return (2 * FP32 - upcast_copy_bytes(d)) * scores + d * t * (s.hidden + 2 * s.q_size)
+
+
+def embedding_backward_bytes(s: Shape) -> int:
+    """The input embedding's backward: its dense weight gradient (dVh, ATen
+    embedding_dense_backward) and, with tied embeddings, autograd's out-of-place sum of it
+    with the output layer's waiting gradient (another dVh; that one counts in
+    tied_output_grad_bytes). Measured with `ltune trace` and a CPU profile of the sum."""
+    return s.dtype_bytes * s.vocab * s.hidden * (2 if s.tied else 1)
 
 
 def activation_working_bytes(s: Shape, lay: Layout) -> int:
@@ -120,29 +137,53 @@ def logits_loss_bytes(s: Shape, lay: Layout) -> int:
     gradient and the input gradient at once: 3 x 4 bytes per logit (Megatron-LM counts
     the fp32 cross-entropy at 4*s*b*V).
 
-    Chunked (ltune/trainer/chunked_loss.py, whose `chunked_loss_bytes` gives the same
-    moments), c = min(chunk_tokens, t): the fp32 logsumexp per token (4t) plus the largest
-    of three moments: forward, the chunk's fp32 logits and logsumexp's same-size fp32
-    temporary (8cV; ATen logsumexp_out_impl); backward, the chunk's fp32 gradient and its
-    16-bit cast (6cV) beside the fp32 weight-gradient accumulator (4Vh) and the 16-bit
-    hidden gradient (2th); backward, the 16-bit chunk gradient (2cV), the accumulator and
-    one chunk's 16-bit V x h product (6Vh), and the hidden gradient. Measured with
-    `ltune trace` and on an H200 (V 128256, h 2048, 16384 tokens, chunks of 4096: full
-    23.48 GiB, this term 23.49; chunked 4.01 GiB, this term 3.98).
+    Chunked: `chunked_loss_bytes` (what ltune/trainer/chunked_loss.py allocates) with the
+    hidden gradient it returns (dth) beside its backward. Measured with `ltune trace` and on
+    an H200 (V 128256, h 2048, 16384 tokens, chunks of 4096: full 23.48 GiB, this term 23.49;
+    chunked 4.01 GiB, this term 3.98).
     """
     t = tokens_per_rank(s, lay)
     if lay.loss == "full":
         return 3 * FP32 * s.vocab * t
-    cv, vh, th = min(s.chunk_tokens, t) * s.vocab, s.vocab * s.hidden, t * s.hidden
-    return FP32 * t + max(
-        2 * FP32 * cv,
-        (HALF + FP32) * cv + FP32 * vh + HALF * th,
-        HALF * cv + (FP32 + HALF) * vh + HALF * th,
+    m = chunked_loss_bytes(
+        chunk_tokens=s.chunk_tokens, num_tokens=t, vocab_size=s.vocab, hidden_size=s.hidden, dtype_bytes=s.dtype_bytes
     )
+    return m["lse_bytes"] + max(m["forward_bytes"], m["backward_bytes"] + s.dtype_bytes * t * s.hidden)
+
+
+def chunked_loss_bytes(
+    *, chunk_tokens: int, num_tokens: int, vocab_size: int, hidden_size: int, dtype_bytes: int = 2
+) -> dict[str, int]:
+    """Memory of ltune's chunked cross-entropy (ltune/trainer/chunked_loss.py) beyond its inputs
+    and the two gradients it returns, by term (bytes); c = min(chunk_tokens, N), d the model
+    dtype's bytes, u the bytes of a model-dtype copy of an fp32 tensor (d; 0 in fp32, where the
+    casts return their input):
+
+    - lse_bytes: the saved fp32 log-sum-exp, N x 4, alive from the loss forward to its backward;
+    - forward_bytes: one chunk's logits at their forward peak, c x V x max(u + 4, 8) (the
+      model-dtype logits beside their fp32 copy, then the fp32 logits beside logsumexp's
+      same-size fp32 temporary, ATen logsumexp_out_impl);
+    - backward_bytes: the larger of the fp32 chunk gradient being cast to the model dtype beside
+      the fp32 weight-gradient accumulator, c x V x (4 + u) + V x h x 4, and the model-dtype
+      chunk gradient beside the accumulator and one chunk's V x h product,
+      c x V x d + V x h x (4 + d);
+    - peak_bytes: lse_bytes + max(forward_bytes, backward_bytes).
+
+    Measured on an H200 (tests/test_chunked_loss.py, N 16384, V 128256, h 2048, c 4096, bf16):
+    4.008 GiB peak allocated against 3.914 GiB peak_bytes + 0.0625 GiB for the hidden gradient;
+    the full loss peaked at 23.48 GiB.
+    """
+    chunk_logits = min(chunk_tokens, num_tokens) * vocab_size
+    weight_elems = vocab_size * hidden_size
+    d, u = dtype_bytes, upcast_copy_bytes(dtype_bytes)
+    forward = chunk_logits * max(u + FP32, 2 * FP32)
+    backward = max(chunk_logits * (FP32 + u) + weight_elems * FP32, chunk_logits * d + weight_elems * (FP32 + d))
+    lse = num_tokens * FP32
+    return {"lse_bytes": lse, "forward_bytes": forward, "backward_bytes": backward, "peak_bytes": lse + max(forward, backward)}
 
 
 def tied_output_grad_bytes(s: Shape) -> int:
-    """With tied embeddings the output layer's 16-bit weight gradient waits, through the
+    """With tied embeddings the output layer's weight gradient (model dtype) waits, through the
     whole layers' backward, for the embedding's backward to add its own (autograd sums
     the two uses of one leaf before AccumulateGrad, so ZeRO's hooks see it only then)."""
-    return HALF * s.vocab * s.hidden if s.tied else 0
+    return s.dtype_bytes * s.vocab * s.hidden if s.tied else 0

@@ -4,12 +4,14 @@ Every term is in bytes. A step has three moments whose live memory differs, and 
 peak is the largest of them (terms that never coexist are not added):
 
 - `loss`: end of the forward, while the loss and its backward run (logits live);
-- `backward`: a decoder layer's backward (with full recompute, its forward is re-run);
+- `backward`: a decoder layer's backward (with full recompute, its forward is re-run), or the
+  input embedding's at the end of it when that is larger;
 - `step`: the optimizer step (activations freed, fp32 gradients live).
 
 Conventions: P parameters, N = num_gpus (ZeRO shards over every rank, data- and
 sequence-parallel alike, as DeepSpeed-Ulysses does), t tokens per rank per
-micro-batch (micro_batch_size * seq_len / sp_degree), 16-bit activations.
+micro-batch (micro_batch_size * seq_len / sp_degree), d bytes per element of the model
+dtype (2 in bf16 and fp16, 4 in fp32).
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ from ..profiles.schema import GpuProfile, ModelProfile
 from .activations import (
     activation_checkpoints_bytes,
     activation_working_bytes,
+    embedding_backward_bytes,
     final_norm_bytes,
     logits_loss_bytes,
     shared_layer_inputs_bytes,
     tied_output_grad_bytes,
 )
 from .schema import Layout, MemoryBreakdown
-from .shape import FP32, HALF, Shape
+from .shape import FP32, Shape
 
 # DeepSpeed ZeRO defaults (deepspeed/runtime/zero/config.py), in elements; ltune writes
 # them explicitly into ds_config.json so the plan and the job agree.
@@ -45,31 +48,36 @@ SAFETY_MARGIN = 0.05
 # ---------------------------------------------------------------- model states
 # DeepSpeed mixed precision keeps 16-bit params and grads plus an fp32 master copy and
 # two fp32 Adam moments (ZeRO paper, Rajbhandari et al. 2020: 2 + 2 + 12 bytes/param).
+# In fp32 the params and grads take 4 bytes each; ZeRO 1-3 still clone an fp32 master
+# partition (stage_1_and_2.py `single_partition_of_fp32_groups`, stage3.py
+# `_create_fp32_partitions`), ZeRO-0 runs the bare optimizer on the parameters.
 
 
 def weights_bytes(s: Shape, lay: Layout) -> int:
-    """16-bit parameters: whole under ZeRO 0-2, a 1/N partition under ZeRO-3 (stage3.py)."""
+    """Parameters in the model dtype: whole under ZeRO 0-2, a 1/N partition under ZeRO-3 (stage3.py)."""
+    d = s.dtype_bytes
     if lay.zero_stage < 3:
-        return HALF * s.params
+        return d * s.params
     if lay.offload == "all":
-        return HALF * s.persistent_params  # partitions live in host memory
-    return HALF * (s.params // lay.num_gpus + s.persistent_params)
+        return d * s.persistent_params  # partitions live in host memory
+    return d * (s.params // lay.num_gpus + s.persistent_params)
 
 
 def gradients_bytes(s: Shape, lay: Layout) -> int:
-    """16-bit gradients: whole for ZeRO 0-1, a 1/N partition for ZeRO 2-3.
+    """Gradients in the model dtype: whole for ZeRO 0-1, a 1/N partition for ZeRO 2-3.
 
     ZeRO-0 in bf16 runs DeepSpeed's BF16_Optimizer, which accumulates in fp32 instead
     (see gradients_fp32_bytes). ZeRO-3 keeps `grad_partitions_flat_buffer` in the model
     dtype; with optimizer offload it is pinned host memory (stage3.py).
     """
+    d = s.dtype_bytes
     if lay.zero_stage == 0:
-        return HALF * s.params if _fp16_optimizer(s, lay) else 0
+        return 0 if _zero0_optimizer(s, lay) == "bf16" else d * s.params
     if lay.zero_stage == 1:
-        return HALF * s.params
+        return d * s.params
     if lay.offload != "none":
         return 0
-    return HALF * (s.params // lay.num_gpus)
+    return d * (s.params // lay.num_gpus)
 
 
 def gradients_fp32_bytes(s: Shape, lay: Layout, phase: str) -> int:
@@ -79,12 +87,14 @@ def gradients_fp32_bytes(s: Shape, lay: Layout, phase: str) -> int:
     (bf16_optimizer.py `fp32_groups_gradients_flat`). ZeRO 1-2 upcast their gradient
     partition at the step (stage_1_and_2.py `single_partition_of_fp32_groups[i].grad`);
     ZeRO-3 upcasts one sub-group at a time (stage3.py `_prepare_fp32_grad_for_sub_group`);
-    FP16_Optimizer (ZeRO-0, fp16) upcasts the whole flat gradient at the step.
+    FP16_Optimizer (ZeRO-0, fp16) upcasts the whole flat gradient at the step. Plain fp32
+    at ZeRO-0 steps on the parameters' own gradients.
     """
     if lay.zero_stage == 0:
-        if not _fp16_optimizer(s, lay):
+        wrapper = _zero0_optimizer(s, lay)
+        if wrapper == "bf16" or wrapper == "fp16" and phase == "step":
             return FP32 * s.params
-        return FP32 * s.params if phase == "step" else 0
+        return 0
     if phase != "step" or lay.offload != "none":
         return 0
     part = s.params // lay.num_gpus
@@ -94,22 +104,34 @@ def gradients_fp32_bytes(s: Shape, lay: Layout, phase: str) -> int:
 
 
 def master_weights_bytes(s: Shape, lay: Layout) -> int:
-    """fp32 master copy: partitioned for ZeRO >= 1 and for BF16_Optimizer; host memory when offloaded."""
+    """fp32 master copy: partitioned for ZeRO >= 1 and for BF16_Optimizer, whole for
+    FP16_Optimizer, none for plain fp32 at ZeRO-0; host memory when offloaded."""
     if lay.offload != "none":
         return 0
-    if _fp16_optimizer(s, lay):
+    wrapper = _zero0_optimizer(s, lay)
+    if wrapper == "none":
+        return 0
+    if wrapper == "fp16":
         return FP32 * s.params
     return FP32 * (s.params // lay.num_gpus)
 
 
 def optimizer_states_bytes(s: Shape, lay: Layout) -> int:
-    """AdamW's two fp32 moments, partitioned like the master copy."""
-    return 2 * master_weights_bytes(s, lay)
+    """AdamW's two fp32 moments, partitioned like the master copy (whole for ZeRO-0 in fp16 and fp32)."""
+    if lay.offload != "none":
+        return 0
+    if _zero0_optimizer(s, lay) in ("fp16", "none"):
+        return 2 * FP32 * s.params
+    return 2 * FP32 * (s.params // lay.num_gpus)
 
 
-def _fp16_optimizer(s: Shape, lay: Layout) -> bool:
-    """ZeRO-0 in fp16 runs DeepSpeed's FP16_Optimizer: an unpartitioned fp32 master copy."""
-    return lay.zero_stage == 0 and s.precision == "fp16"
+def _zero0_optimizer(s: Shape, lay: Layout) -> str | None:
+    """DeepSpeed's optimizer wrapper at ZeRO-0 (engine.py `_do_optimizer_sanity_check`):
+    BF16_Optimizer ("bf16"), FP16_Optimizer ("fp16") or the bare optimizer ("none", fp32);
+    None at ZeRO >= 1."""
+    if lay.zero_stage != 0:
+        return None
+    return {"bf16": "bf16", "fp16": "fp16", "fp32": "none"}[s.precision]
 
 
 # ---------------------------------------------------------------- ZeRO buffers
@@ -118,25 +140,26 @@ def _fp16_optimizer(s: Shape, lay: Layout) -> bool:
 def zero_buffers_bytes(s: Shape, lay: Layout, phase: str) -> int:
     """DeepSpeed's working buffers at its defaults.
 
-    ZeRO 1-2: the contiguous reduce (ipg) bucket of reduce_bucket_size 16-bit elements,
+    ZeRO 1-2: the contiguous reduce (ipg) bucket of reduce_bucket_size elements (model dtype),
     during backward (stage_1_and_2.py). ZeRO-3: the ipg bucket allocated at init
     (stage3.py), plus, outside the step, the gathered parameters of the module in use and
     the prefetched next one (capped by stage3_max_live_parameters) and that module's
-    whole 16-bit gradient before its reduce-scatter (cf. DeepSpeed's
+    whole gradient before its reduce-scatter (cf. DeepSpeed's
     `estimate_zero3_model_states_mem_needs`: 4 bytes x largest layer).
     """
+    d = s.dtype_bytes
     if lay.zero_stage in (1, 2):
-        return 0 if phase == "step" else HALF * min(REDUCE_BUCKET_SIZE, s.params)
+        return 0 if phase == "step" else d * min(REDUCE_BUCKET_SIZE, s.params)
     if lay.zero_stage != 3:
         return 0
-    ipg = HALF * REDUCE_BUCKET_SIZE
+    ipg = d * REDUCE_BUCKET_SIZE
     if phase == "step" or lay.num_gpus == 1 and lay.offload != "all":
         return ipg  # one rank holds whole parameters: nothing to gather
     gathered = min(
         STAGE3_MAX_LIVE_PARAMETERS,
         s.largest_leaf_params + min(STAGE3_PREFETCH_BUCKET_SIZE, s.layer_params),
     )
-    return ipg + HALF * (gathered + s.largest_leaf_params)
+    return ipg + d * (gathered + s.largest_leaf_params)
 
 
 # ---------------------------------------------------------------- runtime reserve
@@ -166,14 +189,14 @@ def fragmentation_bytes(allocated_bytes: int) -> int:
 
 def host_offload_bytes_per_gpu(s: Shape, lay: Layout) -> int:
     """Host memory an offloading rank uses: fp32 master, moments and gradients (16
-    bytes/param of its partition), plus the 16-bit parameters and gradient partitions
+    bytes/param of its partition), plus the model-dtype parameter and gradient partitions
     (ZeRO-Offload, Ren et al. 2021)."""
     if lay.offload == "none":
         return 0
     part = s.params // lay.num_gpus
-    host = 16 * part + HALF * part  # fp32 master, 2 moments, fp32 grads; 16-bit grads
+    host = 4 * FP32 * part + s.dtype_bytes * part  # fp32 master, 2 moments, fp32 grads; grads
     if lay.offload == "all":
-        host += HALF * part
+        host += s.dtype_bytes * part
     return host
 
 
@@ -207,8 +230,13 @@ def activation_terms(s: Shape, lay: Layout, phase: str) -> dict[str, int]:
         terms["activations_checkpoints"] = activation_checkpoints_bytes(s, lay) + final_norm_bytes(s, lay) + shared
         terms["logits_loss"] = logits_loss_bytes(s, lay)
     elif phase == "backward":
-        terms["activations_checkpoints"] = activation_checkpoints_bytes(s, lay) + shared
-        terms["activations_layer"] = activation_working_bytes(s, lay)
+        checkpoints = activation_checkpoints_bytes(s, lay) + shared
+        layer = activation_working_bytes(s, lay)
+        embedding = embedding_backward_bytes(s)
+        if embedding > checkpoints + layer:  # the backward's last op: every layer's saved tensors are freed
+            checkpoints, layer = 0, embedding
+        terms["activations_checkpoints"] = checkpoints
+        terms["activations_layer"] = layer
         terms["logits_loss"] = tied_output_grad_bytes(s)
     return terms
 

@@ -11,7 +11,7 @@ _CHOICES = {
     "loss": ("full", "chunked"),
     "recompute": ("full", "none"),
     "attention": ("varlen", "eager"),
-    "precision": ("bf16", "fp16"),
+    "precision": ("bf16", "fp16", "fp32"),
 }
 
 

@@ -14,7 +14,7 @@ Offload = Literal["none", "optimizer", "all"]
 Recompute = Literal["full", "none"]
 LossMode = Literal["full", "chunked"]
 Attention = Literal["varlen", "eager"]
-Precision = Literal["bf16", "fp16"]
+Precision = Literal["bf16", "fp16", "fp32"]
 
 
 class _Frozen(BaseModel):

@@ -7,8 +7,16 @@ from dataclasses import dataclass
 from ..profiles.schema import ModelProfile
 from .schema import Layout
 
-HALF = 2  # bytes of a bf16/fp16 element
-FP32 = 4
+FP32 = 4  # bytes of an fp32 element
+#: bytes of one element of the model dtype (parameters, their gradients, activations)
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def upcast_copy_bytes(dtype_bytes: int) -> int:
+    """Bytes of the model-dtype copy made when an fp32 result is cast back (or a model-dtype
+    tensor is upcast): none when the model dtype is fp32 itself, where `.float()` and
+    `.to(fp32)` return their input."""
+    return 0 if dtype_bytes == FP32 else dtype_bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +38,7 @@ class Shape:
     seq_len: int
     precision: str = "bf16"
     chunk_tokens: int = 4096
+    dtype_bytes: int = 2  # DTYPE_BYTES[precision]
 
     @classmethod
     def of(cls, model: ModelProfile, seq_len: int, precision: str = "bf16", chunk_tokens: int = 4096) -> "Shape":
@@ -53,6 +62,7 @@ class Shape:
             seq_len=seq_len,
             precision=precision,
             chunk_tokens=chunk_tokens,
+            dtype_bytes=DTYPE_BYTES[precision],
         )
 
 

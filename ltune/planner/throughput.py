@@ -9,7 +9,7 @@ counted in MFU.
 from __future__ import annotations
 
 from ..profiles.schema import GpuProfile
-from .shape import HALF, Shape, tokens_per_rank
+from .shape import Shape, tokens_per_rank
 from .schema import Layout, Throughput
 
 #: Fraction of the measured matmul ceiling (GpuProfile.matmul_efficiency, stas00 MAMF)
@@ -60,20 +60,20 @@ def ring_seconds(payload_bytes: float, ranks: int, bandwidth: float) -> float:
 def zero_comm_seconds(s: Shape, lay: Layout, gpu: GpuProfile) -> tuple[float, float]:
     """(overlappable, exposed) ZeRO traffic of one micro-batch step.
 
-    ZeRO-3 gathers 16-bit parameters for forward, backward and, with recompute, the
+    ZeRO-3 gathers the model-dtype parameters for forward, backward and, with recompute, the
     recomputed forward, and reduce-scatters gradients once (Rajbhandari et al. 2020:
     3x the data-parallel volume). ZeRO 1-2 reduce gradients and all-gather the updated
     parameters after the step, which nothing hides (overlap_comm is off by default).
     """
     n = lay.num_gpus
     bw = collective_bandwidth(gpu, n)
-    params_16 = HALF * s.params
+    param_bytes = s.dtype_bytes * s.params
     if lay.zero_stage == 3:
         gathers = 3 if lay.recompute == "full" else 2
-        return (gathers + 1) * ring_seconds(params_16, n, bw), 0.0
+        return (gathers + 1) * ring_seconds(param_bytes, n, bw), 0.0
     # ZeRO-0 all-reduces (reduce-scatter + all-gather volume); ZeRO 1-2 reduce-scatter
     # the gradients and all-gather the updated parameters: the same volume.
-    return 0.0, 2 * ring_seconds(params_16, n, bw)
+    return 0.0, 2 * ring_seconds(param_bytes, n, bw)
 
 
 def ulysses_seconds(s: Shape, lay: Layout, gpu: GpuProfile) -> float:
@@ -83,7 +83,7 @@ def ulysses_seconds(s: Shape, lay: Layout, gpu: GpuProfile) -> float:
     if lay.sp_degree == 1:
         return 0.0
     t = tokens_per_rank(s, lay)
-    per_layer = HALF * t * (2 * s.q_size + 2 * s.kv_size)
+    per_layer = s.dtype_bytes * t * (2 * s.q_size + 2 * s.kv_size)
     passes = 3 if lay.recompute == "full" else 2
     volume = s.layers * passes * per_layer * (lay.sp_degree - 1) / lay.sp_degree
     return volume / collective_bandwidth(gpu, lay.sp_degree)
@@ -95,10 +95,10 @@ def offload_seconds(s: Shape, lay: Layout, gpu: GpuProfile) -> float:
     if lay.offload == "none":
         return 0.0
     part = s.params / lay.num_gpus
-    pcie = (4 * part + HALF * part) / gpu.host_link_bandwidth_bytes_per_s
+    pcie = (4 * part + s.dtype_bytes * part) / gpu.host_link_bandwidth_bytes_per_s
     adam = part / CPU_ADAM_PARAMS_PER_S
     if lay.offload == "all":
-        pcie += (3 if lay.recompute == "full" else 2) * HALF * part / gpu.host_link_bandwidth_bytes_per_s
+        pcie += (3 if lay.recompute == "full" else 2) * s.dtype_bytes * part / gpu.host_link_bandwidth_bytes_per_s
     return pcie + adam
 
 

@@ -109,6 +109,9 @@ class GpuProfile(BaseModel):
     hbm_bytes: int = Field(gt=0, description="memory as the CUDA runtime reports it (total, not marketed)")
     bf16_tflops: float = Field(ge=0, description="dense peak; 0 when the chip has no bf16")
     fp16_tflops: float = Field(gt=0, description="dense peak")
+    fp32_tflops: float = Field(
+        gt=0, description="dense fp32 peak without TF32 (PyTorch runs fp32 matmuls so by default)"
+    )
     hbm_bandwidth_bytes_per_s: float = Field(gt=0)
     intra_node_bandwidth_bytes_per_s: float = Field(gt=0, description="per GPU, one direction, to its node peers")
     gpus_per_node: int = Field(gt=0)
@@ -126,5 +129,5 @@ class GpuProfile(BaseModel):
         return self.bf16_tflops > 0
 
     def peak_flops(self, precision: str) -> float:
-        tflops = self.bf16_tflops if precision == "bf16" else self.fp16_tflops
+        tflops = {"bf16": self.bf16_tflops, "fp16": self.fp16_tflops, "fp32": self.fp32_tflops}[precision]
         return tflops * 1e12

@@ -3,7 +3,7 @@
 What was traced is one rank's micro-batch (seq_len / sp_degree tokens per sequence), so the
 activation bytes are per rank already: Ulysses only adds its all-to-all buffers (transient, the
 size of one q/k/v/out tensor, inside the attention of one layer; not traced, see `untraced`).
-The model states are traced whole (every parameter, its 16-bit gradient, fp32 master copy and
+The model states are traced whole (every parameter, its gradient, fp32 master copy and
 two fp32 moments); how much of them each rank holds is DeepSpeed's partitioning over all
 N = dp x sp ranks (DeepSpeed-Ulysses partitions ZeRO over the sequence-data-parallel group),
 applied here per parameter tensor from the traced shapes:
@@ -15,9 +15,11 @@ applied here per parameter tensor from the traced shapes:
 - ZeRO-1/2 (stage_1_and_2.py): one flat group per rank of ceil(P / N) elements for the master copy,
   moments and (at the step) fp32 gradients; ZeRO-2 keeps a 16-bit gradient partition, ZeRO-1
   whole 16-bit gradients.
-- ZeRO-0: bf16 runs BF16_Optimizer (bf16_optimizer.py: fp32 master, moments and an fp32 gradient
-  buffer, whole, all step long; 16-bit gradients folded into it as they come); fp16 runs
-  FP16_Optimizer (16-bit gradients kept, upcast to fp32 at the step).
+- ZeRO-0: bf16 runs BF16_Optimizer (bf16_optimizer.py: fp32 master and moments partitioned over
+  the ranks, `fp32_groups_flat_partition`; an fp32 gradient buffer, whole, all step long; 16-bit
+  gradients folded into it as they come); fp16 runs FP16_Optimizer (whole fp32 master and moments;
+  16-bit gradients kept, upcast to fp32 at the step); fp32 runs the bare optimizer (fp32 gradients
+  on the parameters, whole moments, no master copy).
 - offload (ZeRO-Offload): master copy, moments and fp32 gradients live in host memory; "all"
   also moves the ZeRO-3 parameter partitions there.
 
@@ -104,11 +106,16 @@ def model_state_bytes(param_numels: list[int], dtype_bytes: int, layout: Layout,
     on_gpu = layout.offload == "none"
     if stage == 3:
         opt_elems = sum(_ceil_div(x, n) for x in param_numels)
-    elif stage in (1, 2):
+    elif stage in (1, 2) or precision == "bf16":  # BF16_Optimizer partitions like ZeRO-1
         opt_elems = _ceil_div(params, n)
     else:
         opt_elems = params
     weights = dtype_bytes * partition_numel(param_numels, layout)
+    master = FP32 * opt_elems if on_gpu else 0
+    moments = 2 * master
+    if stage == 0 and precision == "fp32":  # no wrapper: the bare optimizer on the parameters
+        return {"weights": weights, "gradients": dtype_bytes * params, "gradients_fp32": 0,
+                "master_weights": 0, "optimizer_states": 2 * FP32 * params}
     if stage == 0:
         fp16 = precision == "fp16"
         gradients = dtype_bytes * params if fp16 else 0
@@ -122,13 +129,12 @@ def model_state_bytes(param_numels: list[int], dtype_bytes: int, layout: Layout,
         if phase == "step" and on_gpu:
             sub = opt_elems if stage == 2 else min(opt_elems, SUB_GROUP_SIZE + max(param_numels) // n)
             grads32 = FP32 * sub
-    master = FP32 * opt_elems if on_gpu else 0
     return {
         "weights": weights,
         "gradients": gradients,
         "gradients_fp32": grads32,
         "master_weights": master,
-        "optimizer_states": 2 * master,
+        "optimizer_states": moments,
     }
 
 

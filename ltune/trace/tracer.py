@@ -85,14 +85,6 @@ class RawTrace:
     inventory: list[tuple[str, str, int]] | None = None
 
 
-def torch_dtype(precision: str):
-    import torch
-
-    if precision not in ("bf16", "fp16"):
-        raise ValueError(f"precision must be bf16 or fp16 (got {precision!r})")
-    return torch.bfloat16 if precision == "bf16" else torch.float16
-
-
 def validate(model: ModelProfile, seq_len: int, layout: Layout, num_docs: int) -> int:
     """Check the inputs; return the tokens each rank holds per sequence (seq_len / sp_degree)."""
     if seq_len <= 0:
@@ -165,7 +157,7 @@ def build_fake_model(plan: Plan, fake_mode):
 
     import torch
 
-    from ..trainer.model import build_model
+    from ..trainer.model import build_model, torch_dtype
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # gradient_checkpointing_enable's rename

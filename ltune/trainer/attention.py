@@ -7,7 +7,7 @@ torch_varlen | sdpa), or ``set_attention_backend(name)`` (tests):
 - torch_varlen: PyTorch's ``torch.nn.attention.varlen.varlen_attn`` (CUDA only);
 - sdpa: ``scaled_dot_product_attention`` run once per document (CPU, and a reference);
 - auto: flash_attn if importable on CUDA, else torch_varlen on CUDA (with a one-time
-  warning that flash-attn is absent), else sdpa.
+  warning that flash-attn is absent), else sdpa (CPU, pre-Ampere GPUs, fp32 inputs).
 
 Two layers, kept apart so that issue 4's Ulysses wrapper can reuse the core:
 
@@ -59,16 +59,18 @@ def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
-def resolve_backend(device: torch.device) -> str:
-    """The backend that will run on ``device``."""
+def resolve_backend(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
+    """The backend that will run on ``device`` for ``dtype`` inputs."""
     global _warned_no_flash
     name = requested_backend()
     if name != "auto":
         if name in ("flash_attn", "torch_varlen") and device.type != "cuda":
             raise ValueError(f"attention backend {name!r} needs CUDA (tensors are on {device.type})")
+        if name in ("flash_attn", "torch_varlen") and dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"attention backend {name!r} needs fp16 or bf16 (tensors are {dtype})")
         return name
-    if device.type != "cuda":
-        return "sdpa"
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return "sdpa"  # flash kernels take 16-bit inputs only; fp32 runs SDPA per document
     if torch.cuda.get_device_capability(device) < (8, 0):
         return "sdpa"  # flash-attn 2 and PyTorch's varlen kernel need Ampere (sm80) or newer
     if flash_attn_available():
@@ -156,7 +158,7 @@ def varlen_attention(
     """
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"kv heads ({k.shape[1]}) must divide query heads ({q.shape[1]})")
-    backend = resolve_backend(q.device)
+    backend = resolve_backend(q.device, q.dtype)
     if backend == "flash_attn":
         return _flash_attn(q, k, v, cu_seqlens, max_seqlen, causal, scale)
     if backend == "torch_varlen":

@@ -13,11 +13,12 @@ scaled by the incoming gradient like any other autograd op. The recompute-the-lo
 one of Liger's fused linear cross-entropy and of DeepSpeed's tiled loss; the code is ours.
 
 Memory, per process, for N tokens, vocabulary V, hidden h, model dtype of d bytes, c = chunk_tokens
-(`chunked_loss_bytes` gives the terms; hidden, weight and labels are saved by reference, being
+(`chunked_loss_bytes`, in ltune.planner.activations and re-exported here, gives the terms; hidden, weight and labels are saved by reference, being
 alive anyway):
 - saved between forward and backward: the fp32 log-sum-exp, N x 4 bytes;
 - forward, one chunk at a time: the logits in the model dtype while they are upcast, then the fp32
-  logits beside logsumexp's fp32 temporary: c x V x max(d + 4, 8) bytes;
+  logits beside logsumexp's fp32 temporary: c x V x max(d + 4, 8) bytes (8 in fp32, where
+  the upcast returns its input);
 - backward, one chunk at a time, beside the fp32 V x h accumulator of the weight gradient (fp32
   accumulation keeps the sum over many chunks as accurate as one full matmul, which accumulates
   in fp32 inside the kernel; cast to the weight's dtype at the end): the fp32 logits turned in
@@ -36,6 +37,10 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from ..planner.activations import chunked_loss_bytes
+
+__all__ = ["IGNORE_INDEX", "chunked_cross_entropy", "chunked_loss_bytes"]
 
 IGNORE_INDEX = -100
 
@@ -120,31 +125,3 @@ def chunked_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_
             f"labels {tuple(labels.shape)}"
         )
     return _ChunkedCrossEntropy.apply(hidden, weight, labels, chunk_tokens)
-
-
-def chunked_loss_bytes(
-    *, chunk_tokens: int, num_tokens: int, vocab_size: int, hidden_size: int, dtype_bytes: int = 2
-) -> dict[str, int]:
-    """Per-process memory of `chunked_cross_entropy` beyond its inputs and the two gradients it
-    returns, by term (bytes), as the code above allocates it (c = min(chunk_tokens, N), d the model
-    dtype's bytes):
-
-    - lse_bytes: the saved fp32 log-sum-exp, N x 4, alive from the loss forward to its backward;
-    - forward_bytes: one chunk's logits at their forward peak, c x V x max(d + 4, 8) (the logits in
-      the model dtype beside their fp32 copy, then the fp32 logits beside logsumexp's temporary);
-    - backward_bytes: the larger of the fp32 chunk gradient being cast to the model dtype beside the
-      fp32 weight-gradient accumulator, c x V x (4 + d) + V x h x 4, and the model-dtype chunk
-      gradient beside the accumulator and one chunk's V x h product, c x V x d + V x h x (4 + d);
-    - peak_bytes: lse_bytes + max(forward_bytes, backward_bytes).
-
-    Measured on an H200 (tests/test_chunked_loss.py, N 16384, V 128256, h 2048, c 4096, bf16):
-    4.008 GiB peak allocated against 3.914 GiB peak_bytes + 0.0625 GiB for the hidden gradient;
-    the full loss peaked at 23.48 GiB.
-    """
-    chunk_logits = min(chunk_tokens, num_tokens) * vocab_size
-    weight_elems = vocab_size * hidden_size
-    d = dtype_bytes
-    forward = chunk_logits * max(d + 4, 8)
-    backward = max(chunk_logits * (4 + d) + weight_elems * 4, chunk_logits * d + weight_elems * (4 + d))
-    lse = num_tokens * 4
-    return {"lse_bytes": lse, "forward_bytes": forward, "backward_bytes": backward, "peak_bytes": lse + max(forward, backward)}

@@ -63,6 +63,8 @@ def _zero_config(plan: Plan) -> dict[str, Any]:
 def _precision_config(plan: Plan) -> dict[str, Any]:
     if plan.training.precision == "bf16":
         return {"bf16": {"enabled": True}}
+    if plan.training.precision == "fp32":  # DeepSpeed's default: no mixed precision
+        return {"bf16": {"enabled": False}, "fp16": {"enabled": False}}
     return {
         "fp16": {
             "enabled": True,

@@ -77,7 +77,11 @@ def hf_config(plan: Plan, attn_impl: str):
 
 
 def torch_dtype(precision: str) -> torch.dtype:
-    return torch.bfloat16 if precision == "bf16" else torch.float16
+    """The model dtype of a plan's training.precision."""
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if precision not in dtypes:
+        raise ValueError(f"precision must be one of {', '.join(dtypes)} (got {precision!r})")
+    return dtypes[precision]
 
 
 def _checkpoint_files(folder: str) -> list[Path]:
