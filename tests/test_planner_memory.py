@@ -42,9 +42,12 @@ def test_model_states_follow_zero_partitioning():
     # 16-bit weights: whole below ZeRO-3, partitioned (plus persistent norms) at 3
     assert M.weights_bytes(s, z2) == 2 * P
     assert M.weights_bytes(s, z3) == 2 * (P // 8 + s.persistent_params)
-    # BF16_Optimizer at ZeRO-0: whole fp32 gradient buffer, partitioned master and moments
-    assert M.gradients_fp32_bytes(s, z0, "backward") == 4 * P
-    assert M.master_weights_bytes(s, z0) == 4 * (P // 8)
+    # ZeRO-0 in bf16 is DeepSpeed's FP16_UnfusedOptimizer around torch AdamW: whole 16-bit
+    # gradients, whole fp32 master and moments, fp32 gradients at the step only
+    assert M.gradients_bytes(s, z0) == 2 * P
+    assert M.gradients_fp32_bytes(s, z0, "backward") == 0
+    assert M.gradients_fp32_bytes(s, z0, "step") == 4 * P
+    assert M.master_weights_bytes(s, z0) + M.optimizer_states_bytes(s, z0) == 12 * P
     # ZeRO paper: 12 bytes/param of optimizer state, 1/N each
     assert M.master_weights_bytes(s, z3) + M.optimizer_states_bytes(s, z3) == 12 * (P // 8)
     # ZeRO-2 partitions 16-bit gradients; fp32 gradients only at the step

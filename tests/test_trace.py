@@ -109,9 +109,10 @@ def test_zero_partitioning_arithmetic():
     s1 = model_state_bytes(numels, 2, lay1, "bf16", "step")
     assert s1["gradients"] == 2 * sum(numels) and s1["gradients_fp32"] == 4 * math.ceil(sum(numels) / 4)
     lay0 = Layout(num_gpus=4, zero_stage=0)
-    # BF16_Optimizer partitions master and moments; its fp32 gradient buffer is whole
+    # bf16 at ZeRO-0 is FP16_UnfusedOptimizer: whole master and moments, fp32 gradients at the step
     s0 = model_state_bytes(numels, 2, lay0, "bf16", "backward")
-    assert s0["master_weights"] == 4 * math.ceil(sum(numels) / 4) and s0["gradients_fp32"] == 4 * sum(numels)
+    assert s0["master_weights"] == 4 * sum(numels) and s0["gradients_fp32"] == 0
+    assert model_state_bytes(numels, 2, lay0, "bf16", "step")["gradients_fp32"] == 4 * sum(numels)
     # fp32 at ZeRO-0: the bare optimizer, gradients on the parameters, no master copy
     f0 = model_state_bytes(numels, 4, lay0, "fp32", "step")
     assert f0 == {"weights": 4 * sum(numels), "gradients": 4 * sum(numels), "gradients_fp32": 0,

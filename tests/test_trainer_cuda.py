@@ -75,14 +75,3 @@ def test_auto_picks_a_cuda_kernel_and_warns_without_flash_attn():
         assert chosen == "torch_varlen"
         assert any("flash-attn is not installed" in str(w.message) for w in caught)
 
-
-def test_fp32_runs_sdpa_per_document():
-    """Flash kernels take 16-bit inputs only: auto picks SDPA for fp32, an explicit kernel is refused."""
-    attention.set_attention_backend(None)
-    assert attention.resolve_backend(torch.device("cuda"), torch.float32) == "sdpa"
-    attention.set_attention_backend("torch_varlen")
-    try:
-        with pytest.raises(ValueError, match="needs fp16 or bf16"):
-            attention.resolve_backend(torch.device("cuda"), torch.float32)
-    finally:
-        attention.set_attention_backend(None)

@@ -127,6 +127,19 @@ def test_backend_switch():
         attention.set_attention_backend("magic")
 
 
+def test_fp32_runs_sdpa_per_document():
+    """Flash kernels take 16-bit inputs only: auto picks SDPA for fp32, an explicit kernel is refused
+    (decided from the dtype before any CUDA call, so this runs without a GPU)."""
+    attention.set_attention_backend(None)
+    assert attention.resolve_backend(torch.device("cuda"), torch.float32) == "sdpa"
+    attention.set_attention_backend("torch_varlen")
+    try:
+        with pytest.raises(ValueError, match="needs fp16 or bf16"):
+            attention.resolve_backend(torch.device("cuda"), torch.float32)
+    finally:
+        attention.set_attention_backend(None)
+
+
 def test_chunked_loss_mode():
     gen = torch.Generator().manual_seed(1)
     hidden = torch.randn(2, 16, 8, generator=gen)

@@ -37,6 +37,8 @@ STAGE3_PREFETCH_BUCKET_SIZE = 50_000_000
 STAGE3_MAX_LIVE_PARAMETERS = 1_000_000_000
 STAGE3_PARAM_PERSISTENCE_THRESHOLD = 100_000
 SUB_GROUP_SIZE = 1_000_000_000
+# ZeRO-0's all-reduce bucket (engine.py MEMORY_OPT_ALLREDUCE_SIZE), elements; not configurable.
+ALLREDUCE_BUCKET_SIZE = 500_000_000
 
 #: fraction of the allocated peak the caching allocator holds beyond it (reserved minus
 #: allocated); an assumption until measured on a GPU (see bench/results/).
@@ -66,14 +68,11 @@ def weights_bytes(s: Shape, lay: Layout) -> int:
 def gradients_bytes(s: Shape, lay: Layout) -> int:
     """Gradients in the model dtype: whole for ZeRO 0-1, a 1/N partition for ZeRO 2-3.
 
-    ZeRO-0 in bf16 runs DeepSpeed's BF16_Optimizer, which accumulates in fp32 instead
-    (see gradients_fp32_bytes). ZeRO-3 keeps `grad_partitions_flat_buffer` in the model
-    dtype; with optimizer offload it is pinned host memory (stage3.py).
+    ZeRO-3 keeps `grad_partitions_flat_buffer` in the model dtype; with optimizer offload
+    it is pinned host memory (stage3.py).
     """
     d = s.dtype_bytes
-    if lay.zero_stage == 0:
-        return 0 if _zero0_optimizer(s, lay) == "bf16" else d * s.params
-    if lay.zero_stage == 1:
+    if lay.zero_stage <= 1:
         return d * s.params
     if lay.offload != "none":
         return 0
@@ -81,22 +80,18 @@ def gradients_bytes(s: Shape, lay: Layout) -> int:
 
 
 def gradients_fp32_bytes(s: Shape, lay: Layout, phase: str) -> int:
-    """fp32 gradients for the optimizer.
+    """fp32 gradients for the optimizer, made at the step.
 
-    BF16_Optimizer (ZeRO-0, bf16) holds a whole fp32 gradient buffer all step long
-    (bf16_optimizer.py `fp32_groups_gradients_flat`). ZeRO 1-2 upcast their gradient
-    partition at the step (stage_1_and_2.py `single_partition_of_fp32_groups[i].grad`);
-    ZeRO-3 upcasts one sub-group at a time (stage3.py `_prepare_fp32_grad_for_sub_group`);
-    FP16_Optimizer (ZeRO-0, fp16) upcasts the whole flat gradient at the step. Plain fp32
-    at ZeRO-0 steps on the parameters' own gradients.
+    ZeRO 1-2 upcast their gradient partition (stage_1_and_2.py
+    `single_partition_of_fp32_groups[i].grad`); ZeRO-3 one sub-group at a time (stage3.py
+    `_prepare_fp32_grad_for_sub_group`); ZeRO-0 in 16-bit (FP16_UnfusedOptimizer) every
+    parameter's (unfused_optimizer.py `fp32_param.grad`). Plain fp32 at ZeRO-0 steps on
+    the parameters' own gradients.
     """
-    if lay.zero_stage == 0:
-        wrapper = _zero0_optimizer(s, lay)
-        if wrapper == "bf16" or wrapper == "fp16" and phase == "step":
-            return FP32 * s.params
-        return 0
     if phase != "step" or lay.offload != "none":
         return 0
+    if lay.zero_stage == 0:
+        return FP32 * s.params if _zero0_optimizer(s, lay) == "unfused" else 0
     part = s.params // lay.num_gpus
     if lay.zero_stage == 3:
         return FP32 * min(part, SUB_GROUP_SIZE + s.largest_leaf_params // lay.num_gpus)
@@ -104,34 +99,45 @@ def gradients_fp32_bytes(s: Shape, lay: Layout, phase: str) -> int:
 
 
 def master_weights_bytes(s: Shape, lay: Layout) -> int:
-    """fp32 master copy: partitioned for ZeRO >= 1 and for BF16_Optimizer, whole for
-    FP16_Optimizer, none for plain fp32 at ZeRO-0; host memory when offloaded."""
+    """fp32 master copy: partitioned for ZeRO >= 1, whole for ZeRO-0 in 16-bit, none for
+    plain fp32 at ZeRO-0; host memory when offloaded."""
     if lay.offload != "none":
         return 0
     wrapper = _zero0_optimizer(s, lay)
     if wrapper == "none":
         return 0
-    if wrapper == "fp16":
+    if wrapper == "unfused":
         return FP32 * s.params
     return FP32 * (s.params // lay.num_gpus)
 
 
 def optimizer_states_bytes(s: Shape, lay: Layout) -> int:
-    """AdamW's two fp32 moments, partitioned like the master copy (whole for ZeRO-0 in fp16 and fp32)."""
+    """AdamW's two fp32 moments, partitioned for ZeRO >= 1, whole at ZeRO-0."""
     if lay.offload != "none":
         return 0
-    if _zero0_optimizer(s, lay) in ("fp16", "none"):
+    if lay.zero_stage == 0:
         return 2 * FP32 * s.params
     return 2 * FP32 * (s.params // lay.num_gpus)
 
 
 def _zero0_optimizer(s: Shape, lay: Layout) -> str | None:
-    """DeepSpeed's optimizer wrapper at ZeRO-0 (engine.py `_do_optimizer_sanity_check`):
-    BF16_Optimizer ("bf16"), FP16_Optimizer ("fp16") or the bare optimizer ("none", fp32);
-    None at ZeRO >= 1."""
+    """DeepSpeed's wrapper around the trainer's torch AdamW at ZeRO-0 (engine.py
+    `_do_optimizer_sanity_check`, grad_accum_dtype left at the model dtype): bf16 and fp16
+    get FP16_UnfusedOptimizer ("unfused": whole fp32 master copy, 16-bit gradients kept);
+    fp32 the bare optimizer ("none"). BF16_Optimizer is only chosen at ZeRO-1 with fp32
+    gradient accumulation, which ltune does not configure. None at ZeRO >= 1."""
     if lay.zero_stage != 0:
         return None
-    return {"bf16": "bf16", "fp16": "fp16", "fp32": "none"}[s.precision]
+    return "none" if s.precision == "fp32" else "unfused"
+
+
+def allreduce_bucket_bytes(s: Shape, lay: Layout) -> int:
+    """ZeRO-0's gradient all-reduce after the backward: gradients flattened into buckets of
+    500M elements in the model dtype (engine.py `allreduce_gradients`,
+    MEMORY_OPT_ALLREDUCE_SIZE); a bucket closes after the tensor that crosses the limit."""
+    if lay.zero_stage != 0 or lay.num_gpus == 1:
+        return 0
+    return s.dtype_bytes * min(s.params, ALLREDUCE_BUCKET_SIZE + s.largest_leaf_params)
 
 
 # ---------------------------------------------------------------- ZeRO buffers
@@ -210,8 +216,11 @@ ACTIVATION_TERMS = ("activations_checkpoints", "activations_layer", "logits_loss
 
 
 def state_terms(s: Shape, lay: Layout, phase: str) -> dict[str, int]:
-    """Model states and ZeRO buffers: depend on the GPU count, ZeRO stage and offload only."""
-    return {
+    """Model states and ZeRO buffers: depend on the GPU count, ZeRO stage and offload only.
+
+    At ZeRO-0 the `step` moment is the larger of the gradient all-reduce (its bucket) and
+    the optimizer step (its fp32 gradients), which follow each other."""
+    terms = {
         "weights": weights_bytes(s, lay),
         "gradients": gradients_bytes(s, lay),
         "gradients_fp32": gradients_fp32_bytes(s, lay, phase),
@@ -219,6 +228,9 @@ def state_terms(s: Shape, lay: Layout, phase: str) -> dict[str, int]:
         "optimizer_states": optimizer_states_bytes(s, lay),
         "zero_buffers": zero_buffers_bytes(s, lay, phase),
     }
+    if phase == "step" and allreduce_bucket_bytes(s, lay) > terms["gradients_fp32"]:
+        terms["gradients_fp32"], terms["zero_buffers"] = 0, allreduce_bucket_bytes(s, lay)
+    return terms
 
 
 def activation_terms(s: Shape, lay: Layout, phase: str) -> dict[str, int]:

@@ -38,7 +38,11 @@ class Shape:
     seq_len: int
     precision: str = "bf16"
     chunk_tokens: int = 4096
-    dtype_bytes: int = 2  # DTYPE_BYTES[precision]
+
+    @property
+    def dtype_bytes(self) -> int:
+        """Bytes of one element of the model dtype."""
+        return DTYPE_BYTES[self.precision]
 
     @classmethod
     def of(cls, model: ModelProfile, seq_len: int, precision: str = "bf16", chunk_tokens: int = 4096) -> "Shape":
@@ -62,7 +66,6 @@ class Shape:
             seq_len=seq_len,
             precision=precision,
             chunk_tokens=chunk_tokens,
-            dtype_bytes=DTYPE_BYTES[precision],
         )
 
 

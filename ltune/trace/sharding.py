@@ -10,16 +10,15 @@ applied here per parameter tensor from the traced shapes:
 
 - ZeRO-3 (deepspeed/runtime/zero/partition_parameters.py): each tensor is split in ceil(n / N)
   elements per rank; tensors of at most `stage3_param_persistence_threshold` (1e5) elements stay
-  whole on every rank. 16-bit gradients go to `grad_partitions_flat_buffer` (stage3.py); fp32
+  whole on every rank. Model-dtype gradients go to `grad_partitions_flat_buffer` (stage3.py); fp32
   gradients are made one sub-group (`sub_group_size`, 1e9) at a time at the step.
 - ZeRO-1/2 (stage_1_and_2.py): one flat group per rank of ceil(P / N) elements for the master copy,
-  moments and (at the step) fp32 gradients; ZeRO-2 keeps a 16-bit gradient partition, ZeRO-1
-  whole 16-bit gradients.
-- ZeRO-0: bf16 runs BF16_Optimizer (bf16_optimizer.py: fp32 master and moments partitioned over
-  the ranks, `fp32_groups_flat_partition`; an fp32 gradient buffer, whole, all step long; 16-bit
-  gradients folded into it as they come); fp16 runs FP16_Optimizer (whole fp32 master and moments;
-  16-bit gradients kept, upcast to fp32 at the step); fp32 runs the bare optimizer (fp32 gradients
-  on the parameters, whole moments, no master copy).
+  moments and (at the step) fp32 gradients; ZeRO-2 keeps a model-dtype gradient partition,
+  ZeRO-1 whole model-dtype gradients.
+- ZeRO-0: bf16 and fp16 run FP16_UnfusedOptimizer around the trainer's torch AdamW (engine.py
+  `_do_optimizer_sanity_check`: DDP_BFLOAT16 / FP16; unfused_optimizer.py: whole fp32 master and
+  moments, 16-bit gradients kept and upcast to fp32 at the step); fp32 runs the bare optimizer
+  (fp32 gradients on the parameters, whole moments, no master copy).
 - offload (ZeRO-Offload): master copy, moments and fp32 gradients live in host memory; "all"
   also moves the ZeRO-3 parameter partitions there.
 
@@ -85,7 +84,7 @@ def _ceil_div(a: int, b: int) -> int:
 
 
 def partition_numel(param_numels: list[int], layout: Layout) -> int:
-    """Elements of the 16-bit parameters one rank holds."""
+    """Elements of the (model-dtype) parameters one rank holds."""
     n = layout.num_gpus
     if layout.zero_stage < 3:
         return sum(param_numels)
@@ -106,7 +105,7 @@ def model_state_bytes(param_numels: list[int], dtype_bytes: int, layout: Layout,
     on_gpu = layout.offload == "none"
     if stage == 3:
         opt_elems = sum(_ceil_div(x, n) for x in param_numels)
-    elif stage in (1, 2) or precision == "bf16":  # BF16_Optimizer partitions like ZeRO-1
+    elif stage in (1, 2):
         opt_elems = _ceil_div(params, n)
     else:
         opt_elems = params
@@ -116,10 +115,9 @@ def model_state_bytes(param_numels: list[int], dtype_bytes: int, layout: Layout,
     if stage == 0 and precision == "fp32":  # no wrapper: the bare optimizer on the parameters
         return {"weights": weights, "gradients": dtype_bytes * params, "gradients_fp32": 0,
                 "master_weights": 0, "optimizer_states": 2 * FP32 * params}
-    if stage == 0:
-        fp16 = precision == "fp16"
-        gradients = dtype_bytes * params if fp16 else 0
-        grads32 = FP32 * params if (not fp16 or phase == "step") else 0
+    if stage == 0:  # FP16_UnfusedOptimizer, for bf16 and fp16 alike
+        gradients = dtype_bytes * params
+        grads32 = FP32 * params if phase == "step" else 0
     elif stage == 1:
         gradients = dtype_bytes * params
         grads32 = FP32 * opt_elems if phase == "step" and on_gpu else 0
