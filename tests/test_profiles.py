@@ -158,29 +158,19 @@ def test_hf_config_folder_is_accepted():
     assert by_folder.name == "qwen2"
 
 
-def test_hf_moe_config_is_refused_naming_file_and_key():
-    path = DATA / "mixtral" / "config.json"
+@pytest.mark.parametrize(
+    "folder, named",
+    [("mixtral", "num_local_experts"), ("missing_hidden", "hidden_size"), ("unsupported", "gpt_neox")],
+    ids=["moe-refused", "missing-key", "unsupported-model-type"],
+)
+def test_hf_config_error_names_file_and_key(folder, named):
+    path = DATA / folder / "config.json"
     with pytest.raises(ProfileError) as err:
         model_from_hf_config(path)
     msg = str(err.value)
-    assert str(path) in msg and "num_local_experts" in msg
-    assert "\n" not in msg
-
-
-def test_hf_config_missing_key_names_file_and_key():
-    path = DATA / "missing_hidden" / "config.json"
-    with pytest.raises(ProfileError) as err:
-        model_from_hf_config(path)
-    msg = str(err.value)
-    assert str(path) in msg and "hidden_size" in msg
-
-
-def test_hf_config_unsupported_model_type():
-    path = DATA / "unsupported" / "config.json"
-    with pytest.raises(ProfileError) as err:
-        model_from_hf_config(path)
-    msg = str(err.value)
-    assert str(path) in msg and "gpt_neox" in msg
+    assert str(path) in msg and named in msg
+    if folder == "mixtral":
+        assert "\n" not in msg
 
 
 def test_hf_config_missing_file_and_bad_json(tmp_path):

@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 from ltune.planner.memory import estimate_memory  # noqa: E402
 from ltune.planner.schema import Layout  # noqa: E402
 from ltune.profiles import load_gpu, load_model  # noqa: E402
-from ltune.profiles.schema import ModelProfile  # noqa: E402
+from conftest import tiny_arch  # noqa: E402
 from ltune.trace import comparable_totals, trace_memory  # noqa: E402
 from ltune.trace.flash import flash_attention_bytes, flash_varlen_memory  # noqa: E402
 from ltune.trace.sharding import model_state_bytes  # noqa: E402
@@ -26,17 +26,7 @@ def _blocks(n_bytes: int) -> int:
     return math.ceil(n_bytes / BLOCK) * BLOCK
 
 
-TINY = ModelProfile(
-    name="tiny-test",
-    source="test",
-    family="llama",
-    hidden_size=128,
-    num_layers=3,
-    num_attention_heads=4,
-    num_kv_heads=2,
-    intermediate_size=352,
-    vocab_size=512,
-)
+TINY = tiny_arch(hidden_size=128, num_layers=3, intermediate_size=352, vocab_size=512)
 
 
 def _cat(values: tuple[int, ...], name: str) -> int:

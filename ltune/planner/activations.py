@@ -44,8 +44,6 @@ def layer_saved_bytes_per_token(s: Shape, lay: Layout) -> int:
 def eager_attention_bytes_per_layer(s: Shape, lay: Layout) -> int:
     """Eager attention keeps the fp32 softmax (4) and its 16-bit copy (2; none in fp32) for
     each of the heads on this rank over the whole packed sequence: quadratic in its length."""
-    if lay.attention != "eager":
-        return 0
     return eager_scores_per_layer(s, lay) * (FP32 + upcast_copy_bytes(s.dtype_bytes))
 
 

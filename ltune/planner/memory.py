@@ -131,15 +131,6 @@ def _zero0_optimizer(s: Shape, lay: Layout) -> str | None:
     return "none" if s.precision == "fp32" else "unfused"
 
 
-def allreduce_bucket_bytes(s: Shape, lay: Layout) -> int:
-    """ZeRO-0's gradient all-reduce after the backward: gradients flattened into buckets of
-    500M elements in the model dtype (engine.py `allreduce_gradients`,
-    MEMORY_OPT_ALLREDUCE_SIZE); a bucket closes after the tensor that crosses the limit."""
-    if lay.zero_stage != 0 or lay.num_gpus == 1:
-        return 0
-    return s.dtype_bytes * min(s.params, ALLREDUCE_BUCKET_SIZE + s.largest_leaf_params)
-
-
 # ---------------------------------------------------------------- ZeRO buffers
 
 
@@ -166,6 +157,15 @@ def zero_buffers_bytes(s: Shape, lay: Layout, phase: str) -> int:
         s.largest_leaf_params + min(STAGE3_PREFETCH_BUCKET_SIZE, s.layer_params),
     )
     return ipg + d * (gathered + s.largest_leaf_params)
+
+
+def allreduce_bucket_bytes(s: Shape, lay: Layout) -> int:
+    """ZeRO-0's gradient all-reduce after the backward: gradients flattened into buckets of
+    500M elements in the model dtype (engine.py `allreduce_gradients`,
+    MEMORY_OPT_ALLREDUCE_SIZE); a bucket closes after the tensor that crosses the limit."""
+    if lay.zero_stage != 0 or lay.num_gpus == 1:
+        return 0
+    return s.dtype_bytes * min(s.params, ALLREDUCE_BUCKET_SIZE + s.largest_leaf_params)
 
 
 # ---------------------------------------------------------------- runtime reserve
@@ -228,8 +228,9 @@ def state_terms(s: Shape, lay: Layout, phase: str) -> dict[str, int]:
         "optimizer_states": optimizer_states_bytes(s, lay),
         "zero_buffers": zero_buffers_bytes(s, lay, phase),
     }
-    if phase == "step" and allreduce_bucket_bytes(s, lay) > terms["gradients_fp32"]:
-        terms["gradients_fp32"], terms["zero_buffers"] = 0, allreduce_bucket_bytes(s, lay)
+    bucket = allreduce_bucket_bytes(s, lay) if phase == "step" else 0
+    if bucket > terms["gradients_fp32"]:
+        terms["gradients_fp32"], terms["zero_buffers"] = 0, bucket
     return terms
 
 

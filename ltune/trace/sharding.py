@@ -112,12 +112,11 @@ def model_state_bytes(param_numels: list[int], dtype_bytes: int, layout: Layout,
     weights = dtype_bytes * partition_numel(param_numels, layout)
     master = FP32 * opt_elems if on_gpu else 0
     moments = 2 * master
-    if stage == 0 and precision == "fp32":  # no wrapper: the bare optimizer on the parameters
-        return {"weights": weights, "gradients": dtype_bytes * params, "gradients_fp32": 0,
-                "master_weights": 0, "optimizer_states": 2 * FP32 * params}
-    if stage == 0:  # FP16_UnfusedOptimizer, for bf16 and fp16 alike
+    if stage == 0:  # FP16_UnfusedOptimizer (bf16, fp16); in fp32 the bare optimizer on the parameters
+        unfused = precision != "fp32"
         gradients = dtype_bytes * params
-        grads32 = FP32 * params if phase == "step" else 0
+        grads32 = FP32 * params if phase == "step" and unfused else 0
+        master = master if unfused else 0
     elif stage == 1:
         gradients = dtype_bytes * params
         grads32 = FP32 * opt_elems if phase == "step" and on_gpu else 0
