@@ -6,6 +6,7 @@ Commands: plan, check, launch, trace, models, gpus, schema.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -15,10 +16,13 @@ from rich.table import Table
 
 from .planner.fit import check_fit
 from .planner.io import PlanError, dump_plan, load_plan
-from .planner.options import request_from_options
+from .planner.options import CLI_FLAGS, DEFAULTS, LayoutOptions, choices, layout_options, request_from_options
+from .planner.schema import Layout, Plan, Precision
 from .profiles import ProfileError, gpu_names, load_gpu, load_model, model_names
+from .profiles.schema import GpuProfile, ModelProfile
 from .render import (
     breakdown_table,
+    describe_shortfall,
     gib,
     layout_line,
     plan_json,
@@ -44,21 +48,43 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 
 
 # ---------------------------------------------------------------- shared layout options
+# The options of LayoutOptions (planner/options.py): flag names from CLI_FLAGS, --help from
+# the field descriptions (the plan schema's), defaults from the model.
+
+
+def _help(field: str, note: str = "") -> str:
+    """--help of a layout option: its choices, its description, then `note`."""
+    description = LayoutOptions.model_fields[field].description
+    values = choices(field)
+    starts_with_value = description.split()[0].strip(":,") in map(str, values)
+    text = f"{description if starts_with_value else description[0].upper() + description[1:]}."
+    if values:
+        text = f"{'|'.join(str(v) for v in values)}. {text}"
+    return f"{text} {note}".strip()
+
+
+def _option(field: str, *aliases: str, note: str = "", **limits) -> typer.models.OptionInfo:
+    """The typer option of one LayoutOptions field."""
+    return typer.Option(CLI_FLAGS[field], *aliases, help=_help(field, note), **limits)
+
 
 _PIN = "Unpinned, the search chooses."
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Profile name (ltune models), a HF config.json or its folder, or a size like 7b.")]
-CtxOpt = Annotated[int, typer.Option("--ctx", help="Context length: tokens per packed sequence.", min=1)]
-GpuOpt = Annotated[str, typer.Option("--gpu", help="GPU profile (ltune gpus).")]
-GpusOpt = Annotated[Optional[int], typer.Option("--gpus", help="Fix the GPU count (default: search powers of two).", min=1)]
-ZeroOpt = Annotated[Optional[int], typer.Option("--zero-stage", help=f"ZeRO stage 0-3. {_PIN}", min=0, max=3)]
-SpOpt = Annotated[Optional[int], typer.Option("--sp-degree", help=f"Ulysses sequence-parallel degree; divides the heads and GPUs. {_PIN}", min=1)]
-OffloadOpt = Annotated[Optional[str], typer.Option("--offload", help="none|optimizer|all. Unpinned, offload is tried only when nothing else fits.")]
-LossOpt = Annotated[Optional[str], typer.Option("--loss", help=f"full|chunked (chunked never holds all fp32 logits). {_PIN}")]
-RecomputeOpt = Annotated[Optional[str], typer.Option("--recompute", help=f"full|none (gradient checkpointing). {_PIN}")]
-MicroBatchOpt = Annotated[Optional[int], typer.Option("--micro-batch", help=f"Packed sequences per GPU per step. {_PIN}", min=1)]
-AttentionOpt = Annotated[str, typer.Option("--attention", help="varlen (flash, linear memory) or eager (quadratic).")]
-PrecisionOpt = Annotated[Optional[str], typer.Option("--precision", help="bf16|fp16|fp32 (default bf16, fp16 where the GPU has no bf16; fp32 is full precision, no mixed precision).")]
-ChunkOpt = Annotated[int, typer.Option("--loss-chunk-tokens", help="Tokens per chunk of the chunked loss.", min=1)]
+ModelOpt = Annotated[str, _option("model", "-m")]
+CtxOpt = Annotated[int, _option("seq_len", min=1)]
+GpuOpt = Annotated[str, _option("gpu")]
+GpusOpt = Annotated[Optional[int], _option("num_gpus", note="Unpinned, the search tries powers of two.", min=1)]
+MaxGpusOpt = Annotated[int, _option("max_gpus", min=1)]
+ZeroOpt = Annotated[Optional[int], _option("zero_stage", note=_PIN, min=0, max=3)]
+SpOpt = Annotated[Optional[int], _option("sp_degree", note=_PIN, min=1)]
+OffloadOpt = Annotated[Optional[str], _option("offload", note="Unpinned, offload is tried only when nothing else fits.")]
+LossOpt = Annotated[Optional[str], _option("loss", note=_PIN)]
+RecomputeOpt = Annotated[Optional[str], _option("recompute", note=_PIN)]
+MicroBatchOpt = Annotated[Optional[int], _option("micro_batch_size", note=_PIN, min=1)]
+AttentionOpt = Annotated[str, _option("attention")]
+PrecisionOpt = Annotated[Optional[str], _option("precision")]
+ChunkOpt = Annotated[int, _option("loss_chunk_tokens", min=1)]
+HostMemOpt = Annotated[Optional[float], _option("host_mem_gib", min=0.0)]
+MarginOpt = Annotated[float, _option("safety_margin", min=0.0, max=0.5)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
 
 def _one_line(e: Exception) -> str:
@@ -74,8 +100,6 @@ def _one_line(e: Exception) -> str:
 
 
 def _print_plan(req, result, model_name: str) -> None:
-    from .planner.search import describe_shortfall
-
     m, g = req.model, req.gpu
     generic = (f" [yellow](generic llama-shaped estimate: {m.num_attention_heads} heads, {m.num_kv_heads} kv, "
                f"ffn {m.intermediate_size}, vocab {m.vocab_size})[/]") if m.generic else ""
@@ -103,11 +127,10 @@ def _print_plan(req, result, model_name: str) -> None:
     console.print(f"[dim]{result.evaluated:,} layouts evaluated in {result.seconds * 1000:.0f} ms[/]")
 
 
-def _report_no_fit(req, closest) -> None:
-    from .planner.search import describe_shortfall, remedies
-
-    err_console.print(f"[bold red]no layout fits;[/] closest: {layout_line(closest.layout)}, {describe_shortfall(closest)}")
-    for hint in remedies(req, closest):
+def _report_no_fit(closest) -> None:
+    sf = closest.shortfall
+    err_console.print(f"[bold red]no layout fits;[/] closest: {layout_line(sf.layout)}, {describe_shortfall(sf)}")
+    for hint in closest.remedies:
         err_console.print(f"  - {hint}")
 
 
@@ -130,21 +153,21 @@ def _write_plan(req, best, model_name: str, output: Path, host_mem_gib, training
 @app.command()
 def plan(
     model: ModelOpt,
-    ctx: CtxOpt,
-    gpu: GpuOpt = "a100-80g",
-    gpus: GpusOpt = None,
-    max_gpus: Annotated[int, typer.Option("--max-gpus", help="Largest GPU count searched.", min=1)] = 1024,
+    seq_len: CtxOpt,
+    gpu: GpuOpt = DEFAULTS["gpu"],
+    num_gpus: GpusOpt = None,
+    max_gpus: MaxGpusOpt = DEFAULTS["max_gpus"],
     zero_stage: ZeroOpt = None,
     sp_degree: SpOpt = None,
     offload: OffloadOpt = None,
     loss: LossOpt = None,
     recompute: RecomputeOpt = None,
-    micro_batch: MicroBatchOpt = None,
-    attention: AttentionOpt = "varlen",
+    micro_batch_size: MicroBatchOpt = None,
+    attention: AttentionOpt = DEFAULTS["attention"],
     precision: PrecisionOpt = None,
-    host_mem_gib: Annotated[Optional[float], typer.Option("--host-mem-gib", help="Host memory per node for offload (default: the GPU profile's).", min=0.0)] = None,
-    safety_margin: Annotated[float, typer.Option("--safety-margin", help="Fraction of GPU memory kept free.", min=0.0, max=0.5)] = 0.05,
-    chunk_tokens: ChunkOpt = 4096,
+    host_mem_gib: HostMemOpt = None,
+    safety_margin: MarginOpt = DEFAULTS["safety_margin"],
+    loss_chunk_tokens: ChunkOpt = DEFAULTS["loss_chunk_tokens"],
     steps: Annotated[int, typer.Option("--steps", help="Training steps written to plan.yaml.", min=1)] = 1000,
     lr: Annotated[float, typer.Option("--lr", help="Learning rate written to plan.yaml (> 0).")] = 2e-5,
     data: Annotated[Optional[list[str]], typer.Option("--data", help="JSONL file or folder (repeatable), written to plan.yaml.")] = None,
@@ -162,19 +185,23 @@ def plan(
     if lr <= 0:
         raise fail(f"--lr must be > 0 (got {lr})")
     try:
-        req = request_from_options(model, ctx, gpu, gpus, zero_stage, sp_degree, offload, loss, recompute, micro_batch,
-                                   attention, precision, chunk_tokens, max_gpus, safety_margin, host_mem_gib)
+        options = layout_options(
+            model=model, seq_len=seq_len, gpu=gpu, num_gpus=num_gpus, max_gpus=max_gpus, zero_stage=zero_stage,
+            sp_degree=sp_degree, offload=offload, loss=loss, recompute=recompute, micro_batch_size=micro_batch_size,
+            attention=attention, precision=precision, host_mem_gib=host_mem_gib, safety_margin=safety_margin,
+            loss_chunk_tokens=loss_chunk_tokens,
+        )
+        req = request_from_options(options)
     except (ProfileError, ValueError) as e:
         raise fail(_one_line(e))
     result = search(req)
-    closest = result.shortfalls[0] if result.best is None and result.shortfalls else None
     if as_json:
-        print(json.dumps(plan_json(req, result, model, closest), indent=2))
+        print(json.dumps(plan_json(req, result, model), indent=2))
     else:
         _print_plan(req, result, model)
     if result.best is None:
-        if closest is not None and not as_json:
-            _report_no_fit(req, closest)
+        if result.closest is not None and not as_json:
+            _report_no_fit(result.closest)
         raise typer.Exit(1)
     if output is not None:
         _write_plan(req, result.best, model, output, host_mem_gib,
@@ -321,44 +348,59 @@ def launch(
 # ---------------------------------------------------------------- trace
 
 
-def _trace_target(plan_path, model, ctx, gpu, layout_options: dict, chunk_tokens):
-    """(plan or None, arch, gpu profile, layout, seq_len, precision, chunk tokens, name) to trace:
-    a plan's, or the layout `ltune plan` picks for these options (the closest if none fits)."""
+@dataclass(frozen=True)
+class TraceTarget:
+    """What `ltune trace` traces: a plan's layout, or the one `ltune plan` picks."""
+
+    name: str  # what --model was given, or the plan's model name
+    model: ModelProfile
+    gpu: GpuProfile
+    layout: Layout
+    seq_len: int
+    precision: Precision
+    loss_chunk_tokens: int
+    plan: Plan | None = None  # when tracing a plan
+
+
+def _plan_target(plan_path: Path) -> TraceTarget:
+    p = load_plan(plan_path)
+    return TraceTarget(name=p.model.name, model=p.model.architecture, gpu=load_gpu(p.hardware.gpu), layout=p.layout,
+                       seq_len=p.training.seq_len, precision=p.training.precision,
+                       loss_chunk_tokens=p.training.loss_chunk_tokens, plan=p)
+
+
+def _search_target(options: LayoutOptions) -> TraceTarget:
+    """The layout `ltune plan` picks for these options (the closest if none fits)."""
     from .planner.search import search
 
-    if plan_path is not None:
-        p = load_plan(plan_path)
-        return (p, p.model.architecture, load_gpu(p.hardware.gpu), p.layout, p.training.seq_len,
-                p.training.precision, p.training.loss_chunk_tokens, p.model.name)
-    if model is None or ctx is None:
-        raise ValueError("give --model and --ctx, or --plan plan.yaml")
-    req = request_from_options(model, ctx, gpu, chunk_tokens=chunk_tokens, **layout_options)
+    req = request_from_options(options)
     result = search(req)
     if result.best is not None:
         layout = result.best.layout
-    elif result.shortfalls:
-        layout = result.shortfalls[0].layout  # nothing fits: trace the closest layout anyway
+    elif result.closest is not None:
+        layout = result.closest.shortfall.layout  # nothing fits: trace the closest layout anyway
     else:
         raise ValueError("no layout matches these options")
-    return None, req.model, req.gpu, layout, ctx, req.precision, chunk_tokens, model
+    return TraceTarget(name=options.model, model=req.model, gpu=req.gpu, layout=layout, seq_len=req.seq_len,
+                       precision=req.precision, loss_chunk_tokens=req.loss_chunk_tokens)
 
 
 @app.command()
 def trace(
     plan_path: Annotated[Optional[Path], typer.Option("--plan", help="Trace the layout of this plan.yaml.")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Profile name, HF config.json or folder, or a size like 7b.")] = None,
-    ctx: Annotated[Optional[int], typer.Option("--ctx", help="Context length: tokens per packed sequence.", min=1)] = None,
-    gpu: GpuOpt = "a100-80g",
-    gpus: GpusOpt = None,
+    model: Annotated[Optional[str], _option("model", "-m")] = None,
+    seq_len: Annotated[Optional[int], _option("seq_len", min=1)] = None,
+    gpu: GpuOpt = DEFAULTS["gpu"],
+    num_gpus: GpusOpt = None,
     zero_stage: ZeroOpt = None,
     sp_degree: SpOpt = None,
     offload: OffloadOpt = None,
     loss: LossOpt = None,
     recompute: RecomputeOpt = None,
-    micro_batch: MicroBatchOpt = None,
-    attention: AttentionOpt = "varlen",
+    micro_batch_size: MicroBatchOpt = None,
+    attention: AttentionOpt = DEFAULTS["attention"],
     precision: PrecisionOpt = None,
-    chunk_tokens: ChunkOpt = 4096,
+    loss_chunk_tokens: ChunkOpt = DEFAULTS["loss_chunk_tokens"],
     num_docs: Annotated[Optional[int], typer.Option("--num-docs", help="Documents packed in each traced sequence (default 4).", min=1)] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -368,12 +410,19 @@ def trace(
     """
     from .planner.memory import estimate_memory
 
-    layout_options = dict(gpus=gpus, zero_stage=zero_stage, sp_degree=sp_degree, offload=offload, loss=loss,
-                          recompute=recompute, micro_batch=micro_batch, attention=attention, precision=precision)
     try:
-        plan_obj, arch, gpu_profile, layout, seq_len, prec, chunk_tokens, name = _trace_target(
-            plan_path, model, ctx, gpu, layout_options, chunk_tokens)
-        analytic = estimate_memory(arch, gpu_profile, layout, seq_len, precision=prec, chunk_tokens=chunk_tokens)
+        if plan_path is not None:
+            target = _plan_target(plan_path)
+        elif model is None or seq_len is None:
+            raise ValueError("give --model and --ctx, or --plan plan.yaml")
+        else:
+            target = _search_target(layout_options(
+                model=model, seq_len=seq_len, gpu=gpu, num_gpus=num_gpus, zero_stage=zero_stage, sp_degree=sp_degree,
+                offload=offload, loss=loss, recompute=recompute, micro_batch_size=micro_batch_size,
+                attention=attention, precision=precision, loss_chunk_tokens=loss_chunk_tokens,
+            ))
+        analytic = estimate_memory(target.model, target.gpu, target.layout, target.seq_len,
+                                   precision=target.precision, loss_chunk_tokens=target.loss_chunk_tokens)
     except (PlanError, ProfileError, ValueError) as e:
         raise fail(_one_line(e))
     try:
@@ -383,16 +432,17 @@ def trace(
         raise fail(f"ltune trace needs torch and transformers (pip install 'ltune[train]'): {e}")
     from .trace import trace_memory
 
+    layout, seq_len, prec = target.layout, target.seq_len, target.precision
     try:
-        result = trace_memory(arch, seq_len, layout, prec, loss_chunk_tokens=chunk_tokens, num_docs=num_docs,
-                              plan=plan_obj)
+        result = trace_memory(target.model, seq_len, layout, prec, loss_chunk_tokens=target.loss_chunk_tokens,
+                              num_docs=num_docs, plan=target.plan)
     except ValueError as e:
         raise fail(str(e))
     if as_json:
-        print(json.dumps(trace_json(name, gpu_profile, seq_len, prec, layout, analytic, result), indent=2))
+        print(json.dumps(trace_json(target.name, target.gpu, seq_len, prec, layout, analytic, result), indent=2))
         return
-    console.print(f"[bold]{name}[/] ({arch.num_params() / 1e9:.2f}B params) at {seq_len:,} tokens, {prec}, "
-                  f"on {gpu_profile.display_name}: {layout_line(layout)}")
+    console.print(f"[bold]{target.name}[/] ({target.model.num_params() / 1e9:.2f}B params) at {seq_len:,} tokens, "
+                  f"{prec}, on {target.gpu.display_name}: {layout_line(layout)}")
     console.print(f"traced one step of {layout.micro_batch_size} x {result.tokens_per_rank:,} tokens per rank "
                   f"({result.num_docs} documents per sequence) in {result.trace_s:.1f} s, "
                   f"{result.max_rss_bytes / 1e9:.2f} GB resident")
@@ -449,6 +499,4 @@ def gpus() -> None:
 @app.command()
 def schema() -> None:
     """Print the JSON Schema of plan.yaml."""
-    from .planner.schema import Plan
-
     print(json.dumps(Plan.model_json_schema(), indent=2))

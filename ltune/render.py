@@ -92,11 +92,19 @@ def trace_table(result, analytic) -> Table:
     return table
 
 
-def plan_json(req, result, model_name: str, closest) -> dict:
-    """`ltune plan --json`: the chosen (or closest) layout and the rest of the search."""
-    from .planner.search import evaluate, remedies
+def describe_shortfall(sf) -> str:
+    """One line: how far a GPU count falls short and the biggest term."""
+    host = f"host memory over by {sf.host_over_bytes / GIB:.1f} GiB per node"
+    if sf.over_bytes <= 0:
+        return host
+    gpu = f"over by {sf.over_bytes / GIB:.1f} GiB; largest term {sf.largest_term} {sf.largest_term_bytes / GIB:.1f} GiB"
+    return f"{gpu}; {host}" if sf.host_over_bytes > 0 else gpu
 
-    chosen = result.best or (evaluate(req, closest.layout) if closest else None)
+
+def plan_json(req, result, model_name: str) -> dict:
+    """`ltune plan --json`: the chosen (or closest) layout and the rest of the search."""
+    closest = result.closest
+    chosen = result.best or (closest.evaluation if closest else None)
     out = evaluation_json(chosen) if chosen else {"fits": False}
     out.update(
         model=model_name, gpu=req.gpu.name, seq_len=req.seq_len, precision=req.precision,
@@ -107,7 +115,7 @@ def plan_json(req, result, model_name: str, closest) -> dict:
         layouts_evaluated=result.evaluated,
     )
     if closest is not None:
-        out["remedies"] = remedies(req, closest)
+        out["remedies"] = closest.remedies
     return out
 
 

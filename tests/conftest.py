@@ -65,3 +65,13 @@ def make_plan(
 @pytest.fixture
 def plan_factory():
     return make_plan
+
+
+def free_port() -> int:
+    """A free TCP port for a test's rendezvous: the launcher's own rule (ltune.launcher.ports).
+
+    Imported when called, so that collecting a test file needs no more than torch.
+    """
+    from ltune.launcher.ports import free_port as launcher_free_port
+
+    return launcher_free_port()

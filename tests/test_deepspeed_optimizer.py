@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -21,6 +20,7 @@ pytest.importorskip("deepspeed")
 from ltune.planner.memory import master_weights_bytes  # noqa: E402
 from ltune.planner.schema import Layout  # noqa: E402
 from ltune.planner.shape import Shape  # noqa: E402
+from conftest import free_port as _free_port  # noqa: E402
 
 CASES = [("bf16", 0), ("fp32", 0), ("fp32", 1), ("fp32", 3)]
 
@@ -28,7 +28,7 @@ SCRIPT = r"""
 import json, sys
 import torch
 from tests.conftest import make_plan
-from ltune.trainer.ds_config import build_ds_config
+from ltune.job.ds_config import build_ds_config
 from ltune.trainer.engine import init_distributed, initialize
 from ltune.trainer.model import build_model
 
@@ -56,12 +56,6 @@ for precision, stage in json.loads(sys.argv[1]):
     }
 print("RESULT " + json.dumps(out))
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.distributed

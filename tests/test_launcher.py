@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from typer.testing import CliRunner
 
 from conftest import make_plan
@@ -28,7 +27,7 @@ from ltune.launcher.slurm import parse_sbatch
 from ltune.planner.io import dump_plan, load_plan
 from ltune.planner.schema import Evaluation, MemoryBreakdown, Throughput
 from ltune.profiles import GIB, load_model
-from ltune.trainer.ds_config import build_ds_config
+from ltune.job.ds_config import build_ds_config
 
 PY = "python-under-test"  # the interpreter path is a parameter: compare argv exactly
 
@@ -295,14 +294,44 @@ def test_resume(workdir):
 
 
 def test_plan_that_does_not_fit_is_refused(workdir, monkeypatch):
-    monkeypatch.setattr(spec_module, "evaluate_fit", lambda plan: fake_evaluation(plan, 75.5, usable_gib=70.0))
+    refused = fake_evaluation(big_plan(32), 75.5, usable_gib=70.0)
+    monkeypatch.setattr(spec_module, "evaluate_fit", lambda plan: refused)
     with pytest.raises(FitRefused) as err:
         plan_launch(big_plan(32), workdir / "plan.yaml", LaunchOptions(launcher="slurm"))
     assert err.value.exit_code == 1
     assert "75.50 GiB per GPU" in str(err.value) and "short by 5.50 GiB" in str(err.value)
-    assert err.value.evaluation.memory.terms["activations"] > 0
+    assert err.value.evaluation is refused  # what the CLI's breakdown table shows
     spec = plan_launch(big_plan(32), workdir / "plan.yaml", LaunchOptions(launcher="slurm", force=True))
     assert spec.forced
+
+
+def test_real_refusal_carries_the_planners_activations(workdir, monkeypatch):
+    """llama2-7b at 256k tokens, sp 2 on 8 H100s: refused by the planner itself (no stub).
+
+    Each rank holds 262144 / 2 = 131072 tokens (t). Its activation terms, by hand
+    (h 4096, 32 layers, head_dim 128, vocab 32000, bf16):
+    - checkpoints: every layer's input, 2 B x h x t per layer (Korthikanti et al. 2022:
+      2sbh with full recompute): 32 x 2 x 4096 x 131072 = 34_359_738_368;
+      the final RMSNorm's fp32 upcast, its bf16 normalised input and its bf16 output (saved by
+      the output layer), (4 + 2 + 2) x h x t = 4_294_967_296;
+      RoPE cos and sin, 2 x 2 B x head_dim x t = 67_108_864: 38_721_814_528 in all;
+    - logits and loss: 3 fp32 values per logit in the loss backward, 3 x 4 x 32000 x t
+      = 50_331_648_000.
+    """
+    monkeypatch.undo()
+    monkeypatch.chdir(workdir)
+    plan = make_plan(
+        arch=load_model("llama2-7b"),
+        gpu="h100-80g",
+        layout={"num_gpus": 8, "zero_stage": 3, "sp_degree": 2},
+        training={"seq_len": 262144, "max_steps": 100, "data": ["data/a.jsonl"], "output_dir": "runs/big"},
+        model={"tokenizer": "tok"},
+    )
+    with pytest.raises(FitRefused) as err:
+        plan_launch(plan, workdir / "plan.yaml", LaunchOptions(launcher="slurm"))
+    terms = err.value.evaluation.memory.terms
+    assert terms["activations_checkpoints"] == 38_721_814_528
+    assert terms["logits_loss"] == 50_331_648_000
 
 
 def test_real_fit_check_runs_on_the_plan(workdir, monkeypatch):
@@ -333,6 +362,7 @@ def test_port_in_use_is_refused(workdir):
         (lambda d: (d / "data" / "a.jsonl").unlink(), "a.jsonl: data file not found"),
         (lambda d: (d / "data" / "a.jsonl").write_text(""), "a.jsonl: data file is empty"),
         (lambda d: (d / "data" / "a.jsonl").write_text('{"text": "ok"}\n{"text": oops}\n'), r"a.jsonl:2: malformed JSON"),
+        (lambda d: (d / "data" / "a.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n'), r"a.jsonl:2: not UTF-8 text"),
         (lambda d: (d / "tok" / "tokenizer.json").unlink(), "holds no tokenizer"),
         (lambda d: (d / "data" / "b.jsonl").write_text('{"messages": [{"role": "user", "content": "q"}]}\n'),
          r"b.jsonl:1: chat record has no assistant turn"),

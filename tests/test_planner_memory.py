@@ -1,5 +1,7 @@
 """The memory model: terms against their formulas, published facts, and invariants."""
 
+import dataclasses
+
 import pytest
 
 from ltune.planner import activations as A
@@ -33,52 +35,95 @@ def shape(model="llama2-7b", seq_len=4096, **kw):
     return S.Shape.of(load_model(model), seq_len, **kw)
 
 
-def test_model_states_follow_zero_partitioning():
-    s = shape()
-    P = s.params
-    z0 = Layout(num_gpus=8, zero_stage=0)
-    z2 = Layout(num_gpus=8, zero_stage=2)
-    z3 = Layout(num_gpus=8, zero_stage=3)
-    # 16-bit weights: whole below ZeRO-3, partitioned (plus persistent norms) at 3
-    assert M.weights_bytes(s, z2) == 2 * P
-    assert M.weights_bytes(s, z3) == 2 * (P // 8 + s.persistent_params)
-    # ZeRO-0 in bf16 is DeepSpeed's FP16_UnfusedOptimizer around torch AdamW: whole 16-bit
-    # gradients, whole fp32 master and moments, fp32 gradients at the step only
-    assert M.gradients_bytes(s, z0) == 2 * P
-    assert M.gradients_fp32_bytes(s, z0, "backward") == 0
-    assert M.gradients_fp32_bytes(s, z0, "step") == 4 * P
-    assert M.master_weights_bytes(s, z0) + M.optimizer_states_bytes(s, z0) == 12 * P
-    # ZeRO paper: 12 bytes/param of optimizer state, 1/N each
-    assert M.master_weights_bytes(s, z3) + M.optimizer_states_bytes(s, z3) == 12 * (P // 8)
-    # ZeRO-2 partitions 16-bit gradients; fp32 gradients only at the step
-    assert M.gradients_bytes(s, z2) == 2 * (P // 8)
-    assert M.gradients_fp32_bytes(s, z2, "backward") == 0
-    assert M.gradients_fp32_bytes(s, z2, "step") == 4 * (P // 8)
+# The ZeRO paper's example (Rajbhandari et al. 2020, Figure 1): a model of PSI = 7.5B parameters
+# on N_d = 64 GPUs, mixed precision with Adam: 2 + 2 + 12 bytes per parameter. One rank's
+# partition is PSI / 64 = 117,187,500 elements.
+PSI = 7_500_000_000
+PART = 117_187_500
+
+
+def paper_shape(precision="bf16", **kw):
+    """Llama-2-7B's architecture with the paper's 7.5B parameters and no persistent tensors."""
+    return dataclasses.replace(shape(precision=precision), **{"params": PSI, "persistent_params": 0, **kw})
+
+
+@pytest.mark.parametrize(
+    "stage, published_gb, hand_bytes",
+    [
+        (0, 120.0, 120_000_000_000),  # baseline: (2 + 2 + 12) x 7.5e9
+        (1, 31.4, 31_406_250_000),  # P_os: 2 x 7.5e9 + 2 x 7.5e9 + 12 x 117,187,500
+        (2, 16.6, 16_640_625_000),  # P_os+g: 2 x 7.5e9 + (2 + 12) x 117,187,500
+        (3, 1.9, 1_875_000_000),  # P_os+g+p: (2 + 2 + 12) x 117,187,500
+    ],
+)
+def test_model_states_match_the_zero_paper(stage, published_gb, hand_bytes):
+    """ZeRO paper, Figure 1: 120, 31.4, 16.6 and 1.9 GB of model states per GPU at ZeRO 0-3
+    (the paper counts no fp32 gradient copy; DeepSpeed makes it at the optimizer step only)."""
+    states = M.model_states(paper_shape(), Layout(num_gpus=64, zero_stage=stage), "backward")
+    assert sum(states.values()) == hand_bytes
+    assert hand_bytes / 1e9 == pytest.approx(published_gb, abs=0.05)
+
+
+def test_model_state_terms_by_stage_at_the_step():
+    """Per term and stage, bf16, 7.5B on 64 GPUs: ZeRO-1 partitions the optimizer states, ZeRO-2
+    also the 16-bit gradients, ZeRO-3 also the 16-bit weights; ZeRO-0 in bf16 is DeepSpeed's
+    FP16_UnfusedOptimizer (engine.py `_do_optimizer_sanity_check`): whole fp32 master and moments.
+    The fp32 gradient copy (4 bytes per partition element) exists at the step only."""
+    whole16, part16, whole32, part32 = 15_000_000_000, 234_375_000, 30_000_000_000, 468_750_000
+    expected = {
+        0: dict(weights=whole16, gradients=whole16, gradients_fp32=whole32, master_weights=whole32,
+                optimizer_states=2 * whole32),
+        1: dict(weights=whole16, gradients=whole16, gradients_fp32=part32, master_weights=part32,
+                optimizer_states=2 * part32),
+        2: dict(weights=whole16, gradients=part16, gradients_fp32=part32, master_weights=part32,
+                optimizer_states=2 * part32),
+        3: dict(weights=part16, gradients=part16, gradients_fp32=part32, master_weights=part32,
+                optimizer_states=2 * part32),
+    }
+    for stage, terms in expected.items():
+        lay = Layout(num_gpus=64, zero_stage=stage)
+        assert M.model_states(paper_shape(), lay, "step") == terms, stage
+        assert M.model_states(paper_shape(), lay, "backward") == terms | {"gradients_fp32": 0}, stage
 
 
 def test_fp32_model_states():
-    """fp32: 4-byte weights and gradients. ZeRO-0 runs the bare optimizer (4 + 4 + 8 = 16
-    bytes/param, no master copy); ZeRO-3 still clones an fp32 master partition (20 P / N)."""
-    s = shape(precision="fp32")
-    P = s.params
-    z0, z3 = Layout(num_gpus=1, zero_stage=0), Layout(num_gpus=8, zero_stage=3, offload="none")
-    states0 = M.state_terms(s, z0, "step")
-    assert states0["weights"] + states0["gradients"] + states0["optimizer_states"] == 16 * P
-    assert states0["master_weights"] == states0["gradients_fp32"] == 0
-    states3 = M.state_terms(s, z3, "backward")
-    part = P // 8
-    assert states3["weights"] == 4 * (part + s.persistent_params)
-    assert states3["gradients"] + states3["master_weights"] + states3["optimizer_states"] == 16 * part
-    # activations and loss buffers in the model dtype: the layer input kept by recompute doubles
+    """fp32: ZeRO-0 runs torch AdamW bare on the parameters (4 + 4 + 8 = 16 bytes/param, no
+    master copy, no gradient copy); ZeRO-3 still clones an fp32 master partition (stage3.py
+    `_create_fp32_partitions`): 4 + 4 + 4 + 8 = 20 bytes per partition element. fp16 at ZeRO-0
+    is FP16_UnfusedOptimizer like bf16: a whole fp32 master copy."""
+    z0 = M.model_states(paper_shape("fp32"), Layout(num_gpus=1, zero_stage=0), "step")
+    assert z0 == dict(weights=30_000_000_000, gradients=30_000_000_000, gradients_fp32=0,
+                      master_weights=0, optimizer_states=60_000_000_000)
+    z3 = M.model_states(paper_shape("fp32"), Layout(num_gpus=64, zero_stage=3), "backward")
+    assert sum(z3.values()) == 2_343_750_000  # 20 x 117,187,500
+    fp16 = M.model_states(paper_shape("fp16"), Layout(num_gpus=4, zero_stage=0), "backward")
+    assert fp16["master_weights"] == 30_000_000_000 and fp16["gradients"] == 15_000_000_000
+    # activations in the model dtype: full recompute keeps each layer's fp32 input, 32 x 4 x 4096 x 4096
     rc = Layout(num_gpus=8, zero_stage=3, recompute="full")
-    assert A.activation_checkpoints_bytes(s, rc) == 2 * A.activation_checkpoints_bytes(shape(), rc)
+    assert A.activation_checkpoints_bytes(shape(precision="fp32"), rc) == 2_147_483_648
 
 
-def test_fp16_zero0_keeps_whole_fp32_master():
-    s = shape(precision="fp16")
-    z0 = Layout(num_gpus=4, zero_stage=0)
-    assert M.master_weights_bytes(s, z0) == 4 * s.params
-    assert M.gradients_bytes(s, z0) == 2 * s.params
+def test_zero3_fp32_gradients_one_sub_group_at_a_time():
+    """ZeRO-3 upcasts gradients to fp32 one sub-group (sub_group_size, 1e9 elements) at a time
+    (stage3.py `_prepare_fp32_grad_for_sub_group`); a sub-group closes after the tensor slice that
+    crosses it. 70B on 8 GPUs, largest tensor 8e8: partition 8.75e9 > 1e9 + 8e8 / 8 = 1.1e9."""
+    s = paper_shape(params=70_000_000_000, largest_leaf_params=800_000_000)
+    states = M.model_states(s, Layout(num_gpus=8, zero_stage=3), "step")
+    assert states["gradients_fp32"] == 4_400_000_000  # 4 x 1.1e9
+    assert states["master_weights"] == 35_000_000_000  # 4 x 8.75e9: the master is not capped
+
+
+def test_persistent_tensors_stay_whole_under_zero3():
+    """stage3_param_persistence_threshold (1e5 elements) keeps the RMSNorm weights and q/k/v
+    biases whole on every rank. Llama-2-7B: (2 x 32 + 1) x 4096 = 266,240 norm elements;
+    Qwen2.5-0.5B adds biases: (2 x 24 + 1) x 896 + 24 x (896 + 2 x 128) = 71,552."""
+    assert shape().persistent_params == 266_240
+    assert shape("qwen2.5-0.5b").persistent_params == 71_552
+    # Llama-2-7B on 8 GPUs: the 6,738,415,616 - 266,240 = 6,738,149,376 split elements (every
+    # split tensor divides by 8) give 842,268,672 per rank, plus the whole norms
+    assert M.weights_bytes(shape(), Layout(num_gpus=8, zero_stage=3)) == 2 * (842_268_672 + 266_240)
+    # one GPU holds every parameter exactly once
+    assert M.weights_bytes(shape(), Layout(num_gpus=1, zero_stage=3)) == 2 * 6_738_415_616
 
 
 def test_model_states_agree_with_deepspeed_estimator():
@@ -93,14 +138,19 @@ def test_model_states_agree_with_deepspeed_estimator():
 
 
 def test_offload_moves_states_to_host():
-    s = shape()
-    on_gpu = Layout(num_gpus=8, zero_stage=3)
-    off = Layout(num_gpus=8, zero_stage=3, offload="optimizer")
-    assert M.master_weights_bytes(s, off) == 0 and M.optimizer_states_bytes(s, off) == 0
-    assert M.host_offload_bytes_per_gpu(s, off) == 18 * (s.params // 8)
-    assert M.host_offload_bytes_per_gpu(s, on_gpu) == 0
-    all_off = Layout(num_gpus=8, zero_stage=3, offload="all")
-    assert M.weights_bytes(s, all_off) == 2 * s.persistent_params
+    """ZeRO-Offload (Ren et al. 2021): the fp32 master, two moments and fp32 gradients (16 bytes)
+    and the 16-bit gradient (2) of the rank's partition live in host memory; offload "all" adds
+    the 16-bit parameter partition (2). 7.5B on 64 GPUs: 117,187,500 elements per rank."""
+    s = paper_shape()
+    off = Layout(num_gpus=64, zero_stage=3, offload="optimizer")
+    assert M.model_states(s, off, "step") == dict(weights=234_375_000, gradients=0, gradients_fp32=0,
+                                                  master_weights=0, optimizer_states=0)
+    assert M.host_offload_bytes_per_gpu(s, off) == 2_109_375_000  # 18 x 117,187,500
+    all_off = Layout(num_gpus=64, zero_stage=3, offload="all")
+    assert M.host_offload_bytes_per_gpu(s, all_off) == 2_343_750_000  # 20 x 117,187,500
+    assert M.host_offload_bytes_per_gpu(s, Layout(num_gpus=64, zero_stage=3)) == 0
+    # only the persistent tensors stay on the GPU: Llama-2-7B's 266,240 norm elements in bf16
+    assert M.weights_bytes(shape(), Layout(num_gpus=8, zero_stage=3, offload="all")) == 532_480
 
 
 def test_layer_activations_counted_from_the_architecture():
@@ -113,9 +163,11 @@ def test_layer_activations_counted_from_the_architecture():
 
 
 def test_gqa_shrinks_attention_activations():
-    mha = A.attention_saved_bytes_per_token(shape("llama2-7b"), Layout(num_gpus=1))
-    gqa = A.attention_saved_bytes_per_token(shape("llama3.1-8b"), Layout(num_gpus=1))
-    assert gqa < mha
+    """Flash attention saves q, k, v, out (2 bytes) and an fp32 logsumexp per head and token.
+    Llama-2-7B (MHA): 2 x (4096 + 4096 + 4096 + 4096) + 4 x 32 = 32,896 bytes per token;
+    Llama-3.1-8B (GQA, 8 kv heads of 128): 2 x (4096 + 1024 + 1024 + 4096) + 4 x 32 = 20,608."""
+    assert A.attention_saved_bytes_per_token(shape("llama2-7b"), Layout(num_gpus=1)) == 32_896
+    assert A.attention_saved_bytes_per_token(shape("llama3.1-8b"), Layout(num_gpus=1)) == 20_608
 
 
 def test_full_recompute_keeps_one_input_per_layer():
@@ -136,36 +188,42 @@ def test_sequence_parallel_divides_sequence_terms():
 
 
 def test_eager_attention_is_quadratic_and_varlen_linear():
+    """Eager attention (transformers' eager_attention_forward) keeps its fp32 softmax and the bf16
+    probabilities: 32 heads x 4096^2 scores x (4 + 2) bytes = 3 GiB per Llama-2-7B layer at 4k,
+    12 GiB at 8k; with sp_degree 2 each rank has 16 heads over the whole sequence."""
     lay_e = Layout(num_gpus=1, attention="eager", recompute="none")
+    assert A.eager_attention_bytes_per_layer(shape(seq_len=4096), lay_e) == 3_221_225_472
+    assert A.eager_attention_bytes_per_layer(shape(seq_len=8192), lay_e) == 12_884_901_888
+    sp2 = Layout(num_gpus=2, sp_degree=2, attention="eager", recompute="none")
+    assert A.eager_attention_bytes_per_layer(shape(seq_len=8192), sp2) == 6_442_450_944
     lay_v = Layout(num_gpus=1, attention="varlen", recompute="none")
-    e1 = A.eager_attention_bytes_per_layer(shape(seq_len=4096), lay_e)
-    e2 = A.eager_attention_bytes_per_layer(shape(seq_len=8192), lay_e)
-    assert e2 == 4 * e1 > 0
-    assert A.activation_checkpoints_bytes(shape(seq_len=8192), lay_e) > 3 * A.activation_checkpoints_bytes(shape(seq_len=4096), lay_e)
+    assert A.eager_attention_bytes_per_layer(shape(seq_len=8192), lay_v) == 0
     v1 = A.activation_checkpoints_bytes(shape(seq_len=4096), lay_v)
     assert A.activation_checkpoints_bytes(shape(seq_len=8192), lay_v) == 2 * v1
 
 
 def test_full_loss_holds_fp32_logits_and_chunked_does_not():
-    s = shape("internlm2-20b", seq_len=32768, chunk_tokens=4096)
+    s = shape("internlm2-20b", seq_len=32768, loss_chunk_tokens=4096)
     full = A.logits_loss_bytes(s, Layout(num_gpus=1, loss="full"))
     chunked = A.logits_loss_bytes(s, Layout(num_gpus=1, loss="chunked"))
     assert full == 3 * 4 * 92544 * 32768  # fp32 log-probs, their gradient, the input gradient
     assert chunked < full / 5
 
 
-def test_peak_is_the_largest_moment_and_terms_sum_to_total():
-    model = load_model("internlm2-20b")
-    lay = Layout(num_gpus=8, **XTUNER)
-    b = M.estimate_memory(model, A100, lay, 8192)
+def test_peak_moment_of_each_step():
+    """The peak is the largest moment, terms summed once. XTuner's InternLM2-20B layout at 8k:
+    the full loss's three fp32 copies of the logits (3 x 4 x 92544 x 8192 = 9.1 GB) make the loss
+    the peak. Llama-2-7B (6,738,415,616 parameters) at ZeRO-0 on a short context: the optimizer
+    step's whole fp32 gradient copy (4 bytes each, FP16_UnfusedOptimizer) makes the step the peak."""
+    b = M.estimate_memory(load_model("internlm2-20b"), A100, Layout(num_gpus=8, **XTUNER), 8192)
     assert sum(b.terms.values()) == b.total_bytes
-    s = S.Shape.of(model, 8192)
-    totals = {ph: sum(M.phase_terms(s, lay, A100, ph).values()) for ph in M.PHASES}
-    assert b.total_bytes == max(totals.values())
-    assert b.peak_phase == max(totals, key=totals.get)
+    assert b.peak_phase == "loss" and b.terms["logits_loss"] == 9_097_445_376
+    z0 = M.estimate_memory(load_model("llama2-7b"), A100, Layout(num_gpus=8, zero_stage=0), 512)
+    assert z0.peak_phase == "step" and z0.terms["gradients_fp32"] == 26_953_662_464
+    assert z0.terms["logits_loss"] == z0.terms["activations_layer"] == 0  # activations freed at the step
 
 
 def test_usable_memory_keeps_the_margin():
     b = M.estimate_memory(load_model("llama2-7b"), A100, Layout(num_gpus=8), 4096, safety_margin=0.1)
-    assert b.usable_bytes == int(0.9 * A100.hbm_bytes)
+    assert b.usable_bytes == 77_309_411_328  # 0.9 x 80 GiB
     assert b.capacity_bytes == 80 * GIB

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from ltune.cli import app
 from ltune.planner import throughput as T
+from ltune.planner.calibration_data import FITTED_RUNS, HELD_OUT_RUNS
 from ltune.planner.io import PlanError, load_plan, plan_from_dict
 from ltune.planner.shape import Shape
 from ltune.planner.schema import Layout
@@ -19,8 +20,8 @@ from ltune.profiles import load_gpu, load_model
 runner = CliRunner()
 
 
-def request(model="internlm2-20b", ctx=32768, gpu="a100-80g", **pins):
-    return Request(model=load_model(model), gpu=load_gpu(gpu), seq_len=ctx, pins=Pins(**pins))
+def request(model="internlm2-20b", seq_len=32768, gpu="a100-80g", **pins):
+    return Request(model=load_model(model), gpu=load_gpu(gpu), seq_len=seq_len, pins=Pins(**pins))
 
 
 def test_recommends_smallest_count_then_fastest():
@@ -34,8 +35,10 @@ def test_recommends_smallest_count_then_fastest():
 
 
 def test_unconstrained_beats_xtuner_recipe_at_32k():
-    """Section 7: sequence parallel or a chunked loss may fit on fewer GPUs than the
-    constrained recipe, which the result still carries."""
+    """XTuner's long-context guide (issue #424) needs 32 A100-80G for InternLM2-20B at 32k
+    with its recipe (ZeRO-3, full recompute, no sequence parallel): the constrained layout
+    the result carries lands on the same 32, and sequence parallel or a chunked loss fits
+    on fewer."""
     r = search(request())
     assert r.conventional.layout.num_gpus == 32
     assert r.best.layout.num_gpus < 32
@@ -49,9 +52,9 @@ def test_pins_are_respected():
 
 
 def test_offload_only_when_nothing_else_fits():
-    r = search(request(model="llama2-7b", ctx=4096, num_gpus=1))
+    r = search(request(model="llama2-7b", seq_len=4096, num_gpus=1))
     assert r.best.layout.offload != "none"
-    r8 = search(request(model="llama2-7b", ctx=4096))
+    r8 = search(request(model="llama2-7b", seq_len=4096))
     assert r8.best.layout.offload == "none"
 
 
@@ -64,17 +67,27 @@ def test_step_time_flops_follow_palm():
         2 * s.params + 4 * 32 * 4096 * 8192)
 
 
+_TORCHTITAN_128, _SWIFT_H20 = HELD_OUT_RUNS
+
+
 @pytest.mark.parametrize(
-    "model, gpu, measured",
-    [("llama3.1-8b", "h100-80g", 5762), ("llama2-7b", "a100-80g", 3028)],
-    ids=["torchtitan-h100", "xtuner-a100"],
+    "run",
+    [
+        pytest.param(_TORCHTITAN_128, id="torchtitan-128xh100"),
+        pytest.param(_SWIFT_H20, id="ms-swift-4xh20", marks=pytest.mark.xfail(strict=True, reason=(
+            "known miss: the model predicts 931 tokens/s/GPU, half the measured 1,846; matching it would need a "
+            "kernel efficiency of 1.36 on the h20 profile's assumed matmul ceiling. H20 pairs little compute with "
+            "much HBM bandwidth, so the non-matmul work KERNEL_EFFICIENCY (fitted on A100 and H100) charges for "
+            "costs it less; the run also packs LongAlpaca documents and uses Liger kernels"))),
+    ],
 )
-def test_throughput_near_published_runs(model, gpu, measured):
-    """torchtitan (Llama-3.1-8B, 8k, 8x H100, FSDP) and XTuner (Llama2-7B, 8k, 8x A100,
-    ZeRO-3): one shared efficiency constant puts both within 25%."""
-    s = Shape.of(load_model(model), 8192)
-    th = T.estimate_throughput(s, Layout(num_gpus=8, zero_stage=3), load_gpu(gpu))
-    assert th.tokens_per_s_per_gpu == pytest.approx(measured, rel=0.25)
+def test_throughput_near_held_out_runs(run):
+    """Published runs held out of the KERNEL_EFFICIENCY fit (calibration_data.py), within
+    the 25% the model claims for its fitted runs."""
+    assert run not in FITTED_RUNS
+    s = Shape.of(load_model(run.model), run.seq_len)
+    th = T.estimate_throughput(s, run.layout, load_gpu(run.gpu), run.grad_accum)
+    assert th.tokens_per_s_per_gpu == pytest.approx(run.tokens_per_s_per_gpu, rel=0.25)
 
 
 def test_ulysses_and_offload_cost_time():
@@ -123,13 +136,35 @@ def test_exit_codes():
     assert runner.invoke(app, ["plan", "-m", "lama2-7b", "--ctx", "4096"]).exit_code == 2
     assert runner.invoke(app, ["plan", "-m", "llama2-7b", "--ctx", "4096", "--sp-degree", "3"]).exit_code == 2
     assert runner.invoke(app, ["plan", "-m", "llama2-7b", "--ctx", "4096", "--gpu", "v100-32g", "--precision", "bf16"]).exit_code == 2
-    assert runner.invoke(app, ["plan", "-m", "llama2-7b", "--ctx", "4096", "--loss", "tiled"]).exit_code == 2
+    res = runner.invoke(app, ["plan", "-m", "llama2-7b", "--ctx", "4096", "--loss", "tiled"])
+    assert res.exit_code == 2
+    assert "--loss must be one of full, chunked (got 'tiled')" in " ".join(res.output.split())
 
 
 def test_none_fits_reports_closest_and_remedies():
     res = runner.invoke(app, ["plan", "-m", "llama2-70b", "--ctx", "131072", "--gpus", "4", "--json"])
     data = json.loads(res.stdout)
     assert data["fits"] is False and data["shortfalls"] and data["remedies"]
+
+
+def test_none_fits_closest_is_the_smallest_miss():
+    """Nothing fits up to --max-gpus 8: the closest layout reported is the GPU count that
+    misses by the least (here the most GPUs), and raising --max-gpus is a remedy."""
+    res = runner.invoke(app, ["plan", "-m", "llama2-70b", "--ctx", "131072", "--max-gpus", "8", "--json"])
+    assert res.exit_code == 1
+    data = json.loads(res.stdout)
+    over = {sf["num_gpus"]: max(sf["over_bytes"], sf["host_over_bytes"]) for sf in data["shortfalls"]}
+    assert sorted(over) == [1, 2, 4, 8]
+    assert data["layout"]["num_gpus"] == min(over, key=over.get) == 8
+    assert any("--max-gpus" in hint for hint in data["remedies"])
+
+
+def test_plan_schema_documents_every_training_field():
+    """`ltune schema` describes each field of the plan's training section."""
+    from ltune.planner.schema import Plan
+
+    fields = Plan.model_json_schema()["$defs"]["Training"]["properties"]
+    assert [name for name, prop in fields.items() if not prop.get("description")] == []
 
 
 def test_plan_errors_name_the_field(tmp_path):
@@ -162,8 +197,8 @@ def test_plan_never_imports_the_training_stack():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("ctx", [8192, 32768])
-def test_search_hot_loop_judges_as_estimate_memory_does(ctx):
+@pytest.mark.parametrize("seq_len", [8192, 32768])
+def test_search_hot_loop_judges_as_estimate_memory_does(seq_len):
     """The search combines cached partial sums for speed; its fit verdict must be the one
     estimate_memory gives, layout by layout (near the boundary included)."""
     from itertools import product
@@ -174,8 +209,8 @@ def test_search_hot_loop_judges_as_estimate_memory_does(ctx):
     verdicts = set()
     for n, z, sp, mb, rc, loss in product((4, 8, 16), (1, 2, 3), (1, 2), (1, 2), ("full", "none"), ("full", "chunked")):
         pins = dict(num_gpus=n, zero_stage=z, sp_degree=sp, micro_batch_size=mb, recompute=rc, loss=loss, offload="none")
-        r = search(request(ctx=ctx, **pins))
-        expected = estimate_memory(model, gpu, Layout(**pins), ctx).fits
+        r = search(request(seq_len=seq_len, **pins))
+        expected = estimate_memory(model, gpu, Layout(**pins), seq_len).fits
         assert (r.best is not None) == expected, pins
         verdicts.add(expected)
     assert verdicts == {True, False}  # the grid straddles the boundary

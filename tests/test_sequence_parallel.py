@@ -7,16 +7,18 @@ straddle the shard boundary:
 - sp 2 by hand (DeepSpeed's all-to-all, gradients summed over the group) against the same documents
   run one at a time through stock transformers (sdpa): loss and every parameter gradient to 1e-5;
   and a control: the same pack attended across document boundaries gives another loss;
-- sp 2 through DeepSpeed ZeRO-3 and ZeRO-2 engines given the sequence-parallel mpu, normalised as
-  the trainer does (loss_sum x divisor / global tokens): one SGD step of lr 1 moves every
-  parameter by exactly the reference gradient, and the engine's grad norm is the reference norm.
+- sp 2 through the trainer's own `Trainer.train_step` (its ranks and sp groups from
+  `join_process_group`, its micro batches from `prepare_micro_batch`, its loss normalisation) on
+  DeepSpeed ZeRO-3 and ZeRO-2 engines given the sequence-parallel mpu, one row per micro batch
+  (gradient accumulation 2): one SGD step of lr 1 moves every parameter by exactly the reference
+  gradient, the logged loss is the reference loss over the 77 real targets counted by hand, and
+  the engine's grad norm is the reference norm.
 """
 
 from __future__ import annotations
 
 import copy
 import os
-import socket
 
 import pytest
 import torch
@@ -24,13 +26,16 @@ import torch.nn.functional as F
 
 from ltune.trainer.sequence_parallel import shard_batch
 
-from conftest import make_plan, tiny_arch
+from conftest import free_port as _free_port, make_plan, tiny_arch
 
 VOCAB = 96
 DOC_LENGTHS = [[10, 20, 15], [7, 30, 8]]  # 45 tokens a row: padded to 46, shards of 23 split documents
 SP_DEGREE = 2
 CHUNK_TOKENS = 7
 TOL = dict(rtol=1e-5, atol=1e-5)
+# next-token targets: (document length - 1) per document, less the -100 labels that are targets
+# (row 0: labels 1..3 of its first document; row 1: labels 10..13, inside its second document)
+REAL_TARGETS = (9 + 19 + 14 - 3) + (6 + 29 + 7 - 4)
 
 
 # ---------------------------------------------------------------- fixtures shared with the workers
@@ -68,8 +73,8 @@ def packed_batch() -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
 
 
-def per_document_loss(model, batch) -> torch.Tensor:
-    """Mean next-token loss over all real targets, each document run alone through the model."""
+def per_document_loss(model, batch) -> tuple[torch.Tensor, int]:
+    """(summed next-token loss, count) over all real targets, each document run alone through the model."""
     loss_sum, count = 0.0, 0
     for row, lengths in enumerate(DOC_LENGTHS):
         start = 0
@@ -80,7 +85,7 @@ def per_document_loss(model, batch) -> torch.Tensor:
             loss_sum = loss_sum + F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
             count += int((targets != -100).sum())
             start += length
-    return loss_sum / count
+    return loss_sum, count
 
 
 def train_model(hf_model, chunk_tokens: int = CHUNK_TOKENS):
@@ -141,64 +146,76 @@ def test_sp_degree_not_dividing_heads_is_refused():
 def _sp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
+        WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1",
     )
     torch.set_num_threads(1)
+    import signal
+
     import deepspeed
     import deepspeed.comm as dist
 
-    from ltune.trainer.sequence_parallel import (
-        deepspeed_grad_divisor,
-        init_sp_groups,
-        install_ulysses_attention,
-        sp_mean_loss,
-    )
+    from ltune.trainer.loop import Trainer
+    from ltune.trainer.sequence_parallel import install_ulysses_attention
 
-    deepspeed.init_distributed(dist_backend="gloo")
-    mpu = init_sp_groups(SP_DEGREE)
-    sp_group, sp_rank = mpu.get_sequence_parallel_group(), mpu.get_sequence_parallel_rank()
+    # the trainer's own process group, ranks and sequence-parallel groups
+    rows = len(DOC_LENGTHS)
+    trainer = Trainer(out_dir)
+    trainer.plan = make_plan(
+        arch=tiny_arch(vocab_size=VOCAB, max_position_embeddings=128),
+        layout={"num_gpus": world_size, "sp_degree": SP_DEGREE, "micro_batch_size": 1},
+        training={"seq_len": sum(DOC_LENGTHS[0]), "gradient_accumulation_steps": rows},
+    )
+    trainer.join_process_group()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # so that mp.spawn can stop a worker whose peer failed
+    sp_group, sp_rank = trainer.mpu.get_sequence_parallel_group(), trainer.sp_rank
     batch = packed_batch()
     shard = shard_batch(batch, sp_rank, SP_DEGREE)
     inputs = (shard["input_ids"], shard["position_ids"], shard["labels"], shard["cu_seqlens"], shard["max_seqlen"])
     base = tiny_llama()
-    micro_batch = batch["input_ids"].shape[0]
 
     # reference: every document alone through stock transformers
     reference = copy.deepcopy(base)
-    ref_loss = per_document_loss(reference, batch)
+    ref_sum, ref_count = per_document_loss(reference, batch)
+    ref_loss = ref_sum / ref_count
     ref_loss.backward()
-    result = {"ref_loss": ref_loss.detach(), "ref_grads": grads_of(reference), "local_tokens": shard["input_ids"].shape[1]}
+    result = {
+        "ref_loss": ref_loss.detach(), "ref_count": ref_count, "ref_grads": grads_of(reference),
+        "local_tokens": shard["input_ids"].shape[1],
+    }
 
     # sp 2 by hand: DeepSpeed's Ulysses attention around the trainer's varlen attention, the
-    # trainer's chunked loss head, gradients summed over the group
+    # trainer's chunked loss head, each rank's loss sum over the reference count, gradients
+    # summed over the group
+    def group_mean(loss_sum: torch.Tensor) -> torch.Tensor:
+        total = loss_sum.detach().clone()
+        dist.all_reduce(total, group=sp_group)
+        return total / ref_count
+
     sp_model = copy.deepcopy(base)
-    install_ulysses_attention(sp_model, sp_group, micro_batch)
+    install_ulysses_attention(sp_model, sp_group, rows)
     model = train_model(sp_model)
-    loss_sum, count = model(*inputs)
-    loss, loss_value = sp_mean_loss(loss_sum, count, sp_group)
-    loss.backward()
+    loss_sum, _ = model(*inputs)
+    (loss_sum / ref_count).backward()
     grads = grads_of(sp_model)
     for grad in grads.values():
         dist.all_reduce(grad, group=sp_group)
-    result.update(sp_loss=loss_value.detach(), sp_grads=grads)
+    result.update(sp_loss=group_mean(loss_sum), sp_grads=grads)
     # control: the same pack with one segment per row (documents see each other) differs
-    rows = torch.arange(0, 2 * micro_batch * inputs[0].shape[1] + 1, 2 * inputs[0].shape[1], dtype=torch.int32)
+    segments = torch.arange(0, 2 * rows * inputs[0].shape[1] + 1, 2 * inputs[0].shape[1], dtype=torch.int32)
     with torch.no_grad():
-        leak_sum, leak_count = model(*inputs[:3], rows, 2 * inputs[0].shape[1])
-        result["leaky_loss"] = sp_mean_loss(leak_sum, leak_count, sp_group)[1]
+        result["leaky_loss"] = group_mean(model(*inputs[:3], segments, 2 * inputs[0].shape[1])[0])
 
-    # through DeepSpeed engines given the mpu (ZeRO-3, then ZeRO-2), normalised as the trainer
-    # does: loss_sum x divisor / tokens of the global batch; one SGD step of lr 1
-    global_tokens = count.clone()
-    dist.all_reduce(global_tokens)
+    # the trainer's train_step on DeepSpeed engines given the mpu (ZeRO-3, then ZeRO-2): one row
+    # per micro batch, prepared by the trainer; one SGD step of lr 1
+    micro_batches = [{k: v[i : i + 1].numpy() for k, v in batch.items()} for i in range(rows)]
     for stage in (3, 2):
         ds_model = copy.deepcopy(base)
-        install_ulysses_attention(ds_model, sp_group, micro_batch)
+        install_ulysses_attention(ds_model, sp_group, 1)
         before = {n: p.detach().clone() for n, p in ds_model.named_parameters()}
         config = {
-            "train_micro_batch_size_per_gpu": micro_batch,
-            "gradient_accumulation_steps": 1,
-            "train_batch_size": micro_batch * world_size // SP_DEGREE,
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": rows,
+            "train_batch_size": rows * world_size // SP_DEGREE,
             "gradient_clipping": 1e6,  # computes the norm, never clips
             "zero_optimization": {"stage": stage},
             "zero_allow_untested_optimizer": True,
@@ -207,27 +224,17 @@ def _sp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         }
         module = train_model(ds_model)
         engine, *_ = deepspeed.initialize(
-            model=module, optimizer=torch.optim.SGD(module.parameters(), lr=1.0), config=config, mpu=mpu
+            model=module, optimizer=torch.optim.SGD(module.parameters(), lr=1.0), config=config, mpu=trainer.mpu
         )
-        loss_sum, count = engine(*inputs)
-        engine.backward(loss_sum * (deepspeed_grad_divisor(engine, SP_DEGREE) / global_tokens))
-        engine.step()
+        trainer.use_engine(engine)
+        record = trainer.train_step([trainer.prepare_micro_batch(arrays) for arrays in micro_batches])
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), enabled=stage == 3):
             after = {n: p.detach().clone() for n, p in engine.module.lm.named_parameters()}
-        value = loss_sum.detach().clone()
-        dist.all_reduce(value, group=sp_group)
-        result[f"zero{stage}_loss"] = value / global_tokens
+        result[f"zero{stage}_record"] = record
         result[f"zero{stage}_steps"] = {n: before[n] - after[n] for n in before}
-        result[f"zero{stage}_grad_norm"] = float(engine.get_global_grad_norm())
         engine.destroy()
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.distributed
@@ -239,16 +246,20 @@ def test_sp2_equals_documents_one_by_one(tmp_path):
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
     for rank, res in enumerate(results):
         assert res["local_tokens"] == 23  # 45 tokens padded to 46, halved: each rank holds half
+        assert res["ref_count"] == REAL_TARGETS == 77
         ref_loss, ref_grads = res["ref_loss"], res["ref_grads"]
         ref_norm = torch.sqrt(sum((g.double() ** 2).sum() for g in ref_grads.values())).item()
         torch.testing.assert_close(res["sp_loss"], ref_loss, **TOL, msg=f"rank {rank}: sp loss")
         assert abs(res["leaky_loss"].item() - ref_loss.item()) > 1e-3, "the control should see the leak"
-        for stage in (3, 2):
-            torch.testing.assert_close(res[f"zero{stage}_loss"], ref_loss, **TOL, msg=f"rank {rank}: ZeRO-{stage} loss")
-            assert res[f"zero{stage}_grad_norm"] == pytest.approx(ref_norm, rel=1e-5), f"ZeRO-{stage} grad norm"
         for name, expected in ref_grads.items():
             torch.testing.assert_close(res["sp_grads"][name], expected, **TOL, msg=f"rank {rank}: grad of {name}")
-            for stage in (3, 2):
+        for stage in (3, 2):
+            record = res[f"zero{stage}_record"]
+            assert record["loss_tokens"] == REAL_TARGETS, f"ZeRO-{stage} loss tokens"
+            assert record["loss"] == pytest.approx(ref_loss.item(), rel=1e-5), f"rank {rank}: ZeRO-{stage} loss"
+            assert record["grad_norm"] == pytest.approx(ref_norm, rel=1e-5), f"ZeRO-{stage} grad norm"
+            assert record["step_applied"] and record["lr"] == 1.0
+            for name, expected in ref_grads.items():
                 torch.testing.assert_close(
                     res[f"zero{stage}_steps"][name], expected, **TOL,
                     msg=f"rank {rank}: ZeRO-{stage} SGD step of {name}",

@@ -16,8 +16,10 @@ from ltune.profiles import load_gpu, load_model  # noqa: E402
 from conftest import tiny_arch  # noqa: E402
 from ltune.trace import comparable_totals, trace_memory  # noqa: E402
 from ltune.trace.flash import flash_attention_bytes, flash_varlen_memory  # noqa: E402
-from ltune.trace.sharding import model_state_bytes  # noqa: E402
-from ltune.trace.tracer import CATEGORIES, trace_step  # noqa: E402
+from ltune.planner.shape import Shape  # noqa: E402
+from ltune.planner.zero import ParamPartition, model_state_bytes  # noqa: E402
+from ltune.trace.tracer import trace_step  # noqa: E402
+from ltune.trace.types import CATEGORIES  # noqa: E402
 
 BLOCK = 512  # the CUDA caching allocator's smallest block
 
@@ -87,29 +89,55 @@ def test_flash_stand_in_saves_what_flash_attn_saves():
     assert out.shape == q.shape and out.dtype == q.dtype
 
 
+def _per_tensor_states(numels, dtype_bytes, layout, precision, phase):
+    partition = ParamPartition.of_tensors(numels, layout.num_gpus)
+    return model_state_bytes(partition, dtype_bytes, layout, precision, phase)
+
+
 def test_zero_partitioning_arithmetic():
+    """DeepSpeed's split of each tensor, by hand: ZeRO-3 (partition_parameters.py) ceil(n / N) per
+    tensor, whole at or below 1e5 elements; ZeRO 1-2 one flat group of ceil(P / N) per rank."""
     numels = [1000, 300_000, 50_000, 900_001]
     lay3 = Layout(num_gpus=8, zero_stage=3)
-    states = model_state_bytes(numels, 2, lay3, "bf16", "backward")
+    states = _per_tensor_states(numels, 2, lay3, "bf16", "backward")
     # ZeRO-3: tensors <= 1e5 elements stay whole (persistence threshold), the others ceil(n / 8)
     assert states["weights"] == 2 * (1000 + 50_000 + 37_500 + 112_501)
     assert states["master_weights"] == 4 * (125 + 37_500 + 6_250 + 112_501)
     assert states["optimizer_states"] == 2 * states["master_weights"]
     lay1 = Layout(num_gpus=4, zero_stage=1)
-    s1 = model_state_bytes(numels, 2, lay1, "bf16", "step")
+    s1 = _per_tensor_states(numels, 2, lay1, "bf16", "step")
     assert s1["gradients"] == 2 * sum(numels) and s1["gradients_fp32"] == 4 * math.ceil(sum(numels) / 4)
     lay0 = Layout(num_gpus=4, zero_stage=0)
     # bf16 at ZeRO-0 is FP16_UnfusedOptimizer: whole master and moments, fp32 gradients at the step
-    s0 = model_state_bytes(numels, 2, lay0, "bf16", "backward")
+    s0 = _per_tensor_states(numels, 2, lay0, "bf16", "backward")
     assert s0["master_weights"] == 4 * sum(numels) and s0["gradients_fp32"] == 0
-    assert model_state_bytes(numels, 2, lay0, "bf16", "step")["gradients_fp32"] == 4 * sum(numels)
+    assert _per_tensor_states(numels, 2, lay0, "bf16", "step")["gradients_fp32"] == 4 * sum(numels)
     # fp32 at ZeRO-0: the bare optimizer, gradients on the parameters, no master copy
-    f0 = model_state_bytes(numels, 4, lay0, "fp32", "step")
+    f0 = _per_tensor_states(numels, 4, lay0, "fp32", "step")
     assert f0 == {"weights": 4 * sum(numels), "gradients": 4 * sum(numels), "gradients_fp32": 0,
                   "master_weights": 0, "optimizer_states": 8 * sum(numels)}
 
 
 QWEN_SMALL = load_model("qwen2.5-0.5b").model_copy(update={"name": "qwen2.5-0.5b-4l", "num_layers": 4})
+
+
+def test_planner_partition_matches_the_trainers_tensors():
+    """The planner's aggregate numbers (Shape) against the trainer's real parameter tensors
+    (built on meta: Qwen2.5 with q/k/v biases and tied embeddings): same parameter count, largest
+    tensor and persistent (<= 1e5 elements, whole on every rank) tensors; the planner's P // N
+    is at most one element per tensor below DeepSpeed's ceil(n / N) per tensor."""
+    from ltune.trace.tracer import trace_plan
+    from ltune.trainer.model import build_model
+
+    with torch.device("meta"):
+        model = build_model(trace_plan(QWEN_SMALL, 1024, Layout(num_gpus=8), "bf16", 512))
+    numels = [p.numel() for p in model.parameters() if p.requires_grad]
+    traced = ParamPartition.of_tensors(numels, 8)
+    planned = ParamPartition.of_shape(Shape.of(QWEN_SMALL, 1024), 8)
+    assert (planned.params, planned.largest_leaf_params) == (traced.params, traced.largest_leaf_params)
+    assert planned.persistent_params == traced.persistent_params == (2 * 4 + 1) * 896 + 4 * (896 + 2 * 128)
+    assert 0 <= traced.stage3_optimizer_params - planned.stage3_optimizer_params <= len(numels)
+    assert 0 <= traced.flat_optimizer_params - planned.flat_optimizer_params <= 1
 
 
 @pytest.mark.parametrize(
@@ -144,10 +172,9 @@ def test_activation_and_loss_terms_within_goal_of_trace(layout, seq_len, precisi
     """Model states are partition arithmetic on both sides; the activation, logits and loss
     terms are the independently traced part, so each is checked on its own at the peak."""
     from ltune.planner.memory import phase_terms
-    from ltune.planner.shape import Shape
 
     res = trace_memory(QWEN_SMALL, seq_len, layout, precision=precision, loss_chunk_tokens=512)
-    analytic = phase_terms(Shape.of(QWEN_SMALL, seq_len, precision, chunk_tokens=512), layout,
+    analytic = phase_terms(Shape.of(QWEN_SMALL, seq_len, precision, loss_chunk_tokens=512), layout,
                            load_gpu("a100-80g"), res.peak_phase)
     traced = res.phase_terms[res.peak_phase]
     for term in ("activations_checkpoints", "activations_layer", "logits_loss"):

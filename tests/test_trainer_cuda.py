@@ -1,7 +1,8 @@
 """The CUDA kernels of the attention switch against the per-document reference (GPU only).
 
 Needs only torch (and flash-attn when installed); skipped where CUDA is absent.
-Run on a GPU machine: ``python -m pytest tests/test_trainer_cuda.py``.
+Run on a GPU machine: ``python -m pytest tests/test_trainer_cuda.py``; bench/gpu_validate.sh
+runs it (``pytest -m gpu``) in its device call.
 """
 
 from __future__ import annotations

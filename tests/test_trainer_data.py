@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
@@ -10,16 +9,11 @@ import numpy as np
 import pytest
 from _launch import DATA, REPO, TOKENIZER, tiny_plan_dict, write_plan
 
-from ltune.trainer.data import (
-    IGNORE_INDEX,
-    TokenizedData,
-    load_or_tokenize,
-    load_tokenizer,
-    tokenize_record,
-    validate_data,
-)
+from ltune.job.constants import IGNORE_INDEX
+from ltune.job.data_files import iter_records, validate_data
+from ltune.job.errors import TrainerInputError
+from ltune.trainer.data import TokenizedData, load_or_tokenize, load_tokenizer, tokenize_record
 from ltune.trainer.packing import PackedDataset, pack_documents, shard_indices
-from ltune.trainer.errors import TrainerInputError
 
 
 def _plan(plan_factory, data, tokenizer=str(TOKENIZER)):
@@ -50,6 +44,16 @@ def test_bad_records_are_one_line_errors(plan_factory, tmp_path, lines, message)
     with pytest.raises(TrainerInputError, match=message) as err:
         validate_data(_plan(plan_factory, [bad]))
     assert "\n" not in str(err.value)
+
+
+def test_utf8_reads_exactly_and_other_bytes_name_their_line(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_bytes('{"text": "café 日本 🙂"}\n'.encode("utf-8"))
+    assert [record for _, _, record in iter_records(good)] == [{"text": "café 日本 🙂"}]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"text": "ok"}\n\n{"text": "caf\xe9"}\n')  # latin-1 e-acute on line 3
+    with pytest.raises(TrainerInputError, match=r"bad\.jsonl:3: not UTF-8 text$"):
+        list(iter_records(bad))
 
 
 def test_missing_inputs(plan_factory, tmp_path):
@@ -173,8 +177,6 @@ def test_shards_are_disjoint_and_sp_groups_share():
 
 
 def test_layouts_not_supported_yet_are_refused(plan_factory):
-    import importlib.util
-
     from ltune.trainer.data import check_supported
 
     plan = plan_factory(model={"tokenizer": str(TOKENIZER)}, layout={"sp_degree": 2, "attention": "eager"}, training={"seq_len": 64, "max_steps": 1, "data": [str(DATA)]})
@@ -182,9 +184,4 @@ def test_layouts_not_supported_yet_are_refused(plan_factory):
         check_supported(plan)
     check_supported(plan_factory(layout={"sp_degree": 2}))
     validate_data(plan)  # the data itself is fine: the launcher may still plan such layouts
-    chunked = plan_factory(model={"tokenizer": str(TOKENIZER)}, layout={"loss": "chunked"}, training={"seq_len": 64, "max_steps": 1, "data": [str(DATA)]})
-    if importlib.util.find_spec("ltune.trainer.chunked_loss") is None:
-        with pytest.raises(TrainerInputError, match="chunked"):
-            check_supported(chunked)
-    else:
-        check_supported(chunked)
+    check_supported(plan_factory(layout={"loss": "chunked"}))

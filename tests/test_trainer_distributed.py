@@ -10,6 +10,7 @@ Three launches, each proving something different:
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import signal
 import subprocess
@@ -19,6 +20,28 @@ import pytest
 from _launch import REPO, env, launch, launch_argv, read_metrics, tiny_plan_dict, write_plan
 
 pytestmark = pytest.mark.distributed
+
+
+# the tiny plan's model counted by hand (hidden 64, 2 layers of 4 heads of 16, 2 kv heads, ffn 128,
+# vocab 512, untied): embedding and output head, q o k v, gate up down, two norms a layer, final norm
+TINY_PARAMS = 2 * 512 * 64 + 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64) + 64
+FLOPS_PER_TOKEN = 6 * TINY_PARAMS + 12 * 2 * 4 * 16 * 128  # PaLM appendix B at seq_len 128
+CPU_PEAK_FLOPS = {"bf16": 0.05e12, "fp32": 0.25e12}  # the cpu profile's peaks
+TOKENS_PER_STEP = 2 * 128  # 2 processes x micro batch 1 x 1 accumulation step x seq_len 128
+
+
+def _check_step_metrics(metrics: list[dict], total_steps: int, precision: str) -> None:
+    """lr from the warmup (1 step) and cosine schedule worked out by hand; tokens per step and MFU
+    from the step time."""
+    for m in metrics:
+        # lr read before step s: warmup factor 1 at step 1, then cos over the 7 or 499 steps left
+        done = m["step"] - 1
+        factor = 1.0 if done == 0 else 0.5 * (1 + math.cos(math.pi * (done - 1) / (total_steps - 1)))
+        assert m["lr"] == pytest.approx(0.003 * factor, rel=1e-9), m
+        assert m["tokens_per_s_per_gpu"] * m["step_time_s"] * 2 == pytest.approx(TOKENS_PER_STEP, rel=1e-9), m
+        expected_mfu = m["tokens_per_s_per_gpu"] * FLOPS_PER_TOKEN / CPU_PEAK_FLOPS[precision]
+        assert m["mfu"] == pytest.approx(expected_mfu, rel=1e-9), m
+        assert m["grad_norm"] > 0 and m["peak_rss_bytes"] > 0
 
 
 def _falls(losses: list[float], by: float) -> bool:
@@ -42,9 +65,8 @@ def test_zero3_run_then_resume_reproduces_it(tmp_path):
     assert [m["step"] for m in metrics] == list(range(1, 9))
     losses = [m["loss"] for m in metrics]
     assert _falls(losses, 1.0), losses
-    for m in metrics:
-        assert m["lr"] > 0 and m["grad_norm"] > 0 and m["tokens_per_s_per_gpu"] > 0
-        assert m["peak_rss_bytes"] > 0
+    _check_step_metrics(metrics, 8, "bf16")
+    assert metrics[-1]["lr"] == pytest.approx(0.003 * 0.5 * (1 + math.cos(math.pi * 6 / 7)), rel=1e-9)
     ckpts = run_dir / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step_8"
     assert (ckpts / "step_4").is_dir()
@@ -107,5 +129,6 @@ def test_zero2_sigterm_checkpoints_and_stops(tmp_path):
     metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == list(range(1, step + 1))
     assert _falls([m["loss"] for m in metrics], 0.3), metrics
+    _check_step_metrics(metrics, 500, "fp32")
     assert not (run_dir / "hf_model").exists()  # stopped early: no export
     assert json.loads((run_dir / "ds_config.json").read_text())["zero_optimization"]["stage"] == 2

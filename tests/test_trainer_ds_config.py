@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
-from ltune.trainer.ds_config import build_ds_config
+from ltune.job.ds_config import build_ds_config
 
 ZERO3_DEFAULTS = {
     "reduce_bucket_size": 500_000_000,
@@ -93,14 +92,19 @@ def test_sequence_parallel_divides_the_batch_and_offload_all(plan_factory):
     assert "sequence_parallel_size" not in build_ds_config(make_plan())
 
 
-def test_is_json_and_imports_no_torch():
+def test_is_json_and_job_and_launcher_import_no_torch():
+    """ltune.job (ds_config, paths, data checks) and the launcher run without torch,
+    DeepSpeed or transformers, and the launcher does not import the trainer."""
     code = (
         "import sys, json;"
         "from tests.conftest import make_plan;"
-        "from ltune.trainer.ds_config import build_ds_config;"
+        "import ltune.job.constants, ltune.job.data_files, ltune.job.errors, ltune.job.paths;"
+        "import ltune.launcher, ltune.launcher.data, ltune.launcher.rundir, ltune.launcher.spec;"
+        "from ltune.job.ds_config import build_ds_config;"
         "json.dumps(build_ds_config(make_plan()));"
-        "print('torch' in sys.modules)"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'deepspeed', 'transformers')"
+        " or m.startswith('ltune.trainer')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert out.stdout.strip() == "[]"
 

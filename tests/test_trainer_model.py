@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 from _launch import REPO, tiny_plan_dict
+from conftest import free_port as _free_port
 
 SCRIPT = r"""
 import json, os, sys
 import torch, deepspeed
 from safetensors.torch import load_file
 from ltune.planner.schema import Plan
-from ltune.trainer.ds_config import build_ds_config
+from ltune.job.ds_config import build_ds_config
 from ltune.trainer.model import build_model
 
 plan = Plan.model_validate(json.loads(sys.argv[1]))
@@ -30,12 +30,6 @@ for name, param in model.lm.named_parameters():
         worst = max(worst, (param.float() - saved[name].float()).abs().max().item())
 print(json.dumps({"worst": worst, "count": len(saved), "attn": model.lm.config._attn_implementation}))
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_pretrained_weights_load_into_zero3_partitions(tmp_path):

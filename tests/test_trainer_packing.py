@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ltune.trainer import attention
 from ltune.trainer.attention import cu_seqlens_from_position_ids, varlen_attention
-from ltune.trainer.loss import IGNORE_INDEX, causal_lm_loss, chunked_loss_available, shift_labels
+from ltune.trainer.loss import IGNORE_INDEX, causal_lm_loss, shift_labels
 from ltune.trainer.model import build_model
 
 DOC_LENGTHS = (37, 1, 58, 32)  # one of a single token (predicts nothing); 128 in all
@@ -150,13 +150,9 @@ def test_chunked_loss_mode():
     assert int(n) == 27
     ref = F.cross_entropy((hidden.view(-1, 8) @ weight.T), labels.view(-1), ignore_index=IGNORE_INDEX, reduction="sum")
     torch.testing.assert_close(full, ref)
-    if chunked_loss_available():
-        chunked, n2 = causal_lm_loss(hidden, weight, labels, "chunked", chunk_tokens=5)
-        torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-5)
-        assert int(n2) == 27
-    else:
-        with pytest.raises(NotImplementedError):
-            causal_lm_loss(hidden, weight, labels, "chunked")
+    chunked, n2 = causal_lm_loss(hidden, weight, labels, "chunked", chunk_tokens=5)
+    torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-5)
+    assert int(n2) == 27
 
 
 def test_shift_labels_stays_inside_documents():

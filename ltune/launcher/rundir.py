@@ -18,12 +18,11 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..job.paths import DS_CONFIG_FILE, PLAN_FILE, resolve_plan_paths  # the trainer applies the same rule to RUN_DIR/plan.yaml
 from ..planner.io import plan_to_yaml
 from ..planner.schema import Plan
 from .errors import LaunchError
 
-PLAN_FILE = "plan.yaml"
-DS_CONFIG_FILE = "ds_config.json"
 COMMAND_FILE = "command.json"
 SBATCH_FILE = "launch.sbatch"
 CHECKPOINTS_DIR = "checkpoints"
@@ -33,8 +32,6 @@ LAUNCH_FILES = frozenset({PLAN_FILE, DS_CONFIG_FILE, COMMAND_FILE, SBATCH_FILE})
 def resolve_plan(plan: Plan, plan_dir: Path, run_dir: Path) -> Plan:
     """The plan as the run folder stores it: data/model/tokenizer paths absolute
     (relative to the plan file's folder) and ``training.output_dir`` the run folder."""
-    from ..trainer.paths import resolve_plan_paths  # pure; the trainer applies the same rule
-
     resolved = resolve_plan_paths(plan, plan_dir)
     return resolved.model_copy(
         update={"training": resolved.training.model_copy(update={"output_dir": str(run_dir)})}

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
+from ..job.ds_config import build_ds_config
 from ..planner.fit import check_fit
 from ..planner.memory import SAFETY_MARGIN
 from ..planner.schema import Evaluation, Plan, Prediction
@@ -165,7 +166,7 @@ def plan_launch(
     _check_run_dir(run_dir, resolved, options.resume)
     master_port = _master_port(plan, options, nodes)
     env = job_env(plan, nodes, cpu_count=cpu_count, environ=environ, local=options.launcher != "slurm")
-    ds_config = _ds_config(resolved)
+    ds_config = build_ds_config(resolved)
     argv, sbatch_text = _launch_argv(
         plan, options, run_dir, nodes, master_port,
         env=env, cwd=cwd, hostfile=hostfile, python=python, environ=environ,
@@ -269,12 +270,6 @@ def _master_port(plan: Plan, options: LaunchOptions, nodes: NodeLayout) -> int:
     if master_here and not options.dry_run and port_in_use(master_port):
         raise LaunchError(f"master port {master_port} is in use; pass --master-port with a free port")
     return master_port
-
-
-def _ds_config(resolved: Plan) -> dict[str, Any]:
-    from ..trainer.ds_config import build_ds_config  # pure; imported late (trainer-owned)
-
-    return build_ds_config(resolved)
 
 
 def _launch_argv(

@@ -17,7 +17,7 @@ def rmsnorm_saved_bytes_per_token(s: Shape) -> int:
     """RMSNorm upcasts to fp32 and saves it (4h; in fp32 that is its input itself), the
     normalised x cast back to the model dtype (dh), and its output is saved by the next
     linear layer (dh); d is the model dtype's bytes (16-bit: 8h in all)."""
-    return (FP32 + 2 * s.dtype_bytes) * s.hidden
+    return (FP32 + 2 * s.dtype_bytes) * s.hidden_size
 
 
 def attention_saved_bytes_per_token(s: Shape, lay: Layout) -> int:
@@ -28,12 +28,12 @@ def attention_saved_bytes_per_token(s: Shape, lay: Layout) -> int:
     eager_attention_bytes_per_layer)."""
     if lay.attention == "eager":
         return s.dtype_bytes * 4 * s.q_size
-    return s.dtype_bytes * (2 * s.q_size + 2 * s.kv_size) + FP32 * s.heads
+    return s.dtype_bytes * (2 * s.q_size + 2 * s.kv_size) + FP32 * s.num_attention_heads
 
 
 def mlp_saved_bytes_per_token(s: Shape) -> int:
     """SwiGLU saves gate, silu(gate), up and their product: 4 x ffn values of the model dtype."""
-    return 4 * s.dtype_bytes * s.ffn
+    return 4 * s.dtype_bytes * s.intermediate_size
 
 
 def layer_saved_bytes_per_token(s: Shape, lay: Layout) -> int:
@@ -52,7 +52,7 @@ def eager_scores_per_layer(s: Shape, lay: Layout) -> int:
     whole packed sequence, squared."""
     if lay.attention != "eager":
         return 0
-    return lay.micro_batch_size * (s.heads // lay.sp_degree) * s.seq_len * s.seq_len
+    return lay.micro_batch_size * (s.num_attention_heads // lay.sp_degree) * s.seq_len * s.seq_len
 
 
 def layer_backward_transient_bytes_per_token(s: Shape) -> int:
@@ -61,7 +61,7 @@ def layer_backward_transient_bytes_per_token(s: Shape) -> int:
     act(gate)*up (ffn) and those of act(gate) and up (2 ffn), less act(gate)*up itself
     (ffn), which down_proj's backward has released; the outgoing hidden gradient is not
     made yet (measured with `ltune trace`, bench/accuracy.py)."""
-    return s.dtype_bytes * (s.hidden + 2 * s.ffn)
+    return s.dtype_bytes * (s.hidden_size + 2 * s.intermediate_size)
 
 
 def shared_layer_inputs_bytes(s: Shape, lay: Layout) -> int:
@@ -69,7 +69,7 @@ def shared_layer_inputs_bytes(s: Shape, lay: Layout) -> int:
     and, for eager attention, transformers' additive mask over the whole sequence (model dtype)."""
     t = tokens_per_rank(s, lay)
     d = s.dtype_bytes
-    rope = 2 * d * t * (s.q_size // s.heads)
+    rope = 2 * d * t * (s.q_size // s.num_attention_heads)
     mask = lay.micro_batch_size * s.seq_len * s.seq_len * d if lay.attention == "eager" else 0
     return rope + mask
 
@@ -79,9 +79,9 @@ def activation_checkpoints_bytes(s: Shape, lay: Layout) -> int:
     without recompute every layer keeps all it saves."""
     t = tokens_per_rank(s, lay)
     if lay.recompute == "full":
-        return s.layers * s.dtype_bytes * s.hidden * t
+        return s.num_layers * s.dtype_bytes * s.hidden_size * t
     per_layer = layer_saved_bytes_per_token(s, lay) * t + eager_attention_bytes_per_layer(s, lay)
-    return s.layers * per_layer
+    return s.num_layers * per_layer
 
 
 def eager_backward_bytes_per_layer(s: Shape, lay: Layout) -> int:
@@ -96,8 +96,8 @@ def eager_backward_bytes_per_layer(s: Shape, lay: Layout) -> int:
     t, d = tokens_per_rank(s, lay), s.dtype_bytes
     scores = eager_scores_per_layer(s, lay)
     if lay.recompute == "full":
-        return 3 * FP32 * scores + t * (rmsnorm_saved_bytes_per_token(s) + d * (s.hidden + 3 * s.q_size))
-    return (2 * FP32 - upcast_copy_bytes(d)) * scores + d * t * (s.hidden + 2 * s.q_size)
+        return 3 * FP32 * scores + t * (rmsnorm_saved_bytes_per_token(s) + d * (s.hidden_size + 3 * s.q_size))
+    return (2 * FP32 - upcast_copy_bytes(d)) * scores + d * t * (s.hidden_size + 2 * s.q_size)
 
 
 def embedding_backward_bytes(s: Shape) -> int:
@@ -105,7 +105,7 @@ def embedding_backward_bytes(s: Shape) -> int:
     embedding_dense_backward) and, with tied embeddings, autograd's out-of-place sum of it
     with the output layer's waiting gradient (another dVh; that one counts in
     tied_output_grad_bytes). Measured with `ltune trace` and a CPU profile of the sum."""
-    return s.dtype_bytes * s.vocab * s.hidden * (2 if s.tied else 1)
+    return s.dtype_bytes * s.vocab_size * s.hidden_size * (2 if s.tie_word_embeddings else 1)
 
 
 def activation_working_bytes(s: Shape, lay: Layout) -> int:
@@ -142,11 +142,15 @@ def logits_loss_bytes(s: Shape, lay: Layout) -> int:
     """
     t = tokens_per_rank(s, lay)
     if lay.loss == "full":
-        return 3 * FP32 * s.vocab * t
+        return 3 * FP32 * s.vocab_size * t
     m = chunked_loss_bytes(
-        chunk_tokens=s.chunk_tokens, num_tokens=t, vocab_size=s.vocab, hidden_size=s.hidden, dtype_bytes=s.dtype_bytes
+        chunk_tokens=s.loss_chunk_tokens,
+        num_tokens=t,
+        vocab_size=s.vocab_size,
+        hidden_size=s.hidden_size,
+        dtype_bytes=s.dtype_bytes,
     )
-    return m["lse_bytes"] + max(m["forward_bytes"], m["backward_bytes"] + s.dtype_bytes * t * s.hidden)
+    return m["lse_bytes"] + max(m["forward_bytes"], m["backward_bytes"] + s.dtype_bytes * t * s.hidden_size)
 
 
 def chunked_loss_bytes(
@@ -184,4 +188,4 @@ def tied_output_grad_bytes(s: Shape) -> int:
     """With tied embeddings the output layer's weight gradient (model dtype) waits, through the
     whole layers' backward, for the embedding's backward to add its own (autograd sums
     the two uses of one leaf before AccumulateGrad, so ZeRO's hooks see it only then)."""
-    return s.dtype_bytes * s.vocab * s.hidden if s.tied else 0
+    return s.dtype_bytes * s.vocab_size * s.hidden_size if s.tie_word_embeddings else 0

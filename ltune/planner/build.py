@@ -32,7 +32,7 @@ def build_plan(req: Request, ev: Evaluation, model_name: str, training: dict, ho
         training=Training(
             seq_len=req.seq_len,
             precision=req.precision,
-            loss_chunk_tokens=req.chunk_tokens,
+            loss_chunk_tokens=req.loss_chunk_tokens,
             **training,
         ),
         prediction=Prediction(memory=ev.memory, throughput=ev.throughput, safety_margin=req.safety_margin),

@@ -13,15 +13,16 @@ def request_for(plan: Plan) -> Request:
     gpu = load_gpu(plan.hardware.gpu)
     if plan.training.precision == "bf16" and not gpu.supports_bf16:
         raise PlanError(f"training.precision: {gpu.name} has no bf16 (got 'bf16'); use fp16")
-    host = int(plan.hardware.host_mem_gib * GIB) if plan.hardware.host_mem_gib is not None else None
+    host_mem_gib = plan.hardware.host_mem_gib
+    host_mem_bytes_per_node = int(host_mem_gib * GIB) if host_mem_gib is not None else None
     margin = plan.prediction.safety_margin if plan.prediction else None
     fields = dict(
         model=plan.model.architecture,
         gpu=gpu,
         seq_len=plan.training.seq_len,
         precision=plan.training.precision,
-        chunk_tokens=plan.training.loss_chunk_tokens,
-        host_mem_bytes=host,
+        loss_chunk_tokens=plan.training.loss_chunk_tokens,
+        host_mem_bytes_per_node=host_mem_bytes_per_node,
     )
     if margin is not None:
         fields["safety_margin"] = margin

@@ -28,17 +28,17 @@ from .activations import (
 )
 from .schema import Layout, MemoryBreakdown
 from .shape import FP32, Shape
+from .zero import (
+    ALLREDUCE_BUCKET_SIZE,
+    REDUCE_BUCKET_SIZE,
+    STAGE3_MAX_LIVE_PARAMETERS,
+    STAGE3_PREFETCH_BUCKET_SIZE,
+    ParamPartition,
+    model_state_bytes,
+    optimizer_params,
+)
 
-# DeepSpeed ZeRO defaults (deepspeed/runtime/zero/config.py), in elements; ltune writes
-# them explicitly into ds_config.json so the plan and the job agree.
-REDUCE_BUCKET_SIZE = 500_000_000
-ALLGATHER_BUCKET_SIZE = 500_000_000
-STAGE3_PREFETCH_BUCKET_SIZE = 50_000_000
-STAGE3_MAX_LIVE_PARAMETERS = 1_000_000_000
-STAGE3_PARAM_PERSISTENCE_THRESHOLD = 100_000
-SUB_GROUP_SIZE = 1_000_000_000
-# ZeRO-0's all-reduce bucket (engine.py MEMORY_OPT_ALLREDUCE_SIZE), elements; not configurable.
-ALLREDUCE_BUCKET_SIZE = 500_000_000
+# DeepSpeed's ZeRO settings are defined in zero.py; these are re-exported for the ds_config writer.
 
 #: fraction of the allocated peak the caching allocator holds beyond it (reserved minus
 #: allocated); an assumption until measured on a GPU (see bench/results/).
@@ -48,87 +48,40 @@ SAFETY_MARGIN = 0.05
 
 
 # ---------------------------------------------------------------- model states
-# DeepSpeed mixed precision keeps 16-bit params and grads plus an fp32 master copy and
-# two fp32 Adam moments (ZeRO paper, Rajbhandari et al. 2020: 2 + 2 + 12 bytes/param).
-# In fp32 the params and grads take 4 bytes each; ZeRO 1-3 still clone an fp32 master
-# partition (stage_1_and_2.py `single_partition_of_fp32_groups`, stage3.py
-# `_create_fp32_partitions`), ZeRO-0 runs the bare optimizer on the parameters.
+# ZeRO's rule (which states a rank holds, by stage, offload and precision) lives in zero.py;
+# the planner applies it to its aggregate numbers (P // N per partition).
+
+
+def model_states(s: Shape, lay: Layout, phase: str) -> dict[str, int]:
+    """The five model-state terms of one rank in `phase` (zero.model_state_bytes on the Shape)."""
+    return model_state_bytes(ParamPartition.of_shape(s, lay.num_gpus), s.dtype_bytes, lay, s.precision, phase)
 
 
 def weights_bytes(s: Shape, lay: Layout) -> int:
     """Parameters in the model dtype: whole under ZeRO 0-2, a 1/N partition under ZeRO-3 (stage3.py)."""
-    d = s.dtype_bytes
-    if lay.zero_stage < 3:
-        return d * s.params
-    if lay.offload == "all":
-        return d * s.persistent_params  # partitions live in host memory
-    return d * (s.params // lay.num_gpus + s.persistent_params)
+    return model_states(s, lay, "backward")["weights"]
 
 
 def gradients_bytes(s: Shape, lay: Layout) -> int:
-    """Gradients in the model dtype: whole for ZeRO 0-1, a 1/N partition for ZeRO 2-3.
-
-    ZeRO-3 keeps `grad_partitions_flat_buffer` in the model dtype; with optimizer offload
-    it is pinned host memory (stage3.py).
-    """
-    d = s.dtype_bytes
-    if lay.zero_stage <= 1:
-        return d * s.params
-    if lay.offload != "none":
-        return 0
-    return d * (s.params // lay.num_gpus)
+    """Gradients in the model dtype: whole for ZeRO 0-1, a 1/N partition for ZeRO 2-3 (in host
+    memory when offloaded)."""
+    return model_states(s, lay, "backward")["gradients"]
 
 
 def gradients_fp32_bytes(s: Shape, lay: Layout, phase: str) -> int:
-    """fp32 gradients for the optimizer, made at the step.
-
-    ZeRO 1-2 upcast their gradient partition (stage_1_and_2.py
-    `single_partition_of_fp32_groups[i].grad`); ZeRO-3 one sub-group at a time (stage3.py
-    `_prepare_fp32_grad_for_sub_group`); ZeRO-0 in 16-bit (FP16_UnfusedOptimizer) every
-    parameter's (unfused_optimizer.py `fp32_param.grad`). Plain fp32 at ZeRO-0 steps on
-    the parameters' own gradients.
-    """
-    if phase != "step" or lay.offload != "none":
-        return 0
-    if lay.zero_stage == 0:
-        return FP32 * s.params if _zero0_optimizer(s, lay) == "unfused" else 0
-    part = s.params // lay.num_gpus
-    if lay.zero_stage == 3:
-        return FP32 * min(part, SUB_GROUP_SIZE + s.largest_leaf_params // lay.num_gpus)
-    return FP32 * part
+    """fp32 gradients for the optimizer, made at the step (none for plain fp32 at ZeRO-0)."""
+    return model_states(s, lay, phase)["gradients_fp32"]
 
 
 def master_weights_bytes(s: Shape, lay: Layout) -> int:
     """fp32 master copy: partitioned for ZeRO >= 1, whole for ZeRO-0 in 16-bit, none for
     plain fp32 at ZeRO-0; host memory when offloaded."""
-    if lay.offload != "none":
-        return 0
-    wrapper = _zero0_optimizer(s, lay)
-    if wrapper == "none":
-        return 0
-    if wrapper == "unfused":
-        return FP32 * s.params
-    return FP32 * (s.params // lay.num_gpus)
+    return model_states(s, lay, "backward")["master_weights"]
 
 
 def optimizer_states_bytes(s: Shape, lay: Layout) -> int:
     """AdamW's two fp32 moments, partitioned for ZeRO >= 1, whole at ZeRO-0."""
-    if lay.offload != "none":
-        return 0
-    if lay.zero_stage == 0:
-        return 2 * FP32 * s.params
-    return 2 * FP32 * (s.params // lay.num_gpus)
-
-
-def _zero0_optimizer(s: Shape, lay: Layout) -> str | None:
-    """DeepSpeed's wrapper around the trainer's torch AdamW at ZeRO-0 (engine.py
-    `_do_optimizer_sanity_check`, grad_accum_dtype left at the model dtype): bf16 and fp16
-    get FP16_UnfusedOptimizer ("unfused": whole fp32 master copy, 16-bit gradients kept);
-    fp32 the bare optimizer ("none"). BF16_Optimizer is only chosen at ZeRO-1 with fp32
-    gradient accumulation, which ltune does not configure. None at ZeRO >= 1."""
-    if lay.zero_stage != 0:
-        return None
-    return "none" if s.precision == "fp32" else "unfused"
+    return model_states(s, lay, "backward")["optimizer_states"]
 
 
 # ---------------------------------------------------------------- ZeRO buffers
@@ -199,7 +152,7 @@ def host_offload_bytes_per_gpu(s: Shape, lay: Layout) -> int:
     (ZeRO-Offload, Ren et al. 2021)."""
     if lay.offload == "none":
         return 0
-    part = s.params // lay.num_gpus
+    part = optimizer_params(ParamPartition.of_shape(s, lay.num_gpus), lay.zero_stage)
     host = 4 * FP32 * part + s.dtype_bytes * part  # fp32 master, 2 moments, fp32 grads; grads
     if lay.offload == "all":
         host += s.dtype_bytes * part
@@ -220,14 +173,7 @@ def state_terms(s: Shape, lay: Layout, phase: str) -> dict[str, int]:
 
     At ZeRO-0 the `step` moment is the larger of the gradient all-reduce (its bucket) and
     the optimizer step (its fp32 gradients), which follow each other."""
-    terms = {
-        "weights": weights_bytes(s, lay),
-        "gradients": gradients_bytes(s, lay),
-        "gradients_fp32": gradients_fp32_bytes(s, lay, phase),
-        "master_weights": master_weights_bytes(s, lay),
-        "optimizer_states": optimizer_states_bytes(s, lay),
-        "zero_buffers": zero_buffers_bytes(s, lay, phase),
-    }
+    terms = model_states(s, lay, phase) | {"zero_buffers": zero_buffers_bytes(s, lay, phase)}
     bucket = allreduce_bucket_bytes(s, lay) if phase == "step" else 0
     if bucket > terms["gradients_fp32"]:
         terms["gradients_fp32"], terms["zero_buffers"] = 0, bucket
@@ -289,13 +235,13 @@ def estimate_memory(
     seq_len: int,
     *,
     precision: str = "bf16",
-    chunk_tokens: int = 4096,
+    loss_chunk_tokens: int = 4096,
     safety_margin: float = SAFETY_MARGIN,
-    host_mem_bytes: int | None = None,
+    host_mem_bytes_per_node: int | None = None,
     shape: Shape | None = None,
 ) -> MemoryBreakdown:
     """The per-GPU breakdown at the step's peak moment, and the host check."""
-    s = shape or Shape.of(model, seq_len, precision, chunk_tokens)
+    s = shape or Shape.of(model, seq_len, precision, loss_chunk_tokens)
     phase, terms = peak_terms(s, layout, gpu)
     per_node = min(layout.num_gpus, gpu.gpus_per_node)
     return MemoryBreakdown(
@@ -304,6 +250,8 @@ def estimate_memory(
         capacity_bytes=gpu.hbm_bytes,
         usable_bytes=int(gpu.hbm_bytes * (1 - safety_margin)),
         host_bytes_per_node=host_offload_bytes_per_gpu(s, layout) * per_node,
-        host_capacity_bytes_per_node=gpu.host_mem_bytes_per_node if host_mem_bytes is None else host_mem_bytes,
+        host_capacity_bytes_per_node=(
+            gpu.host_mem_bytes_per_node if host_mem_bytes_per_node is None else host_mem_bytes_per_node
+        ),
         peak_phase=phase,
     )

@@ -1,43 +1,118 @@
-"""Command-line layout options, validated at the edge and turned into a search request."""
+"""The layout options `ltune plan` and `ltune trace` share: one frozen model, validated at
+the edge (its Literal types are the plan schema's) and turned into a search request."""
 
 from __future__ import annotations
 
+from typing import Literal, get_args, get_origin
+
+from pydantic import Field, ValidationError
+
 from ..profiles import GIB, load_gpu, resolve_model
-from .schema import check_sp_degree
+from .memory import SAFETY_MARGIN
+from .schema import (
+    Attention,
+    Hardware,
+    Layout,
+    LossMode,
+    Offload,
+    Precision,
+    Recompute,
+    Training,
+    ZeroStage,
+    _Frozen,
+    check_sp_degree,
+)
 from .search import Pins, Request
 
-_CHOICES = {
-    "offload": ("none", "optimizer", "all"),
-    "loss": ("full", "chunked"),
-    "recompute": ("full", "none"),
-    "attention": ("varlen", "eager"),
-    "precision": ("bf16", "fp16", "fp32"),
+
+def _described(model: type[_Frozen], field: str) -> str:
+    """A plan-schema field's description, so options, --help and `ltune schema` say the same."""
+    return model.model_fields[field].description
+
+
+class LayoutOptions(_Frozen):
+    """What `ltune plan` and `ltune trace` are asked; a None layout field is left to the search."""
+
+    model: str = Field(description="profile name (ltune models), a HF config.json or its folder, or a size like 7b")
+    seq_len: int = Field(gt=0, description=_described(Training, "seq_len"))
+    gpu: str = Field(default="a100-80g", description=_described(Hardware, "gpu"))
+    num_gpus: int | None = Field(default=None, gt=0, description=_described(Layout, "num_gpus"))
+    max_gpus: int = Field(default=1024, gt=0, description="largest GPU count searched")
+    zero_stage: ZeroStage | None = Field(default=None, description=_described(Layout, "zero_stage"))
+    sp_degree: int | None = Field(default=None, gt=0, description=_described(Layout, "sp_degree"))
+    micro_batch_size: int | None = Field(default=None, gt=0, description=_described(Layout, "micro_batch_size"))
+    offload: Offload | None = Field(default=None, description=_described(Layout, "offload"))
+    recompute: Recompute | None = Field(default=None, description=_described(Layout, "recompute"))
+    loss: LossMode | None = Field(default=None, description=_described(Layout, "loss"))
+    attention: Attention = Field(default="varlen", description=_described(Layout, "attention"))
+    precision: Precision | None = Field(
+        default=None,
+        description=_described(Training, "precision") + " (default bf16, fp16 where the GPU has no bf16)",
+    )
+    loss_chunk_tokens: int = Field(default=4096, gt=0, description=_described(Training, "loss_chunk_tokens"))
+    safety_margin: float = Field(default=SAFETY_MARGIN, ge=0, le=0.5, description="fraction of GPU memory kept free")
+    host_mem_gib: float | None = Field(default=None, ge=0, description=_described(Hardware, "host_mem_gib"))
+
+
+#: the command-line flag of each option (the field name where they differ: --ctx is seq_len)
+CLI_FLAGS = {
+    "model": "--model", "seq_len": "--ctx", "gpu": "--gpu", "num_gpus": "--gpus", "max_gpus": "--max-gpus",
+    "zero_stage": "--zero-stage", "sp_degree": "--sp-degree", "micro_batch_size": "--micro-batch",
+    "offload": "--offload", "recompute": "--recompute", "loss": "--loss", "attention": "--attention",
+    "precision": "--precision", "loss_chunk_tokens": "--loss-chunk-tokens", "safety_margin": "--safety-margin",
+    "host_mem_gib": "--host-mem-gib",
 }
+#: defaults of the optional options, for the command line's signatures
+DEFAULTS = {name: f.default for name, f in LayoutOptions.model_fields.items() if not f.is_required()}
 
 
-def request_from_options(model, ctx, gpu, gpus, zero_stage, sp_degree, offload, loss, recompute, micro_batch,
-                         attention, precision, chunk_tokens, max_gpus=1024, safety_margin=None, host_mem_gib=None):
-    """Validate the layout options (ValueError/ProfileError with the key and numbers) and
-    turn them into a search request."""
-    given = {"offload": offload, "loss": loss, "recompute": recompute, "attention": attention, "precision": precision}
-    for key, value in given.items():
-        if value is not None and value not in _CHOICES[key]:
-            raise ValueError(f"--{key} must be one of {', '.join(_CHOICES[key])} (got '{value}')")
-    arch = resolve_model(model)
-    gpu_profile = load_gpu(gpu)
+def choices(field: str) -> tuple:
+    """The values a Literal-typed option takes (empty for other options)."""
+    annotation = LayoutOptions.model_fields[field].annotation
+    for arg in (annotation, *get_args(annotation)):
+        if get_origin(arg) is Literal:
+            return get_args(arg)
+    return ()
+
+
+def layout_options(**given) -> LayoutOptions:
+    """The options as given on the command line, or a one-line ValueError naming the flag:
+    `--offload must be one of none, optimizer, all (got 'x')`."""
+    try:
+        return LayoutOptions(**given)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = str(err["loc"][0])
+        flag = CLI_FLAGS.get(field, field)
+        if err["type"] == "literal_error":
+            allowed = ", ".join(str(c) for c in choices(field))
+            raise ValueError(f"{flag} must be one of {allowed} (got '{err['input']}')") from None
+        raise ValueError(f"{flag}: {err['msg']} (got {err.get('input')!r})") from None
+
+
+def request_from_options(opts: LayoutOptions) -> Request:
+    """Check the options against the model and GPU (ValueError/ProfileError with the key
+    and numbers) and turn them into a search request."""
+    arch = resolve_model(opts.model)
+    gpu_profile = load_gpu(opts.gpu)
+    precision = opts.precision
     if precision is None:
         precision = "bf16" if gpu_profile.supports_bf16 else "fp16"
     elif precision == "bf16" and not gpu_profile.supports_bf16:
         raise ValueError(f"{gpu_profile.name} has no bf16; use --precision fp16")
-    per_node = gpu_profile.gpus_per_node
-    if gpus is not None and gpus > per_node and gpus % per_node:
-        raise ValueError(f"--gpus ({gpus}) must be a multiple of the GPUs per node ({per_node}) of {gpu_profile.name}")
-    if sp_degree is not None:
-        check_sp_degree(sp_degree, arch)
-        if gpus is not None and gpus % sp_degree:
-            raise ValueError(f"sp_degree ({sp_degree}) must divide --gpus ({gpus})")
-    pins = Pins(num_gpus=gpus, zero_stage=zero_stage, sp_degree=sp_degree, micro_batch_size=micro_batch,
-                offload=offload, recompute=recompute, loss=loss, attention=attention, max_gpus=max_gpus)
-    extra = {} if safety_margin is None else {"safety_margin": safety_margin}
-    return Request(model=arch, gpu=gpu_profile, seq_len=ctx, precision=precision, chunk_tokens=chunk_tokens,
-                   host_mem_bytes=int(host_mem_gib * GIB) if host_mem_gib is not None else None, pins=pins, **extra)
+    num_gpus, per_node = opts.num_gpus, gpu_profile.gpus_per_node
+    if num_gpus is not None and num_gpus > per_node and num_gpus % per_node:
+        raise ValueError(
+            f"--gpus ({num_gpus}) must be a multiple of the GPUs per node ({per_node}) of {gpu_profile.name}"
+        )
+    if opts.sp_degree is not None:
+        check_sp_degree(opts.sp_degree, arch)
+        if num_gpus is not None and num_gpus % opts.sp_degree:
+            raise ValueError(f"sp_degree ({opts.sp_degree}) must divide --gpus ({num_gpus})")
+    pins = Pins(num_gpus=num_gpus, zero_stage=opts.zero_stage, sp_degree=opts.sp_degree,
+                micro_batch_size=opts.micro_batch_size, offload=opts.offload, recompute=opts.recompute,
+                loss=opts.loss, attention=opts.attention, max_gpus=opts.max_gpus)
+    host_mem_bytes_per_node = int(opts.host_mem_gib * GIB) if opts.host_mem_gib is not None else None
+    return Request(model=arch, gpu=gpu_profile, seq_len=opts.seq_len, precision=precision,
+                   loss_chunk_tokens=opts.loss_chunk_tokens, safety_margin=opts.safety_margin,
+                   host_mem_bytes_per_node=host_mem_bytes_per_node, pins=pins)

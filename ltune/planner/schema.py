@@ -15,6 +15,7 @@ Recompute = Literal["full", "none"]
 LossMode = Literal["full", "chunked"]
 Attention = Literal["varlen", "eager"]
 Precision = Literal["bf16", "fp16", "fp32"]
+ZeroStage = Literal[0, 1, 2, 3]
 
 
 class _Frozen(BaseModel):
@@ -24,14 +25,36 @@ class _Frozen(BaseModel):
 class Layout(_Frozen):
     """How one job is laid out over its GPUs."""
 
-    num_gpus: int = Field(gt=0)
-    zero_stage: Literal[0, 1, 2, 3] = 3
-    sp_degree: int = Field(default=1, gt=0, description="Ulysses sequence-parallel degree")
+    num_gpus: int = Field(gt=0, description="GPUs of the job, over all its nodes")
+    zero_stage: ZeroStage = Field(
+        default=3,
+        description="DeepSpeed ZeRO stage: 0 keeps whole model states on every GPU; 1 shards the optimizer "
+        "states over the GPUs, 2 the gradients too, 3 the weights too",
+    )
+    sp_degree: int = Field(
+        default=1, gt=0, description="Ulysses sequence-parallel degree; divides the attention heads and num_gpus"
+    )
     micro_batch_size: int = Field(default=1, gt=0, description="packed sequences per GPU per step")
-    offload: Offload = "none"
-    recompute: Recompute = "full"
-    loss: LossMode = "full"
-    attention: Attention = "varlen"
+    offload: Offload = Field(
+        default="none",
+        description="what lives in host memory: nothing; the optimizer (fp32 master weights and Adam moments, "
+        "updated by DeepSpeed's CPU Adam; ZeRO 1-3); or all (the weights too; ZeRO-3)",
+    )
+    recompute: Recompute = Field(
+        default="full",
+        description="gradient checkpointing: full keeps each layer's input and re-runs its forward in the "
+        "backward; none keeps every activation",
+    )
+    loss: LossMode = Field(
+        default="full",
+        description="cross-entropy: full makes the fp32 logits of every token at once; chunked makes them "
+        "loss_chunk_tokens at a time and never holds them all",
+    )
+    attention: Attention = Field(
+        default="varlen",
+        description="varlen: flash-attention over the packed documents (memory linear in seq_len); eager: "
+        "the attention matrix in memory (quadratic)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "Layout":
@@ -96,9 +119,11 @@ class Evaluation(_Frozen):
 
 
 class Hardware(_Frozen):
-    gpu: str = Field(description="GPU profile name")
-    num_nodes: int = Field(default=1, gt=0)
-    host_mem_gib: float | None = Field(default=None, gt=0, description="per node; the GPU profile's default if unset")
+    gpu: str = Field(description="GPU profile name (ltune gpus)")
+    num_nodes: int = Field(default=1, gt=0, description="nodes, each with the GPU profile's gpus_per_node GPUs")
+    host_mem_gib: float | None = Field(
+        default=None, gt=0, description="host memory per node for offload, GiB; the GPU profile's if unset"
+    )
 
 
 class ModelSpec(_Frozen):
@@ -106,25 +131,35 @@ class ModelSpec(_Frozen):
     architecture: ModelProfile
     path: str | None = Field(default=None, description="local HF model folder (safetensors); random init if unset")
     tokenizer: str | None = Field(default=None, description="local tokenizer folder; the model folder if unset")
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(default=False, description="let transformers run the model folder's own code")
 
 
 class Training(_Frozen):
     seq_len: int = Field(gt=0, description="tokens per packed sequence (the context length)")
-    learning_rate: float = Field(default=2e-5, gt=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = Field(default=0.0, ge=0)
-    warmup_steps: int = Field(default=0, ge=0)
-    max_grad_norm: float = Field(default=1.0, gt=0)
-    precision: Precision = "bf16"
-    max_steps: int | None = Field(default=None, gt=0)
-    epochs: int | None = Field(default=None, gt=0)
-    gradient_accumulation_steps: int = Field(default=1, gt=0)
+    learning_rate: float = Field(
+        default=2e-5, gt=0, description="AdamW peak learning rate: linear warmup to it, then cosine decay to 0"
+    )
+    betas: tuple[float, float] = Field(default=(0.9, 0.95), description="AdamW (beta1, beta2)")
+    weight_decay: float = Field(
+        default=0.0, ge=0, description="AdamW weight decay, on parameters of two or more dimensions (not norms or biases)"
+    )
+    warmup_steps: int = Field(default=0, ge=0, description="optimizer steps of linear learning-rate warmup")
+    max_grad_norm: float = Field(default=1.0, gt=0, description="gradients are clipped to this global L2 norm")
+    precision: Precision = Field(
+        default="bf16",
+        description="bf16 or fp16: 16-bit weights, gradients and activations with an fp32 master copy (fp16 "
+        "with dynamic loss scaling); fp32: full precision, no mixed precision",
+    )
+    max_steps: int | None = Field(default=None, gt=0, description="optimizer steps to run; epochs decides if unset")
+    epochs: int | None = Field(default=None, gt=0, description="passes over the packed data, when max_steps is unset")
+    gradient_accumulation_steps: int = Field(default=1, gt=0, description="micro-batches per optimizer step")
     data: list[str] = Field(default_factory=list, description="JSONL files or folders of them")
-    output_dir: str = "runs/ltune"
-    seed: int = 0
+    output_dir: str = Field(
+        default="runs/ltune", description="run folder (checkpoints, logs, metrics); ltune launch --run-dir overrides it"
+    )
+    seed: int = Field(default=0, description="seeds the random initialisation and each epoch's shuffle of the documents")
     checkpoint_every: int = Field(default=0, ge=0, description="steps between checkpoints; 0: only at the end")
-    log_every: int = Field(default=1, gt=0)
+    log_every: int = Field(default=1, gt=0, description="steps between printed log lines")
     loss_chunk_tokens: int = Field(default=4096, gt=0, description="tokens per chunk of the chunked loss")
 
     @model_validator(mode="after")

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, replace
 from itertools import product
 from typing import Iterable, NamedTuple
 
 from pydantic import Field
 
-from ..profiles.schema import GIB, GpuProfile, ModelProfile
+from ..profiles.schema import GpuProfile, ModelProfile
 from .memory import (
     PHASES,
     SAFETY_MARGIN,
@@ -21,7 +22,18 @@ from .memory import (
     state_terms,
 )
 from .shape import Shape
-from .schema import Evaluation, Layout, _Frozen, check_sp_degree
+from .schema import (
+    Attention,
+    Evaluation,
+    Layout,
+    LossMode,
+    Offload,
+    Precision,
+    Recompute,
+    ZeroStage,
+    _Frozen,
+    check_sp_degree,
+)
 from .throughput import estimate_throughput, tokens_per_s_per_gpu
 
 DEFAULT_GPU_COUNTS = tuple(2**i for i in range(11))  # 1 .. 1024
@@ -48,30 +60,34 @@ class Pins(_Frozen):
     """What the user fixed on the command line; None leaves it to the search."""
 
     num_gpus: int | None = None
-    zero_stage: int | None = None
+    zero_stage: ZeroStage | None = None
     sp_degree: int | None = None
     micro_batch_size: int | None = None
-    offload: str | None = None
-    recompute: str | None = None
-    loss: str | None = None
-    attention: str = "varlen"
+    offload: Offload | None = None
+    recompute: Recompute | None = None
+    loss: LossMode | None = None
+    attention: Attention = "varlen"
     max_gpus: int = 1024
 
 
 class Request(_Frozen):
+    """What the search is asked: the model at one context length on one GPU type, and the pins."""
+
     model: ModelProfile
     gpu: GpuProfile
     seq_len: int = Field(gt=0)
-    precision: str = "bf16"
-    chunk_tokens: int = 4096
+    precision: Precision = "bf16"
+    loss_chunk_tokens: int = Field(default=4096, gt=0)
     safety_margin: float = SAFETY_MARGIN
-    host_mem_bytes: int | None = None
+    host_mem_bytes_per_node: int | None = Field(default=None, description="None: the GPU profile's")
     pins: Pins = Pins()
 
     @property
-    def host_capacity_bytes(self) -> int:
+    def host_capacity_bytes_per_node(self) -> int:
         """Host memory per node: --host-mem-gib, else the GPU profile's default."""
-        return self.gpu.host_mem_bytes_per_node if self.host_mem_bytes is None else self.host_mem_bytes
+        if self.host_mem_bytes_per_node is None:
+            return self.gpu.host_mem_bytes_per_node
+        return self.host_mem_bytes_per_node
 
 
 class Shortfall(_Frozen):
@@ -85,16 +101,44 @@ class Shortfall(_Frozen):
     host_over_bytes: int = 0
 
 
+class Closest(_Frozen):
+    """When nothing fits: the shortfall that misses by the least, judged, and what would
+    make it fit."""
+
+    shortfall: Shortfall
+    evaluation: Evaluation
+    remedies: list[str]
+
+
 class SearchResult(_Frozen):
     best: Evaluation | None
     runners_up: list[Evaluation]
     shortfalls: list[Shortfall] = Field(description="the closest layout at each smaller GPU count")
+    closest: Closest | None = Field(description="when nothing fits: the nearest miss and its remedies")
     conventional: Evaluation | None = Field(
         description="the smallest fitting layout with ZeRO-3, no sequence parallel, no offload, "
         "full recompute, full loss, micro-batch 1 (XTuner's long-context recipe)"
     )
     evaluated: int
     seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class _NearMiss:
+    """The hot loop's closest candidate at one GPU count."""
+
+    over_bytes: int  # the larger of the GPU and the host memory overshoot
+    candidate: Candidate
+
+
+@dataclass(frozen=True, slots=True)
+class _Pass:
+    """One pass of the hot loop over the candidates."""
+
+    fitting: list[Candidate]  # fastest first, by _rank_key
+    near_misses: dict[int, _NearMiss]  # by GPU count
+    shape: Shape
+    evaluated: int
 
 
 # ---------------------------------------------------------------- candidates
@@ -151,11 +195,11 @@ def _layout(c: Candidate) -> Layout:
 
 def evaluate(req: Request, layout: Layout | Candidate, shape: Shape | None = None) -> Evaluation:
     """Memory and time of one layout, as frozen models."""
-    s = shape or Shape.of(req.model, req.seq_len, req.precision, req.chunk_tokens)
+    s = shape or Shape.of(req.model, req.seq_len, req.precision, req.loss_chunk_tokens)
     lay = layout if isinstance(layout, Layout) else _layout(layout)
     memory = estimate_memory(
         req.model, req.gpu, lay, req.seq_len, safety_margin=req.safety_margin,
-        host_mem_bytes=req.host_mem_bytes, shape=s,
+        host_mem_bytes_per_node=req.host_mem_bytes_per_node, shape=s,
     )
     return Evaluation(layout=lay, memory=memory, throughput=estimate_throughput(s, lay, req.gpu))
 
@@ -172,42 +216,43 @@ def search(req: Request, runners_up: int = 4) -> SearchResult:
     searched when nothing fits without them (they trade a lot of speed for memory).
     """
     start = time.perf_counter()
-    result = _search(req, allow_offload=req.pins.offload is not None)
-    if not result[0] and req.pins.offload is None:
+    found = _search(req, allow_offload=req.pins.offload is not None)
+    if not found.fitting and req.pins.offload is None:
         offloading = _search(req, allow_offload=True)
-        result = (offloading[0], offloading[1], offloading[2], result[3] + offloading[3])
-    fitting, closest, s, evaluated = result
-    best = evaluate(req, fitting[0][1], s) if fitting else None
-    others = [evaluate(req, c, s) for _, c in fitting[1 : 1 + runners_up]]
+        found = replace(offloading, evaluated=found.evaluated + offloading.evaluated)
+    s = found.shape
+    best = evaluate(req, found.fitting[0], s) if found.fitting else None
+    others = [evaluate(req, c, s) for c in found.fitting[1 : 1 + runners_up]]
     min_fit = best.layout.num_gpus if best else None
-    host_cap = req.host_capacity_bytes
     shortfalls = [
-        _shortfall(s, req, c, name, size, host_cap)
-        for n, (_, c, name, size) in sorted(closest.items())
+        _shortfall(s, req, miss.candidate)
+        for n, miss in sorted(found.near_misses.items())
         if min_fit is None or n < min_fit
     ]
+    closest = _closest(req, min(shortfalls, key=_miss_key), s) if best is None and shortfalls else None
     return SearchResult(
         best=best,
         runners_up=others,
         shortfalls=shortfalls,
+        closest=closest,
         conventional=_conventional(req, s),
-        evaluated=evaluated,
+        evaluated=found.evaluated,
         seconds=time.perf_counter() - start,
     )
 
 
-def _search(req: Request, allow_offload: bool):
+def _search(req: Request, allow_offload: bool) -> _Pass:
     """The hot loop. Model states depend only on (GPUs, stage, offload) and activations
     only on (sp, micro-batch, recompute, loss, attention): each part is computed once per
     key and combined per candidate."""
-    s = Shape.of(req.model, req.seq_len, req.precision, req.chunk_tokens)
+    s = Shape.of(req.model, req.seq_len, req.precision, req.loss_chunk_tokens)
     usable = int(req.gpu.hbm_bytes * (1 - req.safety_margin))
-    host_cap = req.host_capacity_bytes
+    host_cap = req.host_capacity_bytes_per_node
     states: dict[tuple, tuple[int, ...]] = {}
     acts: dict[tuple, tuple[int, ...]] = {}
     context = req.gpu.cuda_context_bytes
-    fitting: list[tuple[tuple, Candidate]] = []
-    closest: dict[int, tuple[int, Candidate, str, int]] = {}
+    fitting: list[tuple[tuple, Candidate]] = []  # (rank key, candidate)
+    near_misses: dict[int, _NearMiss] = {}
     evaluated = 0
     for c in candidates(req):
         if c.offload != "none" and not allow_offload:
@@ -230,15 +275,11 @@ def _search(req: Request, allow_offload: bool):
             fitting.append((_rank_key(tps, c), c))
         else:
             worst = max(over, host_over)
-            prev = closest.get(c.num_gpus)
-            if prev is None or worst < prev[0]:
-                closest[c.num_gpus] = (worst, c, "", 0)
+            prev = near_misses.get(c.num_gpus)
+            if prev is None or worst < prev.over_bytes:
+                near_misses[c.num_gpus] = _NearMiss(worst, c)
     fitting.sort(key=lambda kc: kc[0])
-    for n, (worst, c, _, _) in closest.items():
-        _, terms = peak_terms(s, c, req.gpu)
-        name = max(terms, key=terms.__getitem__)
-        closest[n] = (worst, c, name, terms[name])
-    return fitting, closest, s, evaluated
+    return _Pass([c for _, c in fitting], near_misses, s, evaluated)
 
 
 def _host_over(s: Shape, c: Candidate, gpu: GpuProfile, host_cap: int) -> int:
@@ -247,16 +288,29 @@ def _host_over(s: Shape, c: Candidate, gpu: GpuProfile, host_cap: int) -> int:
     return host_offload_bytes_per_gpu(s, c) * min(c.num_gpus, gpu.gpus_per_node) - host_cap
 
 
-def _shortfall(s: Shape, req: Request, c: Candidate, name: str, size: int, host_cap: int) -> Shortfall:
+def _shortfall(s: Shape, req: Request, c: Candidate) -> Shortfall:
+    """How far one candidate is from fitting, and its largest memory term at the peak."""
     ev = evaluate(req, c, s)
+    _, terms = peak_terms(s, c, req.gpu)
+    name = max(terms, key=terms.__getitem__)
     return Shortfall(
         num_gpus=c.num_gpus,
         layout=ev.layout,
         over_bytes=max(0, ev.memory.total_bytes - ev.memory.usable_bytes),
         largest_term=name,
-        largest_term_bytes=size,
-        host_over_bytes=max(0, _host_over(s, c, req.gpu, host_cap)),
+        largest_term_bytes=terms[name],
+        host_over_bytes=max(0, _host_over(s, c, req.gpu, req.host_capacity_bytes_per_node)),
     )
+
+
+def _miss_key(sf: Shortfall) -> tuple:
+    """Smallest overshoot (GPU or host memory) first; on a tie, more GPUs."""
+    return (max(sf.over_bytes, sf.host_over_bytes), -sf.num_gpus)
+
+
+def _closest(req: Request, sf: Shortfall, s: Shape) -> Closest:
+    """The nearest miss when nothing fits, judged, with its remedies."""
+    return Closest(shortfall=sf, evaluation=evaluate(req, sf.layout, s), remedies=remedies(req, sf))
 
 
 def _conventional(req: Request, s: Shape) -> Evaluation | None:
@@ -269,15 +323,6 @@ def _conventional(req: Request, s: Shape) -> Evaluation | None:
         if ev.fits:
             return ev
     return None
-
-
-def describe_shortfall(sf: Shortfall) -> str:
-    """One line: how far a GPU count falls short and the biggest term."""
-    host = f"host memory over by {sf.host_over_bytes / GIB:.1f} GiB per node"
-    if sf.over_bytes <= 0:
-        return host
-    gpu = f"over by {sf.over_bytes / GIB:.1f} GiB; largest term {sf.largest_term} {sf.largest_term_bytes / GIB:.1f} GiB"
-    return f"{gpu}; {host}" if sf.host_over_bytes > 0 else gpu
 
 
 def remedies(req: Request, sf: Shortfall) -> list[str]:

@@ -24,20 +24,20 @@ class Shape:
     """Layout-independent numbers of one (model, seq_len) pair, computed once per plan."""
 
     params: int
-    layers: int
-    hidden: int
+    num_layers: int
+    hidden_size: int
     q_size: int
     kv_size: int
-    heads: int
-    ffn: int
-    vocab: int
-    tied: bool
+    num_attention_heads: int
+    intermediate_size: int
+    vocab_size: int
+    tie_word_embeddings: bool
     largest_leaf_params: int  # biggest module ZeRO-3 gathers at once
     layer_params: int
     persistent_params: int  # tensors at or below stage3_param_persistence_threshold
     seq_len: int
     precision: str = "bf16"
-    chunk_tokens: int = 4096
+    loss_chunk_tokens: int = 4096
 
     @property
     def dtype_bytes(self) -> int:
@@ -45,27 +45,27 @@ class Shape:
         return DTYPE_BYTES[self.precision]
 
     @classmethod
-    def of(cls, model: ModelProfile, seq_len: int, precision: str = "bf16", chunk_tokens: int = 4096) -> "Shape":
+    def of(cls, model: ModelProfile, seq_len: int, precision: str = "bf16", loss_chunk_tokens: int = 4096) -> "Shape":
         h = model.hidden_size
         persistent = (2 * model.num_layers + 1) * h  # RMSNorm weights
         if model.attention_bias:
             persistent += model.num_layers * (model.q_size + 2 * model.kv_size)
         return cls(
             params=model.num_params(),
-            layers=model.num_layers,
-            hidden=h,
+            num_layers=model.num_layers,
+            hidden_size=h,
             q_size=model.q_size,
             kv_size=model.kv_size,
-            heads=model.num_attention_heads,
-            ffn=model.intermediate_size,
-            vocab=model.vocab_size,
-            tied=model.tie_word_embeddings,
+            num_attention_heads=model.num_attention_heads,
+            intermediate_size=model.intermediate_size,
+            vocab_size=model.vocab_size,
+            tie_word_embeddings=model.tie_word_embeddings,
             largest_leaf_params=model.largest_tensor_params(),
             layer_params=model.layer_params(),
             persistent_params=persistent,
             seq_len=seq_len,
             precision=precision,
-            chunk_tokens=chunk_tokens,
+            loss_chunk_tokens=loss_chunk_tokens,
         )
 
 

@@ -14,9 +14,8 @@ from .schema import Layout, Throughput
 
 #: Fraction of the measured matmul ceiling (GpuProfile.matmul_efficiency, stas00 MAMF)
 #: that a whole training step reaches with flash attention and fused kernels.
-#: Calibrated on two public runs (bench/calibration.py prints the fit):
-#: torchtitan Llama-3.1-8B, 8k, 8x H100, FSDP bf16: 5,762 tokens/s/GPU;
-#: XTuner Llama2-7B, 8k, 8x A100-80G, ZeRO-3, packed: 3,028 tokens/s/GPU.
+#: Calibrated on the public runs in planner/calibration_data.py FITTED_RUNS (bench/calibration.py
+#: prints the fit); the runs in HELD_OUT_RUNS are kept out of it.
 KERNEL_EFFICIENCY = 0.686
 
 #: share of prefetchable ZeRO traffic (all-gathers, reduce-scatters) hidden under compute
@@ -29,12 +28,12 @@ CPU_ADAM_PARAMS_PER_S = 1.0e9 / 8
 
 def model_flops_per_token(s: Shape) -> float:
     """6N + 12*L*H*Q*T (PaLM): forward and backward, attention over the full context."""
-    return 6.0 * s.params + 12.0 * s.layers * s.q_size * s.seq_len
+    return 6.0 * s.params + 12.0 * s.num_layers * s.q_size * s.seq_len
 
 
 def hardware_flops_per_token(s: Shape, lay: Layout) -> float:
     """Model FLOPs plus one more forward with full recompute (2N + 4*L*H*Q*T)."""
-    extra = 2.0 * s.params + 4.0 * s.layers * s.q_size * s.seq_len if lay.recompute == "full" else 0.0
+    extra = 2.0 * s.params + 4.0 * s.num_layers * s.q_size * s.seq_len if lay.recompute == "full" else 0.0
     return model_flops_per_token(s) + extra
 
 
@@ -85,7 +84,7 @@ def ulysses_seconds(s: Shape, lay: Layout, gpu: GpuProfile) -> float:
     t = tokens_per_rank(s, lay)
     per_layer = s.dtype_bytes * t * (2 * s.q_size + 2 * s.kv_size)
     passes = 3 if lay.recompute == "full" else 2
-    volume = s.layers * passes * per_layer * (lay.sp_degree - 1) / lay.sp_degree
+    volume = s.num_layers * passes * per_layer * (lay.sp_degree - 1) / lay.sp_degree
     return volume / collective_bandwidth(gpu, lay.sp_degree)
 
 

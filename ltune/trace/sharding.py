@@ -5,22 +5,10 @@ activation bytes are per rank already: Ulysses only adds its all-to-all buffers 
 size of one q/k/v/out tensor, inside the attention of one layer; not traced, see `untraced`).
 The model states are traced whole (every parameter, its gradient, fp32 master copy and
 two fp32 moments); how much of them each rank holds is DeepSpeed's partitioning over all
-N = dp x sp ranks (DeepSpeed-Ulysses partitions ZeRO over the sequence-data-parallel group),
-applied here per parameter tensor from the traced shapes:
-
-- ZeRO-3 (deepspeed/runtime/zero/partition_parameters.py): each tensor is split in ceil(n / N)
-  elements per rank; tensors of at most `stage3_param_persistence_threshold` (1e5) elements stay
-  whole on every rank. Model-dtype gradients go to `grad_partitions_flat_buffer` (stage3.py); fp32
-  gradients are made one sub-group (`sub_group_size`, 1e9) at a time at the step.
-- ZeRO-1/2 (stage_1_and_2.py): one flat group per rank of ceil(P / N) elements for the master copy,
-  moments and (at the step) fp32 gradients; ZeRO-2 keeps a model-dtype gradient partition,
-  ZeRO-1 whole model-dtype gradients.
-- ZeRO-0: bf16 and fp16 run FP16_UnfusedOptimizer around the trainer's torch AdamW (engine.py
-  `_do_optimizer_sanity_check`: DDP_BFLOAT16 / FP16; unfused_optimizer.py: whole fp32 master and
-  moments, 16-bit gradients kept and upcast to fp32 at the step); fp32 runs the bare optimizer
-  (fp32 gradients on the parameters, whole moments, no master copy).
-- offload (ZeRO-Offload): master copy, moments and fp32 gradients live in host memory; "all"
-  also moves the ZeRO-3 parameter partitions there.
+N = dp x sp ranks (DeepSpeed-Ulysses partitions ZeRO over the sequence-data-parallel group):
+the planner's rule (ltune/planner/zero.py) applied per parameter tensor from the traced shapes
+(`ParamPartition.of_tensors`: ceil(n / N) elements per tensor under ZeRO-3, tensors of at most
+`stage3_param_persistence_threshold` elements whole; ceil(P / N) for ZeRO 1-2's flat group).
 
 Phases: the step's timeline is read as forward (layers), loss (final norm, output layer, loss,
 forward and backward), backward (layers), step (optimizer); the per-rank total is the model
@@ -32,10 +20,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
-from ..planner.memory import STAGE3_PARAM_PERSISTENCE_THRESHOLD, SUB_GROUP_SIZE  # DeepSpeed defaults
 from ..planner.schema import Layout
-from .tracer import CATEGORIES, ORIGINS, RawTrace
-FP32 = 4
+from ..planner.zero import ParamPartition, model_state_bytes
+from .types import CATEGORIES, ORIGINS, RawTrace
 
 #: terms the trace cannot see (not tensors of the training step, or DeepSpeed's own buffers)
 UNTRACED_TERMS = ("zero_buffers", "cuda_context", "comm_buffers", "fragmentation")
@@ -79,62 +66,6 @@ class TraceResult(BaseModel):
     max_rss_bytes: int
 
 
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def partition_numel(param_numels: list[int], layout: Layout) -> int:
-    """Elements of the (model-dtype) parameters one rank holds."""
-    n = layout.num_gpus
-    if layout.zero_stage < 3:
-        return sum(param_numels)
-    total = 0
-    for numel in param_numels:
-        if numel <= STAGE3_PARAM_PERSISTENCE_THRESHOLD:
-            total += numel  # persistent: whole on every rank
-        elif layout.offload != "all":
-            total += _ceil_div(numel, n)
-    return total
-
-
-def model_state_bytes(param_numels: list[int], dtype_bytes: int, layout: Layout, precision: str, phase: str) -> dict[str, int]:
-    """Per-rank model states live in `phase` (forward, loss, backward, step), by analytic term name."""
-    n = layout.num_gpus
-    params = sum(param_numels)
-    stage = layout.zero_stage
-    on_gpu = layout.offload == "none"
-    if stage == 3:
-        opt_elems = sum(_ceil_div(x, n) for x in param_numels)
-    elif stage in (1, 2):
-        opt_elems = _ceil_div(params, n)
-    else:
-        opt_elems = params
-    weights = dtype_bytes * partition_numel(param_numels, layout)
-    master = FP32 * opt_elems if on_gpu else 0
-    moments = 2 * master
-    if stage == 0:  # FP16_UnfusedOptimizer (bf16, fp16); in fp32 the bare optimizer on the parameters
-        unfused = precision != "fp32"
-        gradients = dtype_bytes * params
-        grads32 = FP32 * params if phase == "step" and unfused else 0
-        master = master if unfused else 0
-    elif stage == 1:
-        gradients = dtype_bytes * params
-        grads32 = FP32 * opt_elems if phase == "step" and on_gpu else 0
-    else:
-        gradients = dtype_bytes * opt_elems if on_gpu else 0
-        grads32 = 0
-        if phase == "step" and on_gpu:
-            sub = opt_elems if stage == 2 else min(opt_elems, SUB_GROUP_SIZE + max(param_numels) // n)
-            grads32 = FP32 * sub
-    return {
-        "weights": weights,
-        "gradients": gradients,
-        "gradients_fp32": grads32,
-        "master_weights": master,
-        "optimizer_states": moments,
-    }
-
-
 def _phase_of(pass_phase: str, region: str) -> str:
     if pass_phase == "optimizer":
         return "step"
@@ -168,8 +99,9 @@ def shard(raw: RawTrace, model_name: str, seq_len: int, layout: Layout, precisio
     """The per-rank peak of `layout` from one traced step."""
     tl = raw.timeline
     buffer_idx = CATEGORIES.index("Buffer")
+    partition = ParamPartition.of_tensors(raw.param_numels, layout.num_gpus)
     states_by_phase = {
-        ph: model_state_bytes(raw.param_numels, raw.dtype_bytes, layout, precision, ph)
+        ph: model_state_bytes(partition, raw.dtype_bytes, layout, precision, ph)
         for ph in ("forward", "loss", "backward", "step")
     }
     best_total, best_terms, best_phase = -1, {}, "forward"

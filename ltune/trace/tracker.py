@@ -12,7 +12,7 @@ import torch
 from torch._guards import active_fake_mode
 from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType, _UpdateType
 
-from .tracer import CATEGORIES, ORIGINS, Timeline
+from .types import CATEGORIES, ORIGINS, Timeline
 
 ACT_TYPES = (_MemRefType.ACT, _MemRefType.TEMP)
 CPU = torch.device("cpu")

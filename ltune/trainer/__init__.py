@@ -1,8 +1,7 @@
 """The trainer every rank runs: ``python -m ltune.trainer RUN_DIR [--resume]``.
 
-Importing this package is cheap (no torch): the launcher uses
-``ltune.trainer.ds_config.build_ds_config`` and ``ltune.trainer.data.validate_data``
-before it starts any process.
+Importing this package is cheap (no torch). What the launcher also needs (the DeepSpeed
+config, path rules, data checks) lives in ``ltune.job``, which never imports torch.
 """
 
 from .errors import TrainerInputError

@@ -9,7 +9,8 @@ torch_varlen | sdpa), or ``set_attention_backend(name)`` (tests):
 - auto: flash_attn if importable on CUDA, else torch_varlen on CUDA (with a one-time
   warning that flash-attn is absent), else sdpa (CPU, pre-Ampere GPUs, fp32 inputs).
 
-Two layers, kept apart so that issue 4's Ulysses wrapper can reuse the core:
+Two layers, kept apart so that the Ulysses sequence-parallel wrapper
+(``ltune.trainer.sequence_parallel``) can reuse the core:
 
 - ``varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, scale)``: the core, on
   (total_tokens, heads, head_dim) tensors; documents never attend to each other.

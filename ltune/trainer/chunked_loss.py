@@ -38,11 +38,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..job.constants import IGNORE_INDEX
 from ..planner.activations import chunked_loss_bytes
 
 __all__ = ["IGNORE_INDEX", "chunked_cross_entropy", "chunked_loss_bytes"]
-
-IGNORE_INDEX = -100
 
 
 def _chunk_bounds(num_tokens: int, chunk_tokens: int) -> list[tuple[int, int]]:

@@ -1,154 +1,43 @@
-"""Training data: JSONL reading and checks, chat rendering, a tokenization cache.
+"""Training data: chat rendering, tokenization and its cache (records read and checked by
+``ltune.job.data_files``, shared with the launcher).
 
 Records are JSON objects, one per line: ``{"text": "..."}`` (loss on every token) or
 ``{"messages": [{"role": ..., "content": ...}, ...]}`` rendered with the tokenizer's
-chat template, loss on the assistant turns only. A data path is a JSONL file or a
-folder of them (``*.jsonl``, recursively, sorted).
+chat template, loss on the assistant turns only.
 
-This module imports no torch (the launcher calls ``validate_data`` before any process
-starts); transformers is imported only to tokenize.
+This module imports no torch; transformers is imported only to tokenize.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
+from ..job.data_files import check_tokenizer_dir, data_files, iter_records
 from ..planner.schema import Plan
 from .errors import TrainerInputError
-from .paths import tokenizer_dir
 
-IGNORE_INDEX = -100
 CACHE_FORMAT_VERSION = 1
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
-# ---------------------------------------------------------------- reading and checks
-
-
-def data_files(paths: list[str]) -> list[Path]:
-    """The JSONL files named by ``paths`` (files, or folders searched for *.jsonl)."""
-    if not paths:
-        raise TrainerInputError("training.data: no data files given")
-    files: list[Path] = []
-    for name in paths:
-        path = Path(name)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*.jsonl") if p.is_file())
-            if not found:
-                raise TrainerInputError(f"{path}: folder holds no *.jsonl files")
-            files.extend(found)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise TrainerInputError(f"{path}: data file not found")
-    return files
-
-
-def _check_messages(messages, where: str) -> None:
-    if not isinstance(messages, list) or not messages:
-        raise TrainerInputError(f"{where}: 'messages' must be a non-empty list")
-    for turn in messages:
-        if not isinstance(turn, dict) or not isinstance(turn.get("role"), str):
-            raise TrainerInputError(f"{where}: each message needs a 'role' string")
-        if not isinstance(turn.get("content"), str):
-            raise TrainerInputError(f"{where}: message content must be a string (role {turn['role']!r})")
-    if not any(t["role"] == "assistant" and t["content"] for t in messages):
-        raise TrainerInputError(f"{where}: chat record has no assistant turn to train on")
-
-
-def check_record(record, where: str) -> str:
-    """'text' or 'chat' for a valid record; a TrainerInputError naming ``where`` otherwise."""
-    if not isinstance(record, dict):
-        raise TrainerInputError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    if "messages" in record:
-        _check_messages(record["messages"], where)
-        return "chat"
-    if "text" in record:
-        if not isinstance(record["text"], str) or not record["text"]:
-            raise TrainerInputError(f"{where}: 'text' must be a non-empty string")
-        return "text"
-    raise TrainerInputError(f"{where}: record has neither 'text' nor 'messages'")
-
-
-def iter_records(path: Path) -> Iterator[tuple[str, str, dict]]:
-    """(kind, where, record) for every non-blank line of a JSONL file, checked."""
-    empty = True
-    try:
-        handle = path.open(encoding="utf-8")
-    except OSError as e:
-        raise TrainerInputError(f"{path}: cannot read ({e.strerror})") from None
-    with handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            empty = False
-            where = f"{path}:{line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TrainerInputError(f"{where}: malformed JSON ({e.msg})") from None
-            yield check_record(record, where), where, record
-    if empty:
-        raise TrainerInputError(f"{path}: data file is empty")
-
-
-def check_tokenizer_dir(plan: Plan) -> Path:
-    folder = tokenizer_dir(plan)
-    if folder is None:
-        raise TrainerInputError("model.tokenizer: not set (a random-init model needs a tokenizer folder)")
-    if not folder.is_dir():
-        raise TrainerInputError(f"model.tokenizer: folder {folder} not found")
-    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        raise TrainerInputError(
-            f"model.tokenizer: {folder} holds no tokenizer ({', '.join(TOKENIZER_FILES)})"
-        )
-    return folder
+# ---------------------------------------------------------------- checks
 
 
 def check_supported(plan: Plan) -> None:
     """Layouts this trainer cannot run yet, refused up front by the trainer (one line, exit 2).
 
-    Not part of validate_data: the launcher may still plan, dry-run or write sbatch
+    Not part of ``ltune.job.data_files.validate_data``: the launcher may still plan, dry-run or write sbatch
     scripts for such layouts.
     """
     if plan.layout.sp_degree > 1 and plan.layout.attention == "eager":
         raise TrainerInputError(
             f"layout.sp_degree ({plan.layout.sp_degree}) needs attention 'varlen' (Ulysses wraps the varlen core), not 'eager'"
         )
-    if plan.layout.loss == "chunked" and importlib.util.find_spec("ltune.trainer.chunked_loss") is None:
-        raise TrainerInputError("layout.loss 'chunked' needs ltune/trainer/chunked_loss.py (issue 4)")
-
-
-@dataclass(frozen=True)
-class DataSummary:
-    files: tuple[str, ...]
-    num_text: int
-    num_chat: int
-
-
-def validate_data(plan: Plan) -> DataSummary:
-    """Check the plan's data files and tokenizer folder without tokenizing (no torch).
-
-    Paths must already be absolute or relative to the current folder (see
-    ``ltune.trainer.paths.resolve_plan_paths``). Raises TrainerInputError with one line:
-    a missing or empty file, a malformed JSON line (file:line), a chat record without an
-    assistant turn, a missing tokenizer.
-    """
-    check_tokenizer_dir(plan)
-    files = data_files(plan.training.data)
-    counts = {"text": 0, "chat": 0}
-    for path in files:
-        for kind, _, _ in iter_records(path):
-            counts[kind] += 1
-    return DataSummary(tuple(str(f) for f in files), counts["text"], counts["chat"])
 
 
 # ---------------------------------------------------------------- tokenization

@@ -1,5 +1,6 @@
-"""The trainer's user-facing error (pure Python)."""
+"""The trainer's user-facing error: the job's ``TrainerInputError`` (ltune/job/errors.py),
+shared with the launcher's data checks."""
 
+from ..job.errors import TrainerInputError
 
-class TrainerInputError(ValueError):
-    """Bad input to a training job (data, tokenizer, run folder): one line, exit code 2."""
+__all__ = ["TrainerInputError"]

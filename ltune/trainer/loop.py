@@ -36,17 +36,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..job.constants import IGNORE_INDEX
+from ..job.data_files import validate_data
+from ..job.ds_config import build_ds_config
+from ..job.paths import DS_CONFIG_FILE, PLAN_FILE, resolve_plan_paths
 from ..planner.io import load_plan
 from . import checkpoint, engine as engine_lib
 from .attention import cu_seqlens_from_position_ids
-from .data import check_supported, load_or_tokenize, load_tokenizer, validate_data
+from .data import check_supported, load_or_tokenize, load_tokenizer
 from .packing import PackedDataset, collate, shard_indices
-from .ds_config import build_ds_config
 from .errors import TrainerInputError
-from .loss import IGNORE_INDEX, shift_labels
-from .metrics import MetricsWriter, flops_per_token, peak_flops_per_gpu, peak_memory, predicted
+from .loss import shift_labels
+from .metrics import MetricsWriter, flops_per_token, peak_flops_per_gpu, peak_memory, predicted, step_throughput
 from .model import build_model
-from .paths import resolve_plan_paths
 
 EXIT_TERMINATED = 143  # 128 + SIGTERM, after the checkpoint is written
 
@@ -56,12 +58,44 @@ def _rank() -> int:
 
 
 class Trainer:
+    """All of the run's state is declared here, grouped by the setup step that fills it in."""
+
     def __init__(self, run_dir: str | Path, resume: bool = False):
         self.run_dir = Path(run_dir).resolve()
         self.resume = resume
         self.step = 0  # optimizer steps done
         self._stop_signal = False
         self._last_saved_step: int | None = None
+        # read_run_dir, check_inputs
+        self.plan = None
+        self.ds_config: dict | None = None
+        self.tokenizer = None
+        # join_process_group
+        self.rank = 0
+        self.world_size = 1
+        self.sp_degree = 1
+        self.dp_size = 1
+        self.dp_rank = 0
+        self.sp_rank = 0
+        self.mpu = None  # DeepSpeed's sequence-parallel groups when sp_degree > 1
+        self.device: torch.device | None = None
+        # prepare_data
+        self.data_from_cache = False
+        self.pad_token_id = 0
+        self.dataset: PackedDataset | None = None
+        self.sequences_per_step = 0  # packed sequences of one optimizer step, all ranks
+        self.total_steps = 0
+        # build_engine
+        self.engine = None
+        self.grad_divisor = 1.0  # what DeepSpeed divides the all-rank gradient sum by
+        self.flops_per_token = 0.0
+        self.peak_flops: float | None = None
+        self.prediction: dict = {}
+        # open_logs (rank 0 only)
+        self.metrics: MetricsWriter | None = None
+        self.console = None
+        self.progress = None
+        self.task = None
 
     # ------------------------------------------------------------ table of contents
 
@@ -91,11 +125,11 @@ class Trainer:
     # ------------------------------------------------------------ setup
 
     def read_run_dir(self) -> None:
-        plan_file = self.run_dir / "plan.yaml"
+        plan_file = self.run_dir / PLAN_FILE
         if not plan_file.is_file():
             raise TrainerInputError(f"{self.run_dir}: no plan.yaml in the run folder")
         self.plan = resolve_plan_paths(load_plan(plan_file), self.run_dir)
-        ds_file = self.run_dir / "ds_config.json"
+        ds_file = self.run_dir / DS_CONFIG_FILE
         self.ds_config = json.loads(ds_file.read_text()) if ds_file.is_file() else build_ds_config(self.plan)
 
     def check_inputs(self) -> None:
@@ -164,10 +198,7 @@ class Trainer:
             from .sequence_parallel import install_ulysses_attention
 
             install_ulysses_attention(model.lm, self.mpu.get_sequence_parallel_group(), self.plan.layout.micro_batch_size)
-        self.engine = engine_lib.initialize(self.plan, self.ds_config, model, self.total_steps, mpu=self.mpu)
-        from .sequence_parallel import deepspeed_grad_divisor
-
-        self.grad_divisor = deepspeed_grad_divisor(self.engine, self.sp_degree)
+        self.use_engine(engine_lib.initialize(self.plan, self.ds_config, model, self.total_steps, mpu=self.mpu))
         arch = self.plan.model.architecture
         self.flops_per_token = flops_per_token(arch, self.plan.training.seq_len)
         self.peak_flops = peak_flops_per_gpu(self.plan)
@@ -176,6 +207,13 @@ class Trainer:
             f"model: {arch.num_params() / 1e6:.1f}M parameters, ZeRO-{self.plan.layout.zero_stage}, "
             f"{self.plan.training.precision}, {self.world_size} processes, {self.total_steps} steps"
         )
+
+    def use_engine(self, engine) -> None:
+        """Train with ``engine``; the divisor DeepSpeed applies to gradients is read from it."""
+        from .sequence_parallel import deepspeed_grad_divisor
+
+        self.engine = engine
+        self.grad_divisor = deepspeed_grad_divisor(engine, self.sp_degree)
 
     def restore_checkpoint(self) -> None:
         if not self.resume:
@@ -188,8 +226,6 @@ class Trainer:
         self.say(f"resume: continuing after step {step}")
 
     def open_logs(self) -> None:
-        self.metrics = None
-        self.progress = None
         if self.rank != 0:
             return
         path = self.run_dir / "metrics.jsonl"
@@ -241,6 +277,7 @@ class Trainer:
         return batch
 
     def train_step(self, batches: list[dict]) -> dict:
+
         self._sync()
         start = time.perf_counter()
         lr = self.engine.get_lr()[0]
@@ -260,8 +297,9 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         # all tokens computed on, padding included (loss_tokens counts the real targets)
         tokens_per_step = self.sequences_per_step * self.plan.training.seq_len
-        tokens_per_s_per_gpu = tokens_per_step / step_time_s / self.world_size
-        mfu = tokens_per_s_per_gpu * self.flops_per_token / self.peak_flops if self.peak_flops else None
+        tokens_per_s_per_gpu, mfu = step_throughput(
+            tokens_per_step, step_time_s, self.world_size, self.flops_per_token, self.peak_flops
+        )
         return {
             "step": self.step,
             "loss": loss,
@@ -323,7 +361,7 @@ class Trainer:
 
     def say(self, message: str) -> None:
         if _rank() == 0:
-            if getattr(self, "progress", None) is not None:
+            if self.progress is not None:
                 self.console.print(message, highlight=False, soft_wrap=True)
             else:
                 print(f"ltune.trainer: {message}", flush=True)

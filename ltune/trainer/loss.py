@@ -11,12 +11,11 @@ real tokens of the whole global batch, whatever the micro-batching, dp or sp deg
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from ..job.constants import IGNORE_INDEX
+from .chunked_loss import chunked_cross_entropy
 
 
 def shift_labels(labels: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
@@ -27,10 +26,6 @@ def shift_labels(labels: torch.Tensor, position_ids: torch.Tensor) -> torch.Tens
     next_starts = position_ids[:, 1:] == 0
     targets[:, :-1] = targets[:, :-1].masked_fill(next_starts, IGNORE_INDEX)
     return targets
-
-
-def chunked_loss_available() -> bool:
-    return importlib.util.find_spec("ltune.trainer.chunked_loss") is not None
 
 
 def causal_lm_loss(
@@ -44,8 +39,8 @@ def causal_lm_loss(
 
     mode "full": logits in the model dtype, then ``.float()``, then cross entropy (what
     transformers' ForCausalLMLoss does; holds seq x vocab logits in both dtypes).
-    mode "chunked": ``ltune.trainer.chunked_loss.chunked_cross_entropy`` (issue 4),
-    which never holds the full logits.
+    mode "chunked": ``ltune.trainer.chunked_loss.chunked_cross_entropy``, which
+    recomputes the logits chunk by chunk and never holds them all.
     """
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
     targets = labels.reshape(-1)
@@ -54,10 +49,6 @@ def causal_lm_loss(
         logits = F.linear(hidden, lm_head_weight).float()
         loss_sum = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
     elif mode == "chunked":
-        if not chunked_loss_available():
-            raise NotImplementedError("loss 'chunked' needs ltune/trainer/chunked_loss.py (issue 4)")
-        from .chunked_loss import chunked_cross_entropy
-
         loss_sum = chunked_cross_entropy(hidden, lm_head_weight, targets, chunk_tokens)
     else:
         raise ValueError(f"loss mode {mode!r} is not 'full' or 'chunked'")

@@ -40,6 +40,15 @@ def peak_flops_per_gpu(plan: Plan) -> float | None:
     return peak or None
 
 
+def step_throughput(
+    tokens_per_step: int, step_time_s: float, num_gpus: int, flops_per_token: float, peak_flops: float | None
+) -> tuple[float, float | None]:
+    """(tokens / step time / GPUs, MFU = that x model FLOPs per token / peak FLOP/s; PaLM, appendix B)."""
+    tokens_per_s_per_gpu = tokens_per_step / step_time_s / num_gpus
+    mfu = tokens_per_s_per_gpu * flops_per_token / peak_flops if peak_flops else None
+    return tokens_per_s_per_gpu, mfu
+
+
 def peak_memory() -> dict:
     """Measured peak memory of this process: CUDA allocator peaks, or resident memory on CPU."""
     if torch.cuda.is_available():

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .data import IGNORE_INDEX, TokenizedData
+from ..job.constants import IGNORE_INDEX
+from .data import TokenizedData
 from .errors import TrainerInputError
 
 

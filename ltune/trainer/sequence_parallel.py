@@ -22,11 +22,11 @@ What we add, because the DeepSpeed pieces assume something else:
   shifted before slicing (a shard's last token predicts the next shard's first), padded to a
   multiple of sp_degree with -100;
 - the loss: each rank sums the cross-entropy of its own tokens (`shard_batch` gives it its
-  shifted targets), and the normaliser is counted over the group (`sp_mean_loss`) or over the
-  whole global batch (the trainer: `deepspeed_grad_divisor`). DeepSpeed's reduction under
-  sequence parallelism is not uniform across ZeRO stages (see `deepspeed_sp_grad_scale`); both
-  helpers correct for it, and the distributed test checks the applied update under ZeRO-2 and
-  ZeRO-3. The mpu must be given to `deepspeed.initialize`: measured at sp 2 with
+  shifted targets), and the trainer divides by the real tokens of the whole global batch, times
+  what DeepSpeed divides the gradients by (`deepspeed_grad_divisor`). DeepSpeed's reduction under
+  sequence parallelism is not uniform across ZeRO stages (see `deepspeed_sp_grad_scale`); the
+  divisor corrects for it, and the distributed test checks the update the trainer's own
+  `train_step` applies under ZeRO-2 and ZeRO-3. The mpu must be given to `deepspeed.initialize`: measured at sp 2 with
   `sequence_parallel_size` in the config but no mpu, ZeRO-1/2 applied twice the gradient and
   reported twice its norm (ZeRO-3 was right); with the mpu all three were exact.
 
@@ -45,7 +45,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-IGNORE_INDEX = -100
+from ..job.constants import IGNORE_INDEX
+
 ULYSSES_ATTN_KEY = "ltune_ulysses_varlen"
 
 
@@ -172,16 +173,6 @@ def install_ulysses_attention(model, sp_group, micro_batch_size: int, hf_attenti
 # ---------------------------------------------------------------- loss
 
 
-def sp_token_count(num_tokens: Tensor | int, sp_group=None, device=None) -> Tensor:
-    """Real (label != -100) tokens summed over the sequence-parallel group (int64, no grad)."""
-    import deepspeed.comm as dist
-
-    count = torch.as_tensor(num_tokens, dtype=torch.int64, device=device).clone().reshape(1)
-    if sp_group is not None and dist.get_world_size(sp_group) > 1:
-        dist.all_reduce(count, group=sp_group)
-    return count[0]
-
-
 def deepspeed_sp_grad_scale(zero_stage: int, sp_degree: int, reduce_scatter: bool = True) -> float:
     """Factor on each rank's loss that makes DeepSpeed's reduced gradient the sum over the
     sequence-parallel group averaged over the data-parallel degree (dp = world / sp).
@@ -210,23 +201,3 @@ def deepspeed_grad_divisor(engine, sp_degree: int) -> float:
 
     return dist.get_world_size() / sp_degree * engine_sp_grad_scale(engine, sp_degree)
 
-
-def sp_mean_loss(
-    loss_sum: Tensor, num_tokens: Tensor | int, sp_group=None, grad_scale: float = 1.0
-) -> tuple[Tensor, Tensor]:
-    """(loss to backward, loss to log) of one sequence-parallel group.
-
-    loss_sum: this rank's summed token cross-entropy (fp32, with grad); num_tokens: this rank's
-    real-token count. The loss to backward is grad_scale * loss_sum / (real tokens of the group):
-    summed over the group's ranks, its gradient is the gradient of the group's mean over its real
-    tokens (grad_scale corrects for DeepSpeed's divisor: `engine_sp_grad_scale`). The loss to log
-    is that mean, the same on every rank of the group. With sp_group None (or of size 1) it is
-    loss_sum / num_tokens.
-    """
-    import deepspeed.comm as dist
-
-    count = sp_token_count(num_tokens, sp_group, device=loss_sum.device).clamp(min=1).to(loss_sum.dtype)
-    value = loss_sum.detach().clone().reshape(1)
-    if sp_group is not None and dist.get_world_size(sp_group) > 1:
-        dist.all_reduce(value, group=sp_group)
-    return loss_sum * (grad_scale / count), value[0] / count

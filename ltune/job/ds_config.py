@@ -16,7 +16,7 @@ from typing import Any
 
 # DeepSpeed defaults (runtime/zero/config.py), counted in elements: the planner's memory
 # model uses the very same constants.
-from ..planner.memory import (
+from ..planner.zero import (
     ALLGATHER_BUCKET_SIZE,
     REDUCE_BUCKET_SIZE,
     STAGE3_MAX_LIVE_PARAMETERS,

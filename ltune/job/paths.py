@@ -12,6 +12,10 @@ from pathlib import Path
 
 from ..planner.schema import Plan
 
+#: the run folder's files, as the launcher writes them and the trainer reads them
+PLAN_FILE = "plan.yaml"
+DS_CONFIG_FILE = "ds_config.json"
+
 
 def resolve_path(path: str, base_dir: str | Path) -> Path:
     p = Path(path).expanduser()

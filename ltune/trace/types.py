@@ -1,0 +1,47 @@
+"""What the tracer, its MemTracker subclass and the sharding share: MemTracker's categories, the
+origins of activation bytes, and the traced timeline. Pure Python: no torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# MemTracker's categories (the values of torch.distributed._tools.mem_tracker._MemRefType)
+CATEGORIES = ("Parameter", "Buffer", "Gradient", "Activation", "Temp", "Optstate", "Other")
+#: where an activation/temp storage was made: (pass, region)
+PASSES = ("input", "forward", "recompute", "backward")
+REGIONS = ("embed", "layer", "norm", "head")
+ORIGINS = tuple(f"{p}:{r}" for p in PASSES for r in REGIONS)
+
+
+@dataclass
+class Timeline:
+    """Per-operator snapshots of the traced (unsharded) memory, in bytes.
+
+    `values[i]` has one entry per CATEGORIES name; `origins[i]` one per ORIGINS name (the live
+    Activation + Temp bytes by where they were made); `phases[i]` is forward, backward or
+    optimizer; `regions[i]` the REGIONS entry active.
+    """
+
+    phases: list[str] = field(default_factory=list)
+    regions: list[str] = field(default_factory=list)
+    values: list[tuple[int, ...]] = field(default_factory=list)
+    origins: list[tuple[int, ...]] = field(default_factory=list)
+    marks: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+
+@dataclass
+class RawTrace:
+    """What one traced step gives before any sharding."""
+
+    timeline: Timeline
+    num_params: int
+    param_numels: list[int]
+    dtype_bytes: int
+    tokens_per_rank: int
+    micro_batch_size: int
+    num_docs: int
+    trace_s: float
+    max_rss_bytes: int
+    #: with inventory=True: (origin, operator, bytes) of every live activation storage at the
+    #: moment the activation bytes peak (a diagnostic of what the analytic terms miss)
+    inventory: list[tuple[str, str, int]] | None = None
