@@ -17,7 +17,35 @@ from pathlib import Path
 
 from .command import TRAINER_MODULE, NodeLayout, trainer_args
 
-MASTER_ADDR_LINE = 'MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"'
+MASTER_ADDR_LINE = 'MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)"'  # reads all: no SIGPIPE under pipefail
+#: the only shell variables the script expands; every other word is single-quoted
+EXPANDED_VARS = ("MASTER_ADDR", "SLURM_JOB_ID")
+#: characters a #SBATCH value may not hold: bash reads the line as a comment, but a newline
+#: would start a line that it runs, and sbatch itself splits on whitespace and reads quotes
+#: and backslashes
+_DIRECTIVE_BAD = re.compile(r"[\x00-\x20\x7f\"'\\]")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def job_name_for(model_name: str) -> str:
+    """A Slurm job name from a model name: characters other than letters, digits, '.', '_'
+    and '-' become '_' (the name is a label; the script never needs the original)."""
+    return "ltune-" + re.sub(r"[^A-Za-z0-9._-]", "_", model_name)[:100]
+
+
+@dataclass(frozen=True)
+class ShellVar:
+    """One argument made of a shell variable (one of EXPANDED_VARS) and a literal suffix."""
+
+    name: str
+    suffix: str = ""
+
+    def __post_init__(self) -> None:
+        if self.name not in EXPANDED_VARS:
+            raise ValueError(f"sbatch: ${self.name} is not a variable the script sets")
+
+    def render(self) -> str:
+        return f'"${self.name}"' + (shlex.quote(self.suffix) if self.suffix else "")
 
 
 @dataclass(frozen=True)
@@ -27,26 +55,33 @@ class SbatchScript:
     directives: tuple[tuple[str, str], ...]
     env: dict[str, str] = field(default_factory=dict)
     cwd: str = "."
-    srun_argv: tuple[str, ...] = ()
+    srun_argv: tuple[str | ShellVar, ...] = ()
+
+    def __post_init__(self) -> None:
+        for key, value in self.directives:
+            if _DIRECTIVE_BAD.search(value):
+                raise ValueError(
+                    f"sbatch --{key} {value!r}: spaces, quotes, backslashes and control characters "
+                    "cannot be written into an #SBATCH line (rename the path or model)"
+                )
+        for key, value in self.env.items():
+            if not _ENV_NAME.match(key):
+                raise ValueError(f"sbatch: {key!r} is not a valid environment variable name")
+            if "\x00" in value:
+                raise ValueError(f"sbatch: environment variable {key} holds a NUL character")
+        if "\x00" in self.cwd or any(isinstance(a, str) and "\x00" in a for a in self.srun_argv):
+            raise ValueError("sbatch: a path or argument holds a NUL character")
 
     def render(self) -> str:
+        """The script text; every string is single-quoted, only EXPANDED_VARS expand."""
         lines = ["#!/bin/bash"]
         lines += [f"#SBATCH --{key}={value}" for key, value in self.directives]
         lines += ["", "# written by `ltune launch --launcher slurm`; submit with: sbatch THIS_FILE", "set -euo pipefail"]
         lines.append(f"cd {shlex.quote(self.cwd)}")
         lines += [f"export {key}={shlex.quote(value)}" for key, value in sorted(self.env.items())]
         lines.append(MASTER_ADDR_LINE)
-        lines.append(" ".join(_shell_word(a) for a in self.srun_argv))
+        lines.append(" ".join(a.render() if isinstance(a, ShellVar) else shlex.quote(a) for a in self.srun_argv))
         return "\n".join(lines) + "\n"
-
-
-def _shell_word(arg: str) -> str:
-    """Quote one argument; ``$VAR`` references stay expandable (double quotes)."""
-    if "$" in arg:
-        if re.search(r'["`\\]', arg):
-            raise ValueError(f"cannot quote {arg!r} for the sbatch script")
-        return f'"{arg}"'
-    return shlex.quote(arg)
 
 
 def build_sbatch(
@@ -75,8 +110,8 @@ def build_sbatch(
         "--nproc-per-node", str(layout.nproc_per_node),
         "--nnodes", str(layout.nnodes),
         "--rdzv-backend", "c10d",
-        "--rdzv-endpoint", f"$MASTER_ADDR:{master_port}",
-        "--rdzv-id", "$SLURM_JOB_ID",
+        "--rdzv-endpoint", ShellVar("MASTER_ADDR", f":{master_port}"),
+        "--rdzv-id", ShellVar("SLURM_JOB_ID"),
         "-m", TRAINER_MODULE,
     ] + trainer_args(run_dir, resume)
     return SbatchScript(

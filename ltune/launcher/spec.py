@@ -29,7 +29,7 @@ from .command import (
 from .data import validate_plan_data
 from .errors import FitRefused, LaunchError
 from .ports import free_port, port_in_use
-from .slurm import build_sbatch
+from .slurm import build_sbatch, job_name_for
 
 Launcher = Literal["deepspeed", "torchrun", "slurm"]
 LAUNCHERS: tuple[str, ...] = ("deepspeed", "torchrun", "slurm")
@@ -288,17 +288,20 @@ def _launch_argv(
     """The launcher's argv and, for slurm, the sbatch script text it submits."""
     is_cpu = plan.hardware.gpu == CPU_TARGET
     if options.launcher == "slurm":
-        script = build_sbatch(
-            run_dir,
-            nodes,
-            master_port,
-            job_name=f"ltune-{plan.model.architecture.name}",
-            gpus=not is_cpu,
-            env=env,
-            cwd=cwd,
-            resume=options.resume,
-            python=python,
-        )
+        try:
+            script = build_sbatch(
+                run_dir,
+                nodes,
+                master_port,
+                job_name=job_name_for(plan.model.architecture.name),
+                gpus=not is_cpu,
+                env=env,
+                cwd=cwd,
+                resume=options.resume,
+                python=python,
+            )
+        except ValueError as e:
+            raise LaunchError(str(e)) from None
         sbatch_name = "resume.sbatch" if options.resume else rundir.SBATCH_FILE
         return ["sbatch", str(run_dir / sbatch_name)], script.render()
     if options.launcher == "torchrun":
