@@ -17,6 +17,7 @@ import subprocess
 import time
 
 import pytest
+from ltune.trainer import checkpoint
 from _launch import REPO, env, launch, launch_argv, read_metrics, tiny_plan_dict, write_plan
 
 pytestmark = pytest.mark.distributed
@@ -125,7 +126,8 @@ def test_zero2_sigterm_checkpoints_and_stops(tmp_path):
     tag = (run_dir / "checkpoints" / "latest").read_text().strip()
     step = int(tag.removeprefix("step_"))
     assert 4 <= step < 500, output[-3000:]
-    assert (run_dir / "checkpoints" / tag / "trainer_state_rank1.pt").is_file()
+    assert (run_dir / "checkpoints" / tag / "trainer_state_rank1.json").is_file()
+    assert checkpoint.incomplete_reason(run_dir / "checkpoints" / tag, 2) is None
     metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == list(range(1, step + 1))
     assert _falls([m["loss"] for m in metrics], 0.3), metrics

@@ -1,67 +1,171 @@
 """Checkpoints: DeepSpeed's own (model, optimizer, scheduler, loss scaler) plus our state.
 
-Layout: RUN_DIR/checkpoints/step_<N>/ as written by ``engine.save_checkpoint`` (and
-RUN_DIR/checkpoints/latest naming the newest tag), plus ``trainer_state_rank<r>.pt``
-per rank: the step, and the Python/NumPy/torch RNG states. The data position needs no
-state of its own: the packed stream is a pure function of (seed, step) (packing.py).
+Layout: RUN_DIR/checkpoints/step_<N>/ as written by ``engine.save_checkpoint``, plus
+``trainer_state_rank<r>.json`` per rank (the step, and the Python/NumPy/torch RNG states
+as plain numbers: JSON, so loading it runs no code), and last ``complete.json``: written by
+rank 0 after a barrier, once every rank's files are on disk, listing every file of the
+checkpoint with its size. RUN_DIR/checkpoints/latest names the newest tag (written after
+the marker; informational: resume does not trust it).
+
+A checkpoint counts only when its marker is there, names the job's process count, and
+every file it lists has the size it had when saved: a save cut short anywhere (after the
+model files, after the optimizer files, before the marker) or a file truncated since is
+skipped, and the resume takes the newest complete one.
+
+DeepSpeed's own files are pickles loaded with ``torch.load(weights_only=False)`` (its
+checkpoint engine): resume only from run folders you wrote.
+
+The data position needs no state of its own: the packed stream is a pure function of
+(seed, step) (packing.py).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+MARKER = "complete.json"
+_TAG = re.compile(r"step_(\d+)\Z")
+
 
 def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def rank_state_file(path: Path, rank: int) -> Path:
+    return Path(path) / f"trainer_state_rank{rank}.json"
+
+
+# ---------------------------------------------------------------- RNG state as data
+
+
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The RNG states as JSON-ready numbers (no pickles)."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(mt), gauss],
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state().tolist(),
+    }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
     return state
 
 
 def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write a small file so that a reader sees the old content or the whole new one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- save
+
+
+def _write_rank_state(path: Path, step: int, rank: int) -> None:
+    _write_atomic(rank_state_file(path, rank), json.dumps({"step": step, "rng": _rng_state()}))
+
+
+def _write_marker(path: Path, step: int, world_size: int) -> None:
+    files = {
+        str(f.relative_to(path)): f.stat().st_size
+        for f in sorted(path.rglob("*"))
+        if f.is_file() and f.name != MARKER and not f.name.endswith(".tmp")
+    }
+    _write_atomic(path / MARKER, json.dumps({"step": step, "world_size": world_size, "files": files}, indent=1))
 
 
 def save(engine, run_dir: Path, step: int) -> Path:
-    """Save after ``step`` optimizer steps (all ranks call this)."""
+    """Save after ``step`` optimizer steps (all ranks call this); complete when it returns."""
     root = checkpoint_dir(run_dir)
     tag = f"step_{step}"
-    engine.save_checkpoint(str(root), tag=tag, client_state={"ltune_step": step})
     path = root / tag
+    engine.save_checkpoint(str(root), tag=tag, client_state={"ltune_step": step}, save_latest=False)
     path.mkdir(parents=True, exist_ok=True)
-    torch.save({"step": step, "rng": _rng_state()}, path / f"trainer_state_rank{dist.get_rank()}.pt")
+    _write_rank_state(path, step, dist.get_rank())
+    dist.barrier()  # every rank's files are written
+    if dist.get_rank() == 0:
+        _write_marker(path, step, dist.get_world_size())
+        _write_atomic(root / "latest", tag)
     dist.barrier()
     return path
 
 
-def latest_tag(run_dir: Path) -> str | None:
-    latest = checkpoint_dir(run_dir) / "latest"
-    return latest.read_text().strip() if latest.is_file() else None
+# ---------------------------------------------------------------- choose and load
 
 
-def load(engine, run_dir: Path) -> int | None:
-    """Restore the latest checkpoint; the step to continue from, or None when there is none."""
-    tag = latest_tag(run_dir)
+def incomplete_reason(path: Path, world_size: int) -> str | None:
+    """Why the checkpoint folder cannot be resumed from, or None when it is complete."""
+    marker = path / MARKER
+    if not marker.is_file():
+        return "no completion marker (the save did not finish)"
+    try:
+        info = json.loads(marker.read_text())
+        files, saved_world = dict(info["files"]), int(info["world_size"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return f"{MARKER} is unreadable"
+    if saved_world != world_size:
+        return f"saved by {saved_world} processes, this job has {world_size}"
+    for rank in range(world_size):
+        if rank_state_file(path, rank).name not in files:
+            return f"{rank_state_file(path, rank).name} was not saved"
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} is {f.stat().st_size} bytes, {size} when saved (truncated or changed)"
+    return None
+
+
+def choose(run_dir: Path, world_size: int) -> tuple[str | None, list[tuple[str, str]]]:
+    """The newest complete checkpoint's tag, and (tag, reason) for each newer one skipped."""
+    root = checkpoint_dir(run_dir)
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _TAG.match(p.name)) and p.is_dir()] if root.is_dir() else []
+    skipped = []
+    for _, path in sorted(found, reverse=True):
+        reason = incomplete_reason(path, world_size)
+        if reason is None:
+            return path.name, skipped
+        skipped.append((path.name, reason))
+    return None, skipped
+
+
+def load(engine, run_dir: Path) -> tuple[int | None, list[tuple[str, str]]]:
+    """Restore the newest complete checkpoint (rank 0 decides for all).
+
+    Returns the step to continue after (None when no checkpoint is complete) and the
+    newer checkpoints skipped, with why."""
+    decision = [choose(run_dir, dist.get_world_size()) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(decision, src=0)
+    tag, skipped = decision[0]
     if tag is None:
-        return None
-    path, client_state = engine.load_checkpoint(str(checkpoint_dir(run_dir)), tag=tag)
+        return None, skipped
+    root = checkpoint_dir(run_dir)
+    path, client_state = engine.load_checkpoint(str(root), tag=tag)
     if path is None:
-        raise RuntimeError(f"cannot load checkpoint {checkpoint_dir(run_dir) / tag}")
-    state_file = checkpoint_dir(run_dir) / tag / f"trainer_state_rank{dist.get_rank()}.pt"
-    if state_file.is_file():
-        state = torch.load(state_file, weights_only=False)
-        _set_rng_state(state["rng"])
-    return int(client_state["ltune_step"])
+        raise RuntimeError(f"cannot load checkpoint {root / tag}")
+    state = json.loads(rank_state_file(root / tag, dist.get_rank()).read_text())
+    _set_rng_state(state["rng"])
+    return int(client_state["ltune_step"]), skipped

@@ -47,7 +47,9 @@ from .data import check_supported, load_or_tokenize, load_tokenizer
 from .packing import PackedDataset, collate, shard_indices
 from .errors import TrainerInputError
 from .loss import shift_labels
-from .metrics import MetricsWriter, flops_per_token, peak_flops_per_gpu, peak_memory, predicted, step_throughput
+from .metrics import (
+    MetricsWriter, flops_per_token, peak_flops_per_gpu, peak_memory, predicted, step_throughput, truncate_metrics,
+)
 from .model import build_model
 
 EXIT_TERMINATED = 143  # 128 + SIGTERM, after the checkpoint is written
@@ -218,9 +220,11 @@ class Trainer:
     def restore_checkpoint(self) -> None:
         if not self.resume:
             return
-        step = checkpoint.load(self.engine, self.run_dir)
+        step, skipped = checkpoint.load(self.engine, self.run_dir)
+        for tag, reason in skipped:
+            self.say(f"resume: skipping checkpoint {tag}: {reason}")
         if step is None:
-            self.say("resume: no checkpoint yet, starting from step 0")
+            self.say("resume: no complete checkpoint, starting from step 0")
             return
         self.step = self._last_saved_step = step
         self.say(f"resume: continuing after step {step}")
@@ -229,9 +233,10 @@ class Trainer:
         if self.rank != 0:
             return
         path = self.run_dir / "metrics.jsonl"
-        if self.resume and path.is_file():  # drop steps logged after the checkpoint
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
-            path.write_text("".join(line + "\n" for line in kept))
+        if self.resume and path.is_file():  # drop steps logged after the checkpoint, and a torn line
+            dropped = truncate_metrics(path, self.step)
+            if dropped:
+                self.say(f"resume: metrics.jsonl: dropped {dropped} unreadable line(s) (a write cut short)")
         self.metrics = MetricsWriter(path, append=self.resume)
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn

@@ -79,6 +79,27 @@ def predicted(plan: Plan) -> dict:
     }
 
 
+def truncate_metrics(path: Path, last_step: int) -> int:
+    """Keep the lines of metrics.jsonl up to ``last_step`` (a resume replays the rest); the
+    number of unreadable lines dropped (a line torn by a kill mid-write), written back atomically."""
+    kept, torn = [], 0
+    for line in path.read_bytes().split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            step = int(record["step"])
+        except (ValueError, KeyError, TypeError):
+            torn += 1
+            continue
+        if step <= last_step:
+            kept.append(line.decode() + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
+    return torn
+
+
 class MetricsWriter:
     """RUN_DIR/metrics.jsonl: one JSON object per line, flushed at every write."""
 
