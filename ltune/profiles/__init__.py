@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from ..datafiles import load_json
 from .schema import GB, GIB, GpuProfile, ModelProfile
 
 __all__ = [
@@ -58,12 +59,10 @@ def _did_you_mean(kind: str, name: str, choices: list[str]) -> ProfileError:
 
 
 def _load_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ProfileError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    except OSError as e:
-        raise ProfileError(f"{path}: cannot read ({e.strerror})") from None
+    data = load_json(path, ProfileError)
+    if not isinstance(data, dict):
+        raise ProfileError(f"{path}: expected a JSON object at the top level, got {type(data).__name__}")
+    return data
 
 
 @lru_cache(maxsize=None)
@@ -101,49 +100,70 @@ def model_from_hf_config(path: str | Path) -> ModelProfile:
     model_type = cfg.get("model_type")
     if model_type is None:
         raise ProfileError(f"{path}: missing key 'model_type'")
+    if not isinstance(model_type, str):
+        raise ProfileError(f"{path}: 'model_type' must be a string (got {model_type!r:.80})")
     for key in _MOE_KEYS:
         if cfg.get(key):
             raise ProfileError(
-                f"{path}: '{model_type}' is a mixture-of-experts model ({key}={cfg[key]}); "
+                f"{path}: '{model_type}' is a mixture-of-experts model ({key}={cfg[key]!r:.80}); "
                 "ltune models dense decoders only"
             )
     if model_type not in _SUPPORTED_TYPES:
         raise ProfileError(
-            f"{path}: unsupported model_type '{model_type}' (supported: {', '.join(sorted(_SUPPORTED_TYPES))})"
+            f"{path}: unsupported model_type {model_type!r:.80} (supported: {', '.join(sorted(_SUPPORTED_TYPES))})"
         )
 
     def need(key: str):
-        if key not in cfg:
+        if cfg.get(key) is None:
             raise ProfileError(f"{path}: missing key '{key}'")
         return cfg[key]
 
+    def optional(key: str, default):
+        """The value when present (validated below with the rest), else the default."""
+        value = cfg.get(key)
+        return default if value is None else value
+
+    rope = cfg.get("rope_parameters")
     heads = need("num_attention_heads")
     fields = dict(
-        name=path.parent.name or path.stem,
+        name=path.resolve().parent.name or path.stem,
         source=str(path),
         family=_SUPPORTED_TYPES[model_type],
         hidden_size=need("hidden_size"),
         num_layers=need("num_hidden_layers"),
         num_attention_heads=heads,
-        num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        num_kv_heads=optional("num_key_value_heads", heads),
         intermediate_size=need("intermediate_size"),
         vocab_size=need("vocab_size"),
         head_dim=cfg.get("head_dim"),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2") or cfg.get("bias", False)),
-        max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-        rope_theta=float(cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+        tie_word_embeddings=optional("tie_word_embeddings", False),
+        attention_bias=optional("attention_bias", model_type == "qwen2") or optional("bias", False),
+        max_position_embeddings=optional("max_position_embeddings", 4096),
+        rope_theta=optional("rope_theta", rope.get("rope_theta", 10000.0) if isinstance(rope, dict) else 10000.0),
+        rms_norm_eps=optional("rms_norm_eps", 1e-5),
     )
     try:
         return ModelProfile(**fields)
     except ValidationError as e:
-        err = e.errors()[0]
-        raise ProfileError(f"{path}: bad value for '{err['loc'][0]}': {err['msg']}") from None
+        raise ProfileError(f"{path}: {_describe(e.errors()[0], fields)}") from None
+
+
+#: ModelProfile's field names as config.json spells them
+_HF_KEYS = {"num_layers": "num_hidden_layers", "num_kv_heads": "num_key_value_heads"}
+
+
+def _describe(err: dict, fields: dict) -> str:
+    """One pydantic error in config.json's own key names, with the value."""
+    if not err["loc"]:  # a rule across fields (heads and sizes)
+        return err["msg"].removeprefix("Value error, ")
+    key = str(err["loc"][0])
+    return f"bad value for '{_HF_KEYS.get(key, key)}': {err['msg']} (got {fields.get(key)!r:.80})"
 
 
 # ---------------------------------------------------------------- bare sizes ("20b")
 
+#: a bound on bare sizes before any arithmetic (the shapes searched end near 0.5T parameters)
+MAX_GENERIC_PARAMS = 10**15
 _SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([bm])$", re.IGNORECASE)
 
 
@@ -181,9 +201,9 @@ def resolve_model(spec: str) -> ModelProfile:
     m = _SIZE_RE.match(spec.strip())
     if m:
         scale = 1e9 if m.group(2).lower() == "b" else 1e6
-        target = int(float(m.group(1)) * scale)
-        if target <= 0:
-            raise ProfileError(f"model size '{spec}' must be positive")
+        target = int(float(m.group(1)) * scale) if len(m.group(1)) < 20 else 0
+        if not 0 < target <= MAX_GENERIC_PARAMS:
+            raise ProfileError(f"model size '{spec}' must be positive and below {MAX_GENERIC_PARAMS // 10**9}b")
         return generic_model(target)
     if spec.lower() in model_names():
         return load_model(spec)

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 GIB = 2**30
 GB = 10**9
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _no_control_characters(value: str) -> str:
+    if _CONTROL.search(value):
+        raise ValueError(f"{value!r} holds a control character (newline, tab, ...)")
+    return value
+
+
+#: a name shown to people and written into scripts and paths: one line, printable
+Label = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_no_control_characters)]
 
 
 class ModelProfile(BaseModel):
@@ -15,22 +28,36 @@ class ModelProfile(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    name: str
+    name: Label
     source: str = Field(description="where the numbers come from (the config.json it copies)")
     family: Literal["llama", "internlm2", "qwen2", "mistral", "generic"]
-    hidden_size: int = Field(gt=0)
-    num_layers: int = Field(gt=0)
-    num_attention_heads: int = Field(gt=0)
-    num_kv_heads: int = Field(gt=0)
-    intermediate_size: int = Field(gt=0)
-    vocab_size: int = Field(gt=0)
-    head_dim: int | None = Field(default=None, description="defaults to hidden_size / num_attention_heads")
+    # upper bounds far above any published model: they keep arithmetic on nonsense finite
+    hidden_size: int = Field(gt=0, le=2**20)
+    num_layers: int = Field(gt=0, le=100_000)
+    num_attention_heads: int = Field(gt=0, le=2**16)
+    num_kv_heads: int = Field(gt=0, le=2**16)
+    intermediate_size: int = Field(gt=0, le=2**24)
+    vocab_size: int = Field(gt=0, le=2**26)
+    head_dim: int | None = Field(default=None, gt=0, le=2**16, description="defaults to hidden_size / num_attention_heads")
     tie_word_embeddings: bool = False
     attention_bias: bool = Field(default=False, description="q/k/v projections carry a bias (Qwen2)")
-    max_position_embeddings: int = 4096
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = Field(default=4096, gt=0, le=2**40)
+    rope_theta: float = Field(default=10000.0, gt=0, allow_inf_nan=False)
+    rms_norm_eps: float = Field(default=1e-5, gt=0, lt=1, allow_inf_nan=False)
     generic: bool = Field(default=False, description="a llama-shaped stand-in for a bare size, not a real model")
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> "ModelProfile":
+        if self.num_attention_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_kv_heads ({self.num_kv_heads}) must divide num_attention_heads ({self.num_attention_heads})"
+            )
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads}) when head_dim is not given"
+            )
+        return self
 
     @property
     def head_size(self) -> int:
