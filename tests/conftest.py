@@ -75,3 +75,13 @@ def free_port() -> int:
     from ltune.launcher.ports import free_port as launcher_free_port
 
     return launcher_free_port()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The bad-input tests count the cases they tried, per surface (tests/_fuzz.py)."""
+    import sys
+
+    fuzz = sys.modules.get("_fuzz")
+    if fuzz is not None and fuzz.CASES:
+        counts = ", ".join(f"{surface} {n}" for surface, n in sorted(fuzz.CASES.items()))
+        terminalreporter.write_line(f"bad-input cases tried: {counts}; total {sum(fuzz.CASES.values())}")

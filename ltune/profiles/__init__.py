@@ -110,7 +110,7 @@ def model_from_hf_config(path: str | Path) -> ModelProfile:
             )
     if model_type not in _SUPPORTED_TYPES:
         raise ProfileError(
-            f"{path}: unsupported model_type {model_type!r:.80} (supported: {', '.join(sorted(_SUPPORTED_TYPES))})"
+            f"{path}: unsupported 'model_type' {model_type!r:.80} (supported: {', '.join(sorted(_SUPPORTED_TYPES))})"
         )
 
     def need(key: str):
@@ -155,7 +155,10 @@ _HF_KEYS = {"num_layers": "num_hidden_layers", "num_kv_heads": "num_key_value_he
 def _describe(err: dict, fields: dict) -> str:
     """One pydantic error in config.json's own key names, with the value."""
     if not err["loc"]:  # a rule across fields (heads and sizes)
-        return err["msg"].removeprefix("Value error, ")
+        msg = err["msg"].removeprefix("Value error, ")
+        for ours, theirs in _HF_KEYS.items():
+            msg = msg.replace(ours, theirs)
+        return msg
     key = str(err["loc"][0])
     return f"bad value for '{_HF_KEYS.get(key, key)}': {err['msg']} (got {fields.get(key)!r:.80})"
 
