@@ -6,18 +6,21 @@ Commands: plan, check, launch, trace, models, gpus, schema.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
-from .planner.fit import check_fit
+from .planner.check import DEFAULT_DRIFT_PCT
 from .planner.io import PlanError, dump_plan, load_plan
 from .planner.options import CLI_FLAGS, DEFAULTS, LayoutOptions, choices, layout_options, request_from_options
-from .planner.schema import Layout, Plan, Precision
+from .planner.schema import CONTROL_CHARACTERS, Layout, Plan, Precision
 from .profiles import ProfileError, gpu_names, load_gpu, load_model, model_names
 from .profiles.schema import GpuProfile, ModelProfile
 from .render import (
@@ -32,19 +35,66 @@ from .render import (
     trace_table,
 )
 
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    help="Plan, check and launch long-context LLM fine-tuning jobs.",
-)
 console = Console(emoji=False)
 err_console = Console(stderr=True, emoji=False)
 
 
+
+def _print_error(message: str) -> None:
+    """`error: message` on one line: control characters escaped, brackets printed as they are."""
+    line = CONTROL_CHARACTERS.sub(lambda m: repr(m.group())[1:-1], message.strip())
+    err_console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
+
+
 def fail(message: str, code: int = 2) -> typer.Exit:
     """A one-line error for a user mistake, then the exit code."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    _print_error(message)
     return typer.Exit(code)
+
+
+class _OneLineErrors(TyperGroup):
+    """ltune's command group: a usage error (a bad, missing or unknown option) is one line
+    `error: ...` and exit 2, not click's usage block in typer's rich box; --help is unchanged."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:  # typer >= 0.20 vendors click
+            from typer._click.exceptions import ClickException, NoArgsIsHelpError
+        except ImportError:
+            from click.exceptions import ClickException
+
+            NoArgsIsHelpError = getattr(sys.modules["click.exceptions"], "NoArgsIsHelpError", ())
+        from typer import Abort
+
+        try:
+            code = super().main(args=args, prog_name=prog_name, complete_var=complete_var,
+                                standalone_mode=False, **extra)
+        except NoArgsIsHelpError as e:  # bare `ltune`: the help, as click shows it
+            if not standalone_mode:
+                raise
+            e.show()
+            code = e.exit_code
+        except ClickException as e:
+            if not standalone_mode:
+                raise
+            _print_error(" ".join(e.format_message().split()))
+            code = 2
+        except Abort:
+            if not standalone_mode:
+                raise
+            _print_error("aborted")
+            code = 1
+        if not standalone_mode:
+            return code
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(
+    cls=_OneLineErrors,
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Plan, check and launch long-context LLM fine-tuning jobs.",
+)
 
 
 # ---------------------------------------------------------------- shared layout options
@@ -104,7 +154,7 @@ def _print_plan(req, result, model_name: str) -> None:
     generic = (f" [yellow](generic llama-shaped estimate: {m.num_attention_heads} heads, {m.num_kv_heads} kv, "
                f"ffn {m.intermediate_size}, vocab {m.vocab_size})[/]") if m.generic else ""
     console.print(
-        f"[bold]{model_name}[/] ({m.num_params() / 1e9:.2f}B params, {m.num_layers} layers, hidden "
+        f"[bold]{escape(model_name)}[/] ({m.num_params() / 1e9:.2f}B params, {m.num_layers} layers, hidden "
         f"{m.hidden_size}){generic} at {req.seq_len:,} tokens, {req.precision}, on {g.display_name} "
         f"({gib(g.hbm_bytes)} GiB; plans keep a {100 * req.safety_margin:.0f}% safety margin)"
     )
@@ -143,9 +193,9 @@ def _write_plan(req, best, model_name: str, output: Path, host_mem_gib, training
     training = {**training, "data": [relative_to_plan(p, output) for p in training["data"]]}
     try:
         plan_obj = build_plan(req, best, model_name, training, host_mem_gib, files)
+        dump_plan(plan_obj, output)
     except ValueError as e:
         raise fail(_one_line(e))
-    dump_plan(plan_obj, output)
     if not quiet:
         console.print(f"wrote {output}")
 
@@ -173,18 +223,23 @@ def plan(
     data: Annotated[Optional[list[str]], typer.Option("--data", help="JSONL file or folder (repeatable), written to plan.yaml.")] = None,
     tokenizer: Annotated[Optional[Path], typer.Option("--tokenizer", help="Local tokenizer folder, written to plan.yaml.")] = None,
     model_path: Annotated[Optional[Path], typer.Option("--model-path", help="Local HF model folder (safetensors), written to plan.yaml; random init if unset.")] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the recommended plan to this plan.yaml.")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write the recommended plan to this plan.yaml.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Find the fastest layout that fits, at the smallest GPU count, and show why.
 
     Exit 0 when a layout fits, 1 when none does, 2 for bad input.
     """
+    from .planner.build import check_plan_fields
+    from .planner.io import check_output_path
     from .planner.search import search
 
-    if lr <= 0:
-        raise fail(f"--lr must be > 0 (got {lr})")
+    training = {"max_steps": steps, "learning_rate": lr, "data": data or []}
+    model_files = {"path": model_path, "tokenizer": tokenizer}
     try:
+        check_plan_fields(training, model_files)
+        if output is not None:
+            output = check_output_path(output)
         options = layout_options(
             model=model, seq_len=seq_len, gpu=gpu, num_gpus=num_gpus, max_gpus=max_gpus, zero_stage=zero_stage,
             sp_degree=sp_degree, offload=offload, loss=loss, recompute=recompute, micro_batch_size=micro_batch_size,
@@ -204,31 +259,80 @@ def plan(
             _report_no_fit(result.closest)
         raise typer.Exit(1)
     if output is not None:
-        _write_plan(req, result.best, model, output, host_mem_gib,
-                    {"max_steps": steps, "learning_rate": lr, "data": data or []},
-                    {"path": model_path, "tokenizer": tokenizer}, quiet=as_json)
+        _write_plan(req, result.best, model, output, host_mem_gib, training, model_files, quiet=as_json)
+
+
+CHECK_FORMATS = ("text", "json", "junit", "github")
+
+
+def _check_format(output_format: str | None) -> str:
+    """--format, else github inside GitHub Actions (GITHUB_ACTIONS=true), else text."""
+    import os
+
+    if output_format is None:
+        return "github" if os.environ.get("GITHUB_ACTIONS") == "true" else "text"
+    if output_format not in CHECK_FORMATS:
+        raise fail(f"--format must be one of {', '.join(CHECK_FORMATS)} (got {output_format!r})")
+    return output_format
+
+
+def _check_options(gpu: list[str], safety_margin: float | None, drift: float, strict_drift: bool):
+    """The check options from the flags, or a one-line error naming the flag (exit 2)."""
+    from .planner.check import CheckOptions
+
+    if safety_margin is not None and not 0 <= safety_margin < 1:
+        raise fail(f"--safety-margin must be at least 0 and below 1 (got {safety_margin})")
+    if not 0 <= drift < float("inf"):
+        raise fail(f"--drift must be a finite percentage of at least 0 (got {drift})")
+    targets: list[str] = []
+    for name in gpu:
+        try:
+            canonical = load_gpu(name).name
+        except ProfileError as e:
+            raise fail(f"--gpu: {e}")
+        if canonical not in targets:
+            targets.append(canonical)
+    return CheckOptions(gpus=tuple(targets), safety_margin=safety_margin, drift_pct=drift, strict_drift=strict_drift)
+
+
+def _print_check(report, output_format: str) -> None:
+    from .render_check import check_json, failure_tables, github_lines, junit_xml, summary_line, text_lines
+
+    if output_format == "json":
+        print(json.dumps(check_json(report), indent=2))
+    elif output_format == "junit":
+        print(junit_xml(report))
+    elif output_format == "github":
+        print("\n".join([*github_lines(report), summary_line(report)]))
+    else:
+        print("\n".join(text_lines(report)))
+        for table in failure_tables(report):
+            console.print(table)
+        print(summary_line(report))
 
 
 @app.command()
 def check(
-    plans: Annotated[list[Path], typer.Argument(help="plan.yaml files (globs expanded by your shell).")],
+    paths: Annotated[list[str], typer.Argument(metavar="PATH...", help="Plan files, or folders searched recursively for *.yaml and *.yml.")],
+    gpu: Annotated[Optional[list[str]], typer.Option("--gpu", help="Also check each plan, same layout and job, on this GPU profile (repeatable; see ltune gpus).")] = None,
+    safety_margin: Annotated[Optional[float], typer.Option("--safety-margin", help="Fraction of GPU memory kept free, 0 <= m < 1. Default: the plan's own, as ltune launch re-checks it (the planner's 0.05 for a plan without a prediction).")] = None,
+    drift: Annotated[float, typer.Option("--drift", help="Warn when today's predicted memory differs from the plan's stored prediction by more than this many percent.")] = DEFAULT_DRIFT_PCT,
+    strict_drift: Annotated[bool, typer.Option("--strict-drift", help="Drift beyond --drift fails the check (exit 1) instead of warning.")] = False,
+    output_format: Annotated[Optional[str], typer.Option("--format", help="text|json|junit|github. Default: github when GITHUB_ACTIONS=true, else text.")] = None,
 ) -> None:
-    """For CI: re-check that each plan still fits its target GPUs. Exit 1 if any does not."""
-    failed = 0
-    for path in plans:
-        try:
-            ev = check_fit(load_plan(path))
-        except (PlanError, ProfileError) as e:
-            raise fail(str(e))
-        mem = ev.memory
-        status = "[green]fits[/]" if ev.fits else "[bold red]does not fit[/]"
-        console.print(f"{path}: {status}: {gib(mem.total_bytes)} of {gib(mem.usable_bytes)} GiB usable "
-                      f"({layout_line(ev.layout)})")
-        if not ev.fits:
-            failed += 1
-            console.print(breakdown_table(ev, f"{path}: per-GPU memory", limits=True))
-    if failed:
-        raise typer.Exit(1)
+    """For CI: re-check that each plan still fits its GPUs with today's memory model.
+
+    One line per plan and GPU target: the verdict, the total against the usable capacity, the headroom.
+
+    Exit 0 when every plan fits, 1 when any does not, 2 when any input is invalid (every other plan is still checked).
+    """
+    from .planner.check import check_paths
+
+    output_format = _check_format(output_format)
+    report = check_paths(paths, _check_options(gpu or [], safety_margin, drift, strict_drift))
+    _print_check(report, output_format)
+    if report.exit_code:
+        raise typer.Exit(report.exit_code)
 
 
 # ---------------------------------------------------------------- launch
@@ -240,14 +344,24 @@ def _report_fit(plan, spec) -> None:
 
     if spec.forced:
         console.print(breakdown_table(spec.evaluation, "memory per GPU (fit re-check)", limits=True))
-        err_console.print(f"[yellow]warning:[/] {shortfall_message(plan, spec.evaluation)}; launching anyway (--force)")
+        err_console.print(f"[yellow]warning:[/] {escape(shortfall_message(plan, spec.evaluation))}; launching anyway "
+                          "(--force)", highlight=False, soft_wrap=True)
     else:
         mem = spec.evaluation.memory
         console.print(
             f"[bold]fit[/] {gib(mem.total_bytes)} of {gib(mem.usable_bytes)} GiB usable per GPU "
-            f"({plan.hardware.gpu}, {spec.nodes.nnodes} x {spec.nodes.nproc_per_node})",
+            f"({escape(plan.hardware.gpu)}, {spec.nodes.nnodes} x {spec.nodes.nproc_per_node})",
             highlight=False,
         )
+
+
+def _warn_about_plan(plan) -> None:
+    """The plan's one-line warnings (trust_remote_code) on stderr, before it is used."""
+    from .planner.warnings import trust_remote_code_warning
+
+    text = trust_remote_code_warning(plan)
+    if text:
+        err_console.print(f"[yellow]warning:[/] {escape(text)}", highlight=False, soft_wrap=True)
 
 
 def _command_lines(spec) -> tuple[str, str]:
@@ -259,9 +373,9 @@ def _command_lines(spec) -> tuple[str, str]:
 
 def _print_dry_run(spec) -> None:
     env_line, command_line = _command_lines(spec)
-    console.print(f"[bold]run folder[/] {spec.run_dir} (not written: --dry-run)", highlight=False)
-    console.print(f"[bold]env[/] {env_line}", highlight=False, soft_wrap=True)
-    console.print(f"[bold]command[/] {command_line}", highlight=False, soft_wrap=True)
+    console.print(f"[bold]run folder[/] {escape(str(spec.run_dir))} (not written: --dry-run)", highlight=False)
+    console.print(f"[bold]env[/] {escape(env_line)}", highlight=False, soft_wrap=True)
+    console.print(f"[bold]command[/] {escape(command_line)}", highlight=False, soft_wrap=True)
     if spec.sbatch is not None:
         console.print("[bold]sbatch script[/]")
         print(spec.sbatch, end="")
@@ -270,10 +384,28 @@ def _print_dry_run(spec) -> None:
 
 
 def _write_and_start(spec, submit: bool) -> int:
-    """Write the run folder, then start the job (or only write, for slurm without --submit)."""
+    """Write the run folder, then start the job (or only write, for slurm without --submit).
+
+    A job that fails before its first step leaves no run folder for --resume to mistake for a run.
+    """
     import shutil
 
     from .launcher import LaunchError, start, write_spec
+    from .launcher.process import discard_failed_launch
+
+    def discard_if_never_ran(code: int) -> None:
+        folder = escape(str(spec.run_dir))
+        try:
+            found = discard_failed_launch(spec, code)
+        except OSError as e:
+            err_console.print(f"could not remove run folder {folder}: {e.strerror}", highlight=False, soft_wrap=True)
+            return
+        if found is not None and found.other:
+            err_console.print(f"kept run folder {folder}: the job logged no step, but the folder holds "
+                              f"{escape(', '.join(found.other))} besides ltune's files", highlight=False, soft_wrap=True)
+        elif found is not None:
+            err_console.print(f"removed run folder {folder}: the job stopped before its first step "
+                              f"(removed {', '.join(found.ours)})", highlight=False, soft_wrap=True)
 
     if spec.launcher == "slurm" and submit and shutil.which("sbatch") is None:
         raise fail("--submit: sbatch not found on PATH (write the script without --submit)")
@@ -281,16 +413,19 @@ def _write_and_start(spec, submit: bool) -> int:
         write_spec(spec)
     except OSError as e:
         raise fail(f"cannot write run folder {spec.run_dir}: {e.strerror}")
-    console.print(f"[bold]run folder[/] {spec.run_dir}", highlight=False)
+    console.print(f"[bold]run folder[/] {escape(str(spec.run_dir))}", highlight=False)
     env_line, command_line = _command_lines(spec)
     if spec.launcher == "slurm" and not submit:
-        console.print(f"submit with: {command_line}", highlight=False, soft_wrap=True)
+        console.print(f"submit with: {escape(command_line)}", highlight=False, soft_wrap=True)
         return 0
-    console.print(f"[bold]starting[/] {env_line} {command_line}", highlight=False, soft_wrap=True)
+    console.print(f"[bold]starting[/] {escape(env_line)} {escape(command_line)}", highlight=False, soft_wrap=True)
     try:
-        return start(spec)
+        code = start(spec)
     except LaunchError as e:
+        discard_if_never_ran(e.exit_code)
         raise fail(str(e), e.exit_code)
+    discard_if_never_ran(code)
+    return code
 
 
 @app.command()
@@ -335,13 +470,15 @@ def launch(
         raise fail(f"{e} (--force launches it anyway)", e.exit_code)
     except (PlanError, LaunchError) as e:
         raise fail(str(e), getattr(e, "exit_code", 2))
+    _warn_about_plan(plan_obj)
     _report_fit(plan_obj, spec)
     if dry_run:
         _print_dry_run(spec)
         return
     code = _write_and_start(spec, submit)
     if code:
-        err_console.print(f"[bold red]job exited with code {code}[/] (run folder {spec.run_dir})", highlight=False)
+        where = f" (run folder {escape(str(spec.run_dir))})" if spec.run_dir.exists() else ""
+        err_console.print(f"[bold red]job exited with code {code}[/]{where}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -413,6 +550,7 @@ def trace(
     try:
         if plan_path is not None:
             target = _plan_target(plan_path)
+            _warn_about_plan(target.plan)
         elif model is None or seq_len is None:
             raise ValueError("give --model and --ctx, or --plan plan.yaml")
         else:
@@ -441,7 +579,7 @@ def trace(
     if as_json:
         print(json.dumps(trace_json(target.name, target.gpu, seq_len, prec, layout, analytic, result), indent=2))
         return
-    console.print(f"[bold]{target.name}[/] ({target.model.num_params() / 1e9:.2f}B params) at {seq_len:,} tokens, "
+    console.print(f"[bold]{escape(target.name)}[/] ({target.model.num_params() / 1e9:.2f}B params) at {seq_len:,} tokens, "
                   f"{prec}, on {target.gpu.display_name}: {layout_line(layout)}")
     console.print(f"traced one step of {layout.micro_batch_size} x {result.tokens_per_rank:,} tokens per rank "
                   f"({result.num_docs} documents per sequence) in {result.trace_s:.1f} s, "

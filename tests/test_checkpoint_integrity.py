@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 from _launch import REPO, env, read_metrics, tiny_plan_dict, write_plan
-from ltune.launcher.ports import free_port
+from conftest import free_port
 
+from ltune.job import checkpoints
 from ltune.trainer import checkpoint
 
 pytestmark = pytest.mark.distributed
@@ -54,7 +55,7 @@ def test_kill_during_save_resumes_exactly(tmp_path, reference, point):
     write_plan(run_dir / "plan.yaml", _plan(tmp_path))
     killed = _run(run_dir, cache, point)
     assert killed.returncode == 137, killed.stderr[-3000:]
-    assert checkpoint.incomplete_reason(run_dir / "checkpoints" / "step_4", 1) is not None
+    assert checkpoints.incomplete_reason(run_dir / "checkpoints" / "step_4", 1) is not None
     with (run_dir / "metrics.jsonl").open("a") as f:
         f.write('{"step": 5, "lo')  # a line torn by the kill, as a write cut short leaves it
     resumed = _run(run_dir, cache, "none", "--resume")
@@ -66,7 +67,7 @@ def test_kill_during_save_resumes_exactly(tmp_path, reference, point):
     assert [m["step"] for m in after] == list(range(1, 7))
     for old, new in zip(ref_metrics, after):
         assert new["loss"] == old["loss"] and new["grad_norm"] == old["grad_norm"], (point, old, new)
-    assert checkpoint.incomplete_reason(run_dir / "checkpoints" / "step_6", 1) is None
+    assert checkpoints.incomplete_reason(run_dir / "checkpoints" / "step_6", 1) is None
 
 
 # ---------------------------------------------------------------- choosing, on folders
@@ -77,7 +78,7 @@ def _fake_checkpoint(root: Path, step: int, world_size: int = 2, *, marker: bool
     path.mkdir(parents=True)
     (path / "model_states.pt").write_bytes(b"x" * 100)
     for rank in range(world_size):
-        checkpoint.rank_state_file(path, rank).write_text("{}")
+        checkpoints.rank_state_file(path, rank).write_text("{}")
     if marker:
         checkpoint._write_marker(path, step, world_size)
     return path
@@ -89,7 +90,7 @@ def test_choose_skips_torn_checkpoints_newest_first(tmp_path):
     _fake_checkpoint(tmp_path, 6, marker=False)
     (truncated / "model_states.pt").write_bytes(b"x" * 10)
     (tmp_path / "checkpoints" / "latest").write_text("step_6")  # resume does not trust it
-    tag, skipped = checkpoint.choose(tmp_path, 2)
+    tag, skipped = checkpoints.choose(tmp_path, 2)
     assert tag == "step_2"
     assert [t for t, _ in skipped] == ["step_6", "step_4"]
     assert "no completion marker" in skipped[0][1] and "10 bytes, 100 when saved" in skipped[1][1]
@@ -97,14 +98,14 @@ def test_choose_skips_torn_checkpoints_newest_first(tmp_path):
 
 @pytest.mark.parametrize("damage, reason", [
     (lambda p: (p / "trainer_state_rank1.json").unlink(), "trainer_state_rank1.json is missing"),
-    (lambda p: (p / checkpoint.MARKER).write_text("{not json"), "unreadable"),
+    (lambda p: (p / checkpoints.MARKER).write_text("{not json"), "unreadable"),
 ])
 def test_incomplete_reasons(tmp_path, damage, reason):
     path = _fake_checkpoint(tmp_path, 2)
-    assert checkpoint.incomplete_reason(path, 2) is None
+    assert checkpoints.incomplete_reason(path, 2) is None
     damage(path)
-    assert reason in checkpoint.incomplete_reason(path, 2)
-    assert "saved by 2 processes, this job has 4" in checkpoint.incomplete_reason(_fake_checkpoint(tmp_path, 8), 4)
+    assert reason in checkpoints.incomplete_reason(path, 2)
+    assert "saved by 2 processes, this job has 4" in checkpoints.incomplete_reason(_fake_checkpoint(tmp_path, 8), 4)
 
 
 def test_rank_state_is_json_and_restores_rng(tmp_path):

@@ -277,7 +277,7 @@ def test_resume(workdir):
     with pytest.raises(LaunchError, match="no checkpoint"):
         plan_launch(load_plan(path), path, LaunchOptions(resume=True, master_port=29611))
     run = workdir / "runs" / "tiny"
-    (run / "checkpoints" / "step-2").mkdir(parents=True)
+    fake_checkpoint(run, 2, world_size=2)  # cpu_plan: 2 processes
     before = {p.name: p.read_text() for p in run.iterdir() if p.is_file()}
     spec = plan_launch(load_plan(path), path, LaunchOptions(resume=True, master_port=29611), python=PY)
     assert spec.argv[-2:] == (str(run), "--resume")
@@ -496,3 +496,105 @@ def test_start_waits_for_every_process_of_the_job(workdir, tmp_path):
     spec = replace(spec, argv=(sys.executable, "-c", child))
     assert start(spec) == 3
     assert marker.exists()
+
+
+# ---------------------------------------------------------------- resume only a run that ran
+
+
+def fake_checkpoint(run: Path, step: int, world_size: int, *, marker: bool = True) -> Path:
+    """checkpoints/step_<step> as the trainer leaves it: a model file, rank states, the marker
+    (ltune.trainer.checkpoint._write_marker writes exactly ``checkpoints.manifest``)."""
+    from ltune.job import checkpoints
+
+    path = run / "checkpoints" / f"step_{step}"
+    path.mkdir(parents=True)
+    (path / "mp_rank_00_model_states.pt").write_bytes(b"x" * 64)
+    for rank in range(world_size):
+        checkpoints.rank_state_file(path, rank).write_text("{}")
+    if marker:
+        (path / checkpoints.MARKER).write_text(json.dumps(checkpoints.manifest(path, step, world_size)))
+    return path
+
+
+def test_resume_needs_a_complete_checkpoint(workdir):
+    path = plan_file(workdir, cpu_plan())
+    write_spec(plan_launch(load_plan(path), path, LaunchOptions(master_port=29611)))
+    run = workdir / "runs" / "tiny"
+    resume = LaunchOptions(resume=True, master_port=29611)
+    (run / "checkpoints" / "step-2").mkdir(parents=True)  # not a checkpoint's name
+    with pytest.raises(LaunchError, match="holds no checkpoint in checkpoints/"):
+        plan_launch(load_plan(path), path, resume)
+    torn = fake_checkpoint(run, 4, 2)
+    (torn / "mp_rank_00_model_states.pt").write_bytes(b"x" * 10)  # truncated since the save
+    fake_checkpoint(run, 6, 2, marker=False)  # the save was cut short
+    with pytest.raises(LaunchError) as err:
+        plan_launch(load_plan(path), path, resume)
+    assert str(err.value) == (
+        f"--resume: run folder {run} holds no complete checkpoint to resume from (newest, step_6: no completion "
+        "marker (the save did not finish); 1 older one(s) incomplete too)"
+    )
+    fake_checkpoint(run, 8, 4)  # complete, but for 4 processes: this plan runs 2
+    with pytest.raises(LaunchError, match=r"\(newest, step_8: saved by 4 processes, this job has 2; 2 older"):
+        plan_launch(load_plan(path), path, resume)
+    fake_checkpoint(run, 2, 2)  # complete and older: the trainer would resume from it
+    assert plan_launch(load_plan(path), path, resume, python=PY).argv[-1] == "--resume"
+
+
+def _failing_spec(workdir, child: str):
+    """A real launch's spec whose job is ``python -c child`` (no training)."""
+    spec = plan_launch(cpu_plan(), workdir / "plan.yaml", LaunchOptions(master_port=29611))
+    return replace(spec, argv=(sys.executable, "-c", child))
+
+
+def test_a_job_that_fails_before_its_first_step_leaves_no_run_folder(workdir):
+    from ltune.launcher.process import launch
+
+    run = workdir / "runs" / "tiny"
+    # what a trainer that died early leaves: an empty checkpoints/, a torn metrics.jsonl
+    child = (f"import pathlib, sys; run = pathlib.Path({str(run)!r}); (run / 'checkpoints').mkdir(); "
+             "(run / 'metrics.jsonl').write_text('{\"step\": 1, \"lo'); sys.exit(2)")
+    assert launch(_failing_spec(workdir, child)) == 2
+    assert not run.exists() and (workdir / "runs").is_dir()
+    # nothing for --resume to mistake for a run; a new launch starts afresh
+    assert plan_launch(cpu_plan(), workdir / "plan.yaml", LaunchOptions(master_port=29611)).run_dir == run
+
+
+@pytest.mark.parametrize("child_writes, kept", [
+    ("(run / 'metrics.jsonl').write_text('{\"step\": 1, \"loss\": 5.0}\\n')", None),  # a step was logged
+    ("(run / 'notes.txt').write_text('mine')", "notes.txt"),  # not ltune's: never removed
+    ("(run / 'checkpoints' / 'step_2').mkdir(parents=True)", "checkpoints"),  # a save began
+])
+def test_a_run_folder_that_holds_more_than_a_launch_stays(workdir, child_writes, kept):
+    from ltune.launcher.process import discard_failed_launch, launch
+
+    run = workdir / "runs" / "tiny"
+    spec = _failing_spec(workdir, f"import pathlib, sys; run = pathlib.Path({str(run)!r}); {child_writes}; sys.exit(1)")
+    assert launch(spec) == 1
+    before = sorted(p.name for p in run.iterdir())
+    assert {"plan.yaml", "ds_config.json", "command.json"} <= set(before)
+    found = discard_failed_launch(spec, 1)
+    assert (found is None) if kept is None else (found.other == (kept,))
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
+def test_only_a_failed_new_local_run_is_discarded(workdir):
+    from ltune.launcher.process import discard_failed_launch
+
+    spec = _failing_spec(workdir, "pass")
+    for case in (replace(spec, resume=True), replace(spec, launcher="slurm"),
+                 replace(spec, nodes=replace(spec.nodes, nnodes=2))):
+        write_spec(spec)
+        assert discard_failed_launch(case, 2) is None and spec.run_dir.is_dir()
+    assert discard_failed_launch(spec, 0) is None and spec.run_dir.is_dir()  # the job succeeded
+    fake_checkpoint(spec.run_dir, 2, 2)  # a complete checkpoint and no metrics: it ran
+    assert discard_failed_launch(spec, 137) is None and spec.run_dir.is_dir()
+
+
+def test_cli_says_it_removed_the_run_folder(workdir, capsys):
+    from ltune import cli
+
+    run = workdir / "runs" / "tiny"
+    assert cli._write_and_start(_failing_spec(workdir, "import sys; sys.exit(2)"), submit=False) == 2
+    err = capsys.readouterr().err
+    assert not run.exists()
+    assert f"removed run folder {run}: the job stopped before its first step (removed command.json, ds_config.json, plan.yaml)" in " ".join(err.split())

@@ -135,7 +135,7 @@ def test_sp_degree_not_dividing_heads_is_refused():
     with pytest.raises(ValueError, match=r"sp_degree \(4\) must divide num_gpus \(2\)"):
         make_plan(arch=tiny_arch(), layout={"num_gpus": 2, "sp_degree": 4})
     with pytest.raises(ValueError, match=r"sp_degree \(2\) must divide num_kv_heads \(3\)"):
-        make_plan(arch=tiny_arch(num_attention_heads=6, num_kv_heads=3), layout={"num_gpus": 2, "sp_degree": 2})
+        make_plan(arch=tiny_arch(num_attention_heads=6, num_kv_heads=3, hidden_size=96), layout={"num_gpus": 2, "sp_degree": 2})
     plan = make_plan(arch=tiny_arch(), layout={"num_gpus": 2, "sp_degree": 2})
     assert plan.layout.sp_degree == 2 and plan.layout.dp_degree == 1
 

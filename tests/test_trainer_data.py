@@ -185,3 +185,15 @@ def test_layouts_not_supported_yet_are_refused(plan_factory):
     check_supported(plan_factory(layout={"sp_degree": 2}))
     validate_data(plan)  # the data itself is fine: the launcher may still plan such layouts
     check_supported(plan_factory(layout={"loss": "chunked"}))
+
+
+def test_a_chat_template_that_refuses_a_conversation_is_a_one_line_error():
+    """Templates may raise (e.g. 'roles must alternate'); the record's file:line is named, no traceback."""
+    from ltune.planner.schema import Plan
+
+    tok = load_tokenizer(Plan.model_validate(tiny_plan_dict()))
+    tok.chat_template = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversation roles must alternate') }}{% endif %}x"
+    record = {"messages": [{"role": "assistant", "content": "hi"}]}
+    with pytest.raises(TrainerInputError) as err:
+        tokenize_record(tok, "chat", record, "d.jsonl:7")
+    assert str(err.value) == "d.jsonl:7: the tokenizer's chat template refuses this conversation (Conversation roles must alternate)"

@@ -13,6 +13,7 @@ them, so both refuse the same data with the same one-line message.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -23,6 +24,14 @@ from .paths import tokenizer_dir
 
 # Files of which at least one marks a folder as a Hugging Face tokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+#: deepest nesting of lists and objects a record may have (chat records need 3; Python's
+#: parser gives up near 1,000 levels, at a depth that depends on its caller's stack, so the
+#: launcher and the trainer could disagree without a fixed limit)
+MAX_NESTING = 100
+
+# a JSON escape of a UTF-16 surrogate (\ud800-\udfff): only these can decode to a lone one
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def data_files(paths: list[str]) -> list[Path]:
@@ -47,11 +56,13 @@ def data_files(paths: list[str]) -> list[Path]:
 def _check_messages(messages, where: str) -> None:
     if not isinstance(messages, list) or not messages:
         raise TrainerInputError(f"{where}: 'messages' must be a non-empty list")
-    for turn in messages:
-        if not isinstance(turn, dict) or not isinstance(turn.get("role"), str):
-            raise TrainerInputError(f"{where}: each message needs a 'role' string")
+    for i, turn in enumerate(messages):
+        if not isinstance(turn, dict):
+            raise TrainerInputError(f"{where}: messages[{i}] must be an object with 'role' and 'content'")
+        if not isinstance(turn.get("role"), str):
+            raise TrainerInputError(f"{where}: messages[{i}] needs a 'role' string")
         if not isinstance(turn.get("content"), str):
-            raise TrainerInputError(f"{where}: message content must be a string (role {turn['role']!r})")
+            raise TrainerInputError(f"{where}: message content must be a string (messages[{i}], role {turn['role']!r})")
     if not any(t["role"] == "assistant" and t["content"] for t in messages):
         raise TrainerInputError(f"{where}: chat record has no assistant turn to train on")
 
@@ -68,6 +79,73 @@ def check_record(record, where: str) -> str:
             raise TrainerInputError(f"{where}: 'text' must be a non-empty string")
         return "text"
     raise TrainerInputError(f"{where}: record has neither 'text' nor 'messages'")
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _field(path: tuple) -> str:
+    """messages[1].content, from the keys and indices leading to a value."""
+    out = ""
+    for key in path:
+        out += f"[{key}]" if isinstance(key, int) else (f".{key}" if out else str(key))
+    return repr(out) if out.isprintable() else ascii(out)
+
+
+def check_structure(record, where: str) -> None:
+    """Nesting within MAX_NESTING, and no lone surrogate in any string or key.
+
+    JSON may spell a lone UTF-16 surrogate (``"\\ud800"``); Python decodes it to a str that
+    is not Unicode text, which a tokenizer refuses (and UTF-8 cannot encode). Walked with a
+    stack, not recursion.
+    """
+    stack = [(record, (), 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth >= MAX_NESTING:
+                raise TrainerInputError(f"{where}: nested too deeply (more than {MAX_NESTING} levels)")
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                if isinstance(key, str):
+                    _check_text(key, path + (key,), where, "key")
+                stack.append((item, path + (key,), depth + 1))
+        elif isinstance(value, str):
+            _check_text(value, path, where, "value")
+
+
+def _check_text(text: str, path: tuple, where: str, what: str) -> None:
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        name = _field(path) if path else "the record"
+        raise TrainerInputError(
+            f"{where}: {'key ' if what == 'key' else ''}{name} holds a lone surrogate "
+            f"({ascii(text[e.start])} at character {e.start}), which is not Unicode text"
+        ) from None
+
+
+def parse_line(line: str, where: str):
+    """One JSONL line -> its JSON value; a one-line TrainerInputError naming ``where``.
+
+    Refused: malformed JSON, NaN/Infinity (not JSON), integers longer than Python converts
+    (4,300 digits), nesting deeper than MAX_NESTING, lone surrogates.
+    """
+    try:
+        record = json.loads(line, parse_constant=_reject_constant)
+    except json.JSONDecodeError as e:
+        raise TrainerInputError(f"{where}: malformed JSON ({e.msg})") from None
+    except RecursionError:
+        raise TrainerInputError(f"{where}: nested too deeply (more than {MAX_NESTING} levels)") from None
+    except ValueError as e:  # NaN/Infinity, or an integer longer than 4,300 digits
+        raise TrainerInputError(f"{where}: not valid JSON ({str(e).split(';')[0]})") from None
+    if isinstance(record, (dict, list)):
+        if _SURROGATE_ESCAPE.search(line) or line.count("[") + line.count("{") > MAX_NESTING:
+            check_structure(record, where)
+    return record
 
 
 def iter_records(path: Path) -> Iterator[tuple[str, str, dict]]:
@@ -92,10 +170,7 @@ def iter_records(path: Path) -> Iterator[tuple[str, str, dict]]:
                     line.encode("utf-8")
                 except UnicodeEncodeError:
                     raise TrainerInputError(f"{where}: not UTF-8 text") from None
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TrainerInputError(f"{where}: malformed JSON ({e.msg})") from None
+            record = parse_line(line, where)
             yield check_record(record, where), where, record
     if empty:
         raise TrainerInputError(f"{path}: data file is empty")
@@ -127,8 +202,11 @@ def validate_data(plan: Plan) -> DataSummary:
 
     Paths must already be absolute or relative to the current folder (see
     ``ltune.job.paths.resolve_plan_paths``). Raises TrainerInputError with one line:
-    a missing or empty file, a malformed JSON line (file:line), a chat record without an
-    assistant turn, a missing tokenizer.
+    a missing or empty file, a line (file:line) that is not UTF-8, not JSON (NaN and
+    integers over 4,300 digits included), nested deeper than MAX_NESTING, holds a lone
+    surrogate or is not a record of the module docstring's shape, a chat record without an
+    assistant turn, a missing tokenizer. A record it accepts is one the trainer can tokenize
+    (tests/test_bad_input_data.py).
     """
     check_tokenizer_dir(plan)
     files = data_files(plan.training.data)

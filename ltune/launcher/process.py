@@ -94,7 +94,26 @@ def wait_for_group(pgid: int, grace_s: float = GROUP_GRACE_S, poll_s: float = 0.
         time.sleep(poll_s)
 
 
+def discard_failed_launch(spec: LaunchSpec, code: int) -> rundir.NeverRan | None:
+    """After the job exited with ``code``: a new local run that failed before its first step
+    leaves no run folder that ``--resume`` would take for a run (``rundir.discard_if_never_ran``).
+
+    Only for a new run on one node, whose every process this launcher started and has seen
+    end; never for slurm (the script is only submitted) or a resume. Returns what was found
+    (None: nothing to do; ``other`` non-empty: the folder was kept).
+    """
+    if code == 0 or spec.resume or spec.launcher == "slurm" or spec.nodes.nnodes != 1:
+        return None
+    return rundir.discard_if_never_ran(spec.run_dir, spec.plan.layout.num_gpus)
+
+
 def launch(spec: LaunchSpec) -> int:
-    """Write the run folder, then start the job (for slurm, ``sbatch`` submits the script)."""
+    """Write the run folder, then start the job (for slurm, ``sbatch`` submits the script);
+    a job that fails before its first step leaves no run folder (``discard_failed_launch``)."""
     write_spec(spec)
-    return start(spec)
+    code = start(spec)
+    try:
+        discard_failed_launch(spec, code)
+    except OSError:  # a folder that cannot be removed stays as it is
+        pass
+    return code

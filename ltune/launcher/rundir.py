@@ -6,7 +6,9 @@ RUN_DIR/command.json     {"argv": [...], "env": {...}, "cwd": "..."}
 RUN_DIR/launch.sbatch    (--launcher slurm only)
 
 Files are written into a temporary sibling folder that is renamed into place, so an
-error leaves no half-written run folder.
+error leaves no half-written run folder. A job that then fails before its first step
+leaves no folder either (``discard_if_never_ran``), so ``--resume`` never finds a run
+that never ran.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..job.checkpoints import CHECKPOINTS_DIR, checkpoint_tags, choose
 from ..job.paths import DS_CONFIG_FILE, PLAN_FILE, resolve_plan_paths  # the trainer applies the same rule to RUN_DIR/plan.yaml
 from ..planner.io import plan_to_yaml
 from ..planner.schema import Plan
@@ -25,7 +29,7 @@ from .errors import LaunchError
 
 COMMAND_FILE = "command.json"
 SBATCH_FILE = "launch.sbatch"
-CHECKPOINTS_DIR = "checkpoints"
+METRICS_FILE = "metrics.jsonl"  # the trainer's log, a line per step (ltune/trainer/loop.py open_logs)
 LAUNCH_FILES = frozenset({PLAN_FILE, DS_CONFIG_FILE, COMMAND_FILE, SBATCH_FILE})
 
 
@@ -65,18 +69,87 @@ def check_fresh_run_dir(run_dir: Path) -> None:
 
 
 def check_resume_run_dir(run_dir: Path) -> Plan:
-    """``--resume``: the folder must exist and hold checkpoints/; returns its stored plan."""
+    """``--resume``: the folder must hold its plan and a complete checkpoint for the plan's
+    process count (``ltune.job.checkpoints.choose``, the trainer's own pick); returns the plan."""
     from ..planner.io import PlanError, load_plan
 
-    ckpt = run_dir / CHECKPOINTS_DIR
     if not run_dir.is_dir():
         raise LaunchError(f"--resume: run folder {run_dir} does not exist")
-    if not ckpt.is_dir() or not any(ckpt.iterdir()):
+    if not checkpoint_tags(run_dir):
         raise LaunchError(f"--resume: run folder {run_dir} holds no checkpoint in {CHECKPOINTS_DIR}/")
     try:
-        return load_plan(run_dir / PLAN_FILE)
+        plan = load_plan(run_dir / PLAN_FILE)
     except PlanError as e:
         raise LaunchError(f"--resume: {e}") from None
+    tag, skipped = choose(run_dir, plan.layout.num_gpus)
+    if tag is None:
+        newest, reason = skipped[0]
+        older = f"; {len(skipped) - 1} older one(s) incomplete too" if len(skipped) > 1 else ""
+        raise LaunchError(
+            f"--resume: run folder {run_dir} holds no complete checkpoint to resume from "
+            f"(newest, {newest}: {reason}{older})"
+        )
+    return plan
+
+
+@dataclass(frozen=True)
+class NeverRan:
+    """What a run folder holds after its job stopped before logging a step."""
+
+    ours: tuple[str, ...]  # the launch files, an empty checkpoints/, an empty or torn metrics.jsonl
+    other: tuple[str, ...]  # anything else: the folder is kept
+
+
+def _logged_a_step(metrics: Path) -> bool:
+    """Whether metrics.jsonl holds a whole line (a torn last line is a write cut short)."""
+    with metrics.open("rb") as f:
+        for line in f:
+            try:
+                if line.endswith(b"\n") and isinstance(json.loads(line), dict):
+                    return True
+            except ValueError:
+                continue
+    return False
+
+
+def never_ran(run_dir: Path, world_size: int) -> NeverRan | None:
+    """None when the job trained (a complete checkpoint, or a step in metrics.jsonl), or
+    the folder is gone; else its entries, split into ltune's own and the rest."""
+    if not run_dir.is_dir() or choose(run_dir, world_size)[0] is not None:
+        return None
+    ours, other = [], []
+    for entry in sorted(run_dir.iterdir()):
+        name = entry.name
+        if entry.is_symlink():
+            other.append(name)
+        elif name in LAUNCH_FILES and entry.is_file():
+            ours.append(name)
+        elif name == CHECKPOINTS_DIR and entry.is_dir() and not any(entry.iterdir()):
+            ours.append(name)
+        elif name == METRICS_FILE and entry.is_file():
+            if _logged_a_step(entry):
+                return None
+            ours.append(name)
+        else:
+            other.append(name)
+    return NeverRan(tuple(ours), tuple(other))
+
+
+def discard_if_never_ran(run_dir: Path, world_size: int) -> NeverRan | None:
+    """After a failed job: remove the run folder if the job never logged a step and the
+    folder holds only ltune's own files (``never_ran``). Returns what was found (``other``
+    non-empty: nothing removed), or None when the job trained."""
+    found = never_ran(run_dir, world_size)
+    if found is None or found.other:
+        return found
+    for name in found.ours:
+        path = run_dir / name
+        if path.is_dir():
+            path.rmdir()  # checkpoints/, empty (never_ran)
+        else:
+            path.unlink()
+    run_dir.rmdir()
+    return found
 
 
 def first_difference(a: Any, b: Any, where: str = "") -> str | None:

@@ -1,7 +1,8 @@
 """Planning a launch: plan + options -> LaunchSpec (data only; nothing written or started).
 
 Checks run in this order, each a LaunchError before anything is written: node layout and
-hostfile, data, fit (FitRefused, exit 1, unless --force), run folder, master port.
+hostfile, the plan's paths and data, fit (FitRefused, exit 1, unless --force), run folder,
+master port.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from typing import Any, Literal, Mapping
 
 from ..job.ds_config import build_ds_config
 from ..planner.fit import check_fit
+from ..planner.io import short_repr, validate_plan_paths
 from ..planner.memory import SAFETY_MARGIN
-from ..planner.schema import Evaluation, Plan, Prediction
+from ..planner.schema import CONTROL_CHARACTERS, Evaluation, Plan, Prediction
 from ..profiles import GIB, ProfileError, load_gpu
 from . import rundir
 from .command import (
@@ -153,13 +155,37 @@ def plan_launch(
     The steps run in the order of the module docstring's checks.
     """
     _check_launcher(options.launcher)
+    _check_option_strings(options)
+    try:
+        return _plan_launch(plan, plan_path, options, cwd=cwd, python=python, cpu_count=cpu_count, environ=environ)
+    except OSError as e:  # a path the system refuses: a name too long, a loop of links
+        raise LaunchError(f"cannot use {short_repr(str(e.filename or plan_path))}: {e.strerror}") from None
+
+
+def _plan_launch(
+    plan: Plan,
+    plan_path: str | Path,
+    options: LaunchOptions,
+    *,
+    cwd: str | Path | None,
+    python: str | None,
+    cpu_count: int | None,
+    environ: Mapping[str, str] | None,
+) -> LaunchSpec:
+    """plan_launch's steps (an OSError from the file system is plan_launch's to report)."""
     cwd = Path(cwd or os.getcwd()).resolve()
-    plan_dir = Path(plan_path).expanduser().resolve().parent
-    run_dir = rundir.default_run_dir(plan, options.run_dir, cwd)
-    resolved = rundir.resolve_plan(plan, plan_dir, run_dir)
+    try:
+        plan_dir = Path(plan_path).expanduser().resolve().parent
+        run_dir = rundir.default_run_dir(plan, options.run_dir, cwd)
+        resolved = rundir.resolve_plan(plan, plan_dir, run_dir)
+    except RuntimeError as e:  # ~user of an unknown user
+        raise LaunchError(f"{_unexpandable(plan, options)}: cannot expand its ~ ({e})") from None
     nodes = _node_layout(plan, options)
     hostfile = _checked_hostfile(options, nodes)
     _check_master_port_range(options.master_port)
+    problems = validate_plan_paths(plan, plan_dir)
+    if problems:
+        raise LaunchError(problems[0])
     validate_plan_data(resolved)
     evaluation, forced = _fit_or_refuse(plan, options.force)
     resolved = _with_prediction(resolved, evaluation)
@@ -194,7 +220,30 @@ def plan_launch(
 
 def _check_launcher(launcher: str) -> None:
     if launcher not in LAUNCHERS:
-        raise LaunchError(f"--launcher must be one of {', '.join(LAUNCHERS)} (got {launcher!r})")
+        raise LaunchError(f"--launcher must be one of {', '.join(LAUNCHERS)} (got {short_repr(launcher)})")
+
+
+def _unexpandable(plan: Plan, options: LaunchOptions) -> str:
+    """The first of the plan's paths (and --run-dir) that starts with ~ of an unknown user."""
+    given = [("--run-dir", options.run_dir), ("training.output_dir", plan.training.output_dir),
+             ("model.path", plan.model.path), ("model.tokenizer", plan.model.tokenizer),
+             *(("training.data", p) for p in plan.training.data)]
+    for field, value in given:
+        try:
+            Path(value or "").expanduser()
+        except RuntimeError:
+            return f"{field} {short_repr(value)}"
+    return "a path of the plan"
+
+
+def _check_option_strings(options: LaunchOptions) -> None:
+    """Paths and addresses that reach a file name, a command or a script: one printable line."""
+    for flag, value in (("--run-dir", options.run_dir), ("--hostfile", options.hostfile),
+                        ("--master-addr", options.master_addr)):
+        if value is None:
+            continue
+        if not value or CONTROL_CHARACTERS.search(value):
+            raise LaunchError(f"{flag}: {short_repr(value)} must be non-empty, without control characters")
 
 
 def _node_layout(plan: Plan, options: LaunchOptions) -> NodeLayout:

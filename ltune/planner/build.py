@@ -5,8 +5,30 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from pydantic import ValidationError
+
+from .io import describe_error
 from .schema import Evaluation, Hardware, ModelSpec, Plan, Prediction, Training
 from .search import Request
+
+#: `ltune plan`'s flags for the plan.yaml fields they set
+PLAN_FLAGS = {"max_steps": "--steps", "learning_rate": "--lr", "data": "--data", "path": "--model-path",
+              "tokenizer": "--tokenizer"}
+
+
+def check_plan_fields(training: dict, model_files: dict) -> None:
+    """The training and model-file values `ltune plan -o` will write, checked as plan.yaml
+    checks them, before any search: a one-line ValueError naming the flag and the value."""
+    files = {k: str(v) for k, v in model_files.items() if v is not None}
+    for model, fields, base in ((Training, training, {"seq_len": 1, "max_steps": 1}),
+                                (ModelSpec, files, {"name": "x", "architecture": None})):
+        try:
+            model.model_validate({**base, **fields})
+        except ValidationError as e:
+            for err in e.errors():
+                if err["loc"] and err["loc"][0] in fields:
+                    flag = PLAN_FLAGS.get(str(err["loc"][0]), str(err["loc"][0]))
+                    raise ValueError(f"{flag}: {describe_error({**err, 'loc': ()})}") from None
 
 
 def relative_to_plan(path: str, plan_path: Path) -> str:

@@ -8,9 +8,17 @@ from typing import Literal, get_args, get_origin
 from pydantic import Field, ValidationError
 
 from ..profiles import GIB, load_gpu, resolve_model
+from ..profiles.schema import Label
 from .memory import SAFETY_MARGIN
 from .schema import (
+    CPU_MAX_PROCESSES,
+    CPU_TARGET,
+    MAX_BATCH,
+    MAX_GPUS,
+    MAX_HOST_MEM_GIB,
+    MAX_SEQ_LEN,
     Attention,
+    PathStr,
     Hardware,
     Layout,
     LossMode,
@@ -20,8 +28,10 @@ from .schema import (
     Training,
     ZeroStage,
     _Frozen,
+    check_cpu_processes,
     check_sp_degree,
 )
+from .io import short_repr
 from .search import Pins, Request
 
 
@@ -33,14 +43,16 @@ def _described(model: type[_Frozen], field: str) -> str:
 class LayoutOptions(_Frozen):
     """What `ltune plan` and `ltune trace` are asked; a None layout field is left to the search."""
 
-    model: str = Field(description="profile name (ltune models), a HF config.json or its folder, or a size like 7b")
-    seq_len: int = Field(gt=0, description=_described(Training, "seq_len"))
-    gpu: str = Field(default="a100-80g", description=_described(Hardware, "gpu"))
-    num_gpus: int | None = Field(default=None, gt=0, description=_described(Layout, "num_gpus"))
-    max_gpus: int = Field(default=1024, gt=0, description="largest GPU count searched")
+    model: PathStr = Field(description="profile name (ltune models), a HF config.json or its folder, or a size like 7b")
+    seq_len: int = Field(gt=0, le=MAX_SEQ_LEN, description=_described(Training, "seq_len"))
+    gpu: Label = Field(default="a100-80g", description=_described(Hardware, "gpu"))
+    num_gpus: int | None = Field(default=None, gt=0, le=MAX_GPUS, description=_described(Layout, "num_gpus"))
+    max_gpus: int = Field(default=1024, gt=0, le=MAX_GPUS, description="largest GPU count searched")
     zero_stage: ZeroStage | None = Field(default=None, description=_described(Layout, "zero_stage"))
-    sp_degree: int | None = Field(default=None, gt=0, description=_described(Layout, "sp_degree"))
-    micro_batch_size: int | None = Field(default=None, gt=0, description=_described(Layout, "micro_batch_size"))
+    sp_degree: int | None = Field(default=None, gt=0, le=MAX_GPUS, description=_described(Layout, "sp_degree"))
+    micro_batch_size: int | None = Field(
+        default=None, gt=0, le=MAX_BATCH, description=_described(Layout, "micro_batch_size")
+    )
     offload: Offload | None = Field(default=None, description=_described(Layout, "offload"))
     recompute: Recompute | None = Field(default=None, description=_described(Layout, "recompute"))
     loss: LossMode | None = Field(default=None, description=_described(Layout, "loss"))
@@ -49,9 +61,13 @@ class LayoutOptions(_Frozen):
         default=None,
         description=_described(Training, "precision") + " (default bf16, fp16 where the GPU has no bf16)",
     )
-    loss_chunk_tokens: int = Field(default=4096, gt=0, description=_described(Training, "loss_chunk_tokens"))
+    loss_chunk_tokens: int = Field(
+        default=4096, gt=0, le=MAX_SEQ_LEN, description=_described(Training, "loss_chunk_tokens")
+    )
     safety_margin: float = Field(default=SAFETY_MARGIN, ge=0, le=0.5, description="fraction of GPU memory kept free")
-    host_mem_gib: float | None = Field(default=None, ge=0, description=_described(Hardware, "host_mem_gib"))
+    host_mem_gib: float | None = Field(
+        default=None, ge=0, le=MAX_HOST_MEM_GIB, description=_described(Hardware, "host_mem_gib")
+    )
 
 
 #: the command-line flag of each option (the field name where they differ: --ctx is seq_len)
@@ -86,8 +102,9 @@ def layout_options(**given) -> LayoutOptions:
         flag = CLI_FLAGS.get(field, field)
         if err["type"] == "literal_error":
             allowed = ", ".join(str(c) for c in choices(field))
-            raise ValueError(f"{flag} must be one of {allowed} (got '{err['input']}')") from None
-        raise ValueError(f"{flag}: {err['msg']} (got {err.get('input')!r})") from None
+            raise ValueError(f"{flag} must be one of {allowed} (got {short_repr(err['input'])})") from None
+        message = err["msg"].removeprefix("Value error, ")
+        raise ValueError(f"{flag}: {message} (got {short_repr(err.get('input'))})") from None
 
 
 def request_from_options(opts: LayoutOptions) -> Request:
@@ -101,6 +118,11 @@ def request_from_options(opts: LayoutOptions) -> Request:
     elif precision == "bf16" and not gpu_profile.supports_bf16:
         raise ValueError(f"{gpu_profile.name} has no bf16; use --precision fp16")
     num_gpus, per_node = opts.num_gpus, gpu_profile.gpus_per_node
+    max_gpus = opts.max_gpus
+    if gpu_profile.name == CPU_TARGET:
+        if num_gpus is not None:
+            check_cpu_processes(num_gpus, "--gpus")
+        max_gpus = min(max_gpus, CPU_MAX_PROCESSES)
     if num_gpus is not None and num_gpus > per_node and num_gpus % per_node:
         raise ValueError(
             f"--gpus ({num_gpus}) must be a multiple of the GPUs per node ({per_node}) of {gpu_profile.name}"
@@ -111,7 +133,7 @@ def request_from_options(opts: LayoutOptions) -> Request:
             raise ValueError(f"sp_degree ({opts.sp_degree}) must divide --gpus ({num_gpus})")
     pins = Pins(num_gpus=num_gpus, zero_stage=opts.zero_stage, sp_degree=opts.sp_degree,
                 micro_batch_size=opts.micro_batch_size, offload=opts.offload, recompute=opts.recompute,
-                loss=opts.loss, attention=opts.attention, max_gpus=opts.max_gpus)
+                loss=opts.loss, attention=opts.attention, max_gpus=max_gpus)
     host_mem_bytes_per_node = int(opts.host_mem_gib * GIB) if opts.host_mem_gib is not None else None
     return Request(model=arch, gpu=gpu_profile, seq_len=opts.seq_len, precision=precision,
                    loss_chunk_tokens=opts.loss_chunk_tokens, safety_margin=opts.safety_margin,

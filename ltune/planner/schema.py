@@ -2,13 +2,36 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from ..profiles.schema import ModelProfile
+from ..profiles.schema import CONTROL_CHARACTERS, Label, ModelProfile, one_printable_line  # noqa: F401 (re-exported)
 
 SCHEMA_VERSION = 1
+
+# Upper bounds far above any real job; they keep a plan's arithmetic finite and fast.
+#: GPUs of one job: 4x the largest published training run (Llama 3: 16,384 H100s, arXiv:2407.21783)
+MAX_GPUS = 2**16
+#: the cpu target runs every process on this one machine (its 'nodes' are simulated on it)
+CPU_TARGET = "cpu"
+#: processes the cpu target starts at most: one machine, each process a whole Python runtime
+CPU_MAX_PROCESSES = 64
+#: tokens per sequence: over 10x the longest published context (Llama 4 Scout, 10M tokens)
+MAX_SEQ_LEN = 2**27
+#: packed sequences per GPU per step, micro-batches per optimizer step
+MAX_BATCH = 2**16
+#: steps, epochs and intervals in steps
+MAX_STEPS = 10**9
+#: host memory of one node, GiB (1 PiB)
+MAX_HOST_MEM_GIB = 2**20
+
+#: a string that reaches a path, a shell script or a process: one line, printable
+PathStr = Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(one_printable_line)]
+
+#: a GPU profile name, lower case as the profiles are (`CPU` is the cpu target too)
+GpuName = Annotated[Label, AfterValidator(str.lower)]
 
 Offload = Literal["none", "optimizer", "all"]
 Recompute = Literal["full", "none"]
@@ -19,22 +42,23 @@ ZeroStage = Literal[0, 1, 2, 3]
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class Layout(_Frozen):
     """How one job is laid out over its GPUs."""
 
-    num_gpus: int = Field(gt=0, description="GPUs of the job, over all its nodes")
+    num_gpus: int = Field(gt=0, le=MAX_GPUS, description="GPUs of the job, over all its nodes")
     zero_stage: ZeroStage = Field(
         default=3,
         description="DeepSpeed ZeRO stage: 0 keeps whole model states on every GPU; 1 shards the optimizer "
         "states over the GPUs, 2 the gradients too, 3 the weights too",
     )
     sp_degree: int = Field(
-        default=1, gt=0, description="Ulysses sequence-parallel degree; divides the attention heads and num_gpus"
+        default=1, gt=0, le=MAX_GPUS,
+        description="Ulysses sequence-parallel degree; divides the attention heads and num_gpus",
     )
-    micro_batch_size: int = Field(default=1, gt=0, description="packed sequences per GPU per step")
+    micro_batch_size: int = Field(default=1, gt=0, le=MAX_BATCH, description="packed sequences per GPU per step")
     offload: Offload = Field(
         default="none",
         description="what lives in host memory: nothing; the optimizer (fp32 master weights and Adam moments, "
@@ -119,48 +143,74 @@ class Evaluation(_Frozen):
 
 
 class Hardware(_Frozen):
-    gpu: str = Field(description="GPU profile name (ltune gpus)")
-    num_nodes: int = Field(default=1, gt=0, description="nodes, each with the GPU profile's gpus_per_node GPUs")
+    gpu: GpuName = Field(description="GPU profile name (ltune gpus)")
+    num_nodes: int = Field(
+        default=1, gt=0, le=MAX_GPUS, description="nodes, each with the GPU profile's gpus_per_node GPUs"
+    )
     host_mem_gib: float | None = Field(
-        default=None, gt=0, description="host memory per node for offload, GiB; the GPU profile's if unset"
+        default=None, gt=0, le=MAX_HOST_MEM_GIB,
+        description="host memory per node for offload, GiB; the GPU profile's if unset",
     )
 
 
 class ModelSpec(_Frozen):
-    name: str = Field(description="what --model was given: a profile name, a config.json path or a size")
+    name: PathStr = Field(description="what --model was given: a profile name, a config.json path or a size")
     architecture: ModelProfile
-    path: str | None = Field(default=None, description="local HF model folder (safetensors); random init if unset")
-    tokenizer: str | None = Field(default=None, description="local tokenizer folder; the model folder if unset")
+    path: PathStr | None = Field(
+        default=None, description="local HF model folder (safetensors); random init if unset"
+    )
+    tokenizer: PathStr | None = Field(default=None, description="local tokenizer folder; the model folder if unset")
     trust_remote_code: bool = Field(default=False, description="let transformers run the model folder's own code")
 
 
+#: an AdamW beta: a decay rate in [0, 1) (Kingma & Ba 2015, Algorithm 1)
+Beta = Annotated[float, Field(ge=0, lt=1)]
+
+
 class Training(_Frozen):
-    seq_len: int = Field(gt=0, description="tokens per packed sequence (the context length)")
+    seq_len: int = Field(gt=0, le=MAX_SEQ_LEN, description="tokens per packed sequence (the context length)")
     learning_rate: float = Field(
-        default=2e-5, gt=0, description="AdamW peak learning rate: linear warmup to it, then cosine decay to 0"
+        default=2e-5, gt=0, le=1,
+        description="AdamW peak learning rate: linear warmup to it, then cosine decay to 0",
     )
-    betas: tuple[float, float] = Field(default=(0.9, 0.95), description="AdamW (beta1, beta2)")
+    betas: tuple[Beta, Beta] = Field(default=(0.9, 0.95), description="AdamW (beta1, beta2), each in [0, 1)")
     weight_decay: float = Field(
-        default=0.0, ge=0, description="AdamW weight decay, on parameters of two or more dimensions (not norms or biases)"
+        default=0.0, ge=0, le=1,
+        description="AdamW weight decay, on parameters of two or more dimensions (not norms or biases)",
     )
-    warmup_steps: int = Field(default=0, ge=0, description="optimizer steps of linear learning-rate warmup")
+    warmup_steps: int = Field(
+        default=0, ge=0, le=MAX_STEPS, description="optimizer steps of linear learning-rate warmup"
+    )
     max_grad_norm: float = Field(default=1.0, gt=0, description="gradients are clipped to this global L2 norm")
     precision: Precision = Field(
         default="bf16",
         description="bf16 or fp16: 16-bit weights, gradients and activations with an fp32 master copy (fp16 "
         "with dynamic loss scaling); fp32: full precision, no mixed precision",
     )
-    max_steps: int | None = Field(default=None, gt=0, description="optimizer steps to run; epochs decides if unset")
-    epochs: int | None = Field(default=None, gt=0, description="passes over the packed data, when max_steps is unset")
-    gradient_accumulation_steps: int = Field(default=1, gt=0, description="micro-batches per optimizer step")
-    data: list[str] = Field(default_factory=list, description="JSONL files or folders of them")
-    output_dir: str = Field(
+    max_steps: int | None = Field(
+        default=None, gt=0, le=MAX_STEPS, description="optimizer steps to run; epochs decides if unset"
+    )
+    epochs: int | None = Field(
+        default=None, gt=0, le=MAX_STEPS, description="passes over the packed data, when max_steps is unset"
+    )
+    gradient_accumulation_steps: int = Field(
+        default=1, gt=0, le=MAX_BATCH, description="micro-batches per optimizer step"
+    )
+    data: list[PathStr] = Field(default_factory=list, max_length=100_000, description="JSONL files or folders of them")
+    output_dir: PathStr = Field(
         default="runs/ltune", description="run folder (checkpoints, logs, metrics); ltune launch --run-dir overrides it"
     )
-    seed: int = Field(default=0, description="seeds the random initialisation and each epoch's shuffle of the documents")
-    checkpoint_every: int = Field(default=0, ge=0, description="steps between checkpoints; 0: only at the end")
-    log_every: int = Field(default=1, gt=0, description="steps between printed log lines")
-    loss_chunk_tokens: int = Field(default=4096, gt=0, description="tokens per chunk of the chunked loss")
+    seed: int = Field(
+        default=0, ge=0, lt=2**32,
+        description="seeds the random initialisation and each epoch's shuffle of the documents",
+    )
+    checkpoint_every: int = Field(
+        default=0, ge=0, le=MAX_STEPS, description="steps between checkpoints; 0: only at the end"
+    )
+    log_every: int = Field(default=1, gt=0, le=MAX_STEPS, description="steps between printed log lines")
+    loss_chunk_tokens: int = Field(
+        default=4096, gt=0, le=MAX_SEQ_LEN, description="tokens per chunk of the chunked loss"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "Training":
@@ -172,7 +222,7 @@ class Training(_Frozen):
 class Prediction(_Frozen):
     memory: MemoryBreakdown
     throughput: Throughput
-    safety_margin: float
+    safety_margin: float = Field(ge=0, le=0.5)
 
 
 class Plan(_Frozen):
@@ -188,7 +238,17 @@ class Plan(_Frozen):
     @model_validator(mode="after")
     def _check(self) -> "Plan":
         check_sp_degree(self.layout.sp_degree, self.model.architecture)
+        if self.hardware.gpu == CPU_TARGET:
+            check_cpu_processes(self.layout.num_gpus, "layout.num_gpus")
         return self
+
+
+def check_cpu_processes(num_gpus: int, flag: str) -> None:
+    """The cpu target starts one process per device, all on this machine: at most CPU_MAX_PROCESSES."""
+    if num_gpus > CPU_MAX_PROCESSES:
+        raise ValueError(
+            f"{flag} ({num_gpus}) is more processes than the cpu target runs on one machine ({CPU_MAX_PROCESSES})"
+        )
 
 
 def check_sp_degree(sp_degree: int, arch: ModelProfile) -> None:

@@ -23,6 +23,11 @@ from .memory import (
 )
 from .shape import Shape
 from .schema import (
+    CPU_MAX_PROCESSES,
+    CPU_TARGET,
+    MAX_BATCH,
+    MAX_GPUS,
+    MAX_SEQ_LEN,
     Attention,
     Evaluation,
     Layout,
@@ -59,15 +64,15 @@ class Candidate(NamedTuple):
 class Pins(_Frozen):
     """What the user fixed on the command line; None leaves it to the search."""
 
-    num_gpus: int | None = None
+    num_gpus: int | None = Field(default=None, gt=0, le=MAX_GPUS)
     zero_stage: ZeroStage | None = None
-    sp_degree: int | None = None
-    micro_batch_size: int | None = None
+    sp_degree: int | None = Field(default=None, gt=0, le=MAX_GPUS)
+    micro_batch_size: int | None = Field(default=None, gt=0, le=MAX_BATCH)
     offload: Offload | None = None
     recompute: Recompute | None = None
     loss: LossMode | None = None
     attention: Attention = "varlen"
-    max_gpus: int = 1024
+    max_gpus: int = Field(default=1024, gt=0, le=MAX_GPUS)
 
 
 class Request(_Frozen):
@@ -75,11 +80,11 @@ class Request(_Frozen):
 
     model: ModelProfile
     gpu: GpuProfile
-    seq_len: int = Field(gt=0)
+    seq_len: int = Field(gt=0, le=MAX_SEQ_LEN)
     precision: Precision = "bf16"
-    loss_chunk_tokens: int = Field(default=4096, gt=0)
-    safety_margin: float = SAFETY_MARGIN
-    host_mem_bytes_per_node: int | None = Field(default=None, description="None: the GPU profile's")
+    loss_chunk_tokens: int = Field(default=4096, gt=0, le=MAX_SEQ_LEN)
+    safety_margin: float = Field(default=SAFETY_MARGIN, ge=0, le=0.5)
+    host_mem_bytes_per_node: int | None = Field(default=None, ge=0, description="None: the GPU profile's")
     pins: Pins = Pins()
 
     @property
@@ -145,10 +150,13 @@ class _Pass:
 
 
 def sp_degrees(model: ModelProfile, num_gpus: int) -> list[int]:
-    """Sequence-parallel degrees that divide the GPU count and the attention heads."""
+    """Sequence-parallel degrees that divide the GPU count and the attention heads.
+
+    Ulysses scatters heads over the sp group, so only divisors of the heads are tried:
+    at most num_attention_heads of them, however many GPUs."""
     out = []
-    for sp in range(1, num_gpus + 1):
-        if num_gpus % sp:
+    for sp in range(1, min(num_gpus, model.num_attention_heads) + 1):
+        if num_gpus % sp or model.num_attention_heads % sp:
             continue
         try:
             check_sp_degree(sp, model)
@@ -339,7 +347,8 @@ def remedies(req: Request, sf: Shortfall) -> list[str]:
         out.append("give the nodes more host memory (--host-mem-gib) or offload less")
         if sf.over_bytes <= 0:
             return out + ["use a GPU with more memory (ltune gpus)"]
-    if p.num_gpus is None and sf.num_gpus >= p.max_gpus:
+    at_cpu_limit = req.gpu.name == CPU_TARGET and p.max_gpus >= CPU_MAX_PROCESSES
+    if p.num_gpus is None and sf.num_gpus >= p.max_gpus and p.max_gpus < MAX_GPUS and not at_cpu_limit:
         out.append(f"allow more than {p.max_gpus} GPUs (--max-gpus)")
     if sf.largest_term == "logits_loss" and p.loss != "chunked":
         out.append("use the chunked loss (--loss chunked)")

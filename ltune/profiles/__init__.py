@@ -92,9 +92,13 @@ _MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_ex
 def model_from_hf_config(path: str | Path) -> ModelProfile:
     """Read a Hugging Face config.json (or a folder holding one) without transformers."""
     path = Path(path)
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.is_file():
+    try:
+        if path.is_dir():
+            path = path / "config.json"
+        found = path.is_file()
+    except OSError as e:  # a name the file system refuses (too long)
+        raise ProfileError(f"{str(path)[:80]}: cannot read ({e.strerror})") from None
+    if not found:
         raise ProfileError(f"{path}: no such config.json")
     cfg = _load_json(path)
     model_type = cfg.get("model_type")
@@ -199,6 +203,13 @@ def generic_model(target_params: int) -> ModelProfile:
     return best[1]
 
 
+def _is_dir(spec: str) -> bool:
+    try:
+        return Path(spec).is_dir()
+    except OSError:  # too long for a path: not a folder
+        return False
+
+
 def resolve_model(spec: str) -> ModelProfile:
     """`--model`: a profile name, a config.json path or folder, or a bare size (`7.5b`)."""
     m = _SIZE_RE.match(spec.strip())
@@ -210,6 +221,6 @@ def resolve_model(spec: str) -> ModelProfile:
         return generic_model(target)
     if spec.lower() in model_names():
         return load_model(spec)
-    if spec.endswith(".json") or "/" in spec or Path(spec).is_dir():
+    if spec.endswith(".json") or "/" in spec or _is_dir(spec):
         return model_from_hf_config(spec)
     raise _did_you_mean("model", spec, model_names())

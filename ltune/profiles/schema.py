@@ -10,17 +10,20 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 GIB = 2**30
 GB = 10**9
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: control characters (C0, DEL, C1) and the Unicode line and paragraph separators
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
-def _no_control_characters(value: str) -> str:
-    if _CONTROL.search(value):
-        raise ValueError(f"{value!r} holds a control character (newline, tab, ...)")
+def one_printable_line(value: str) -> str:
+    """A string that reaches a path, a script or a process holds no control character
+    (newline, NUL, escape, ...)."""
+    if CONTROL_CHARACTERS.search(value):
+        raise ValueError("holds a control character (newline, NUL, escape, ...)")
     return value
 
 
 #: a name shown to people and written into scripts and paths: one line, printable
-Label = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_no_control_characters)]
+Label = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(one_printable_line)]
 
 
 class ModelProfile(BaseModel):

@@ -10,7 +10,8 @@ the marker; informational: resume does not trust it).
 A checkpoint counts only when its marker is there, names the job's process count, and
 every file it lists has the size it had when saved: a save cut short anywhere (after the
 model files, after the optimizer files, before the marker) or a file truncated since is
-skipped, and the resume takes the newest complete one.
+skipped, and the resume takes the newest complete one. That decision is
+``ltune.job.checkpoints`` (no torch), which ``ltune launch --resume`` asks too.
 
 DeepSpeed's own files are pickles loaded with ``torch.load(weights_only=False)`` (its
 checkpoint engine): resume only from run folders you wrote.
@@ -24,23 +25,16 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-MARKER = "complete.json"
-_TAG = re.compile(r"step_(\d+)\Z")
+# which checkpoints are complete is decided without torch (the launcher asks too)
+from ..job.checkpoints import MARKER, checkpoint_dir, choose, incomplete_reason, manifest, rank_state_file
 
-
-def checkpoint_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def rank_state_file(path: Path, rank: int) -> Path:
-    return Path(path) / f"trainer_state_rank{rank}.json"
+__all__ = ["MARKER", "checkpoint_dir", "choose", "incomplete_reason", "load", "rank_state_file", "save"]
 
 
 # ---------------------------------------------------------------- RNG state as data
@@ -88,12 +82,7 @@ def _write_rank_state(path: Path, step: int, rank: int) -> None:
 
 
 def _write_marker(path: Path, step: int, world_size: int) -> None:
-    files = {
-        str(f.relative_to(path)): f.stat().st_size
-        for f in sorted(path.rglob("*"))
-        if f.is_file() and f.name != MARKER and not f.name.endswith(".tmp")
-    }
-    _write_atomic(path / MARKER, json.dumps({"step": step, "world_size": world_size, "files": files}, indent=1))
+    _write_atomic(path / MARKER, json.dumps(manifest(path, step, world_size), indent=1))
 
 
 def save(engine, run_dir: Path, step: int) -> Path:
@@ -113,43 +102,6 @@ def save(engine, run_dir: Path, step: int) -> Path:
 
 
 # ---------------------------------------------------------------- choose and load
-
-
-def incomplete_reason(path: Path, world_size: int) -> str | None:
-    """Why the checkpoint folder cannot be resumed from, or None when it is complete."""
-    marker = path / MARKER
-    if not marker.is_file():
-        return "no completion marker (the save did not finish)"
-    try:
-        info = json.loads(marker.read_text())
-        files, saved_world = dict(info["files"]), int(info["world_size"])
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        return f"{MARKER} is unreadable"
-    if saved_world != world_size:
-        return f"saved by {saved_world} processes, this job has {world_size}"
-    for rank in range(world_size):
-        if rank_state_file(path, rank).name not in files:
-            return f"{rank_state_file(path, rank).name} was not saved"
-    for name, size in files.items():
-        f = path / name
-        if not f.is_file():
-            return f"{name} is missing"
-        if f.stat().st_size != size:
-            return f"{name} is {f.stat().st_size} bytes, {size} when saved (truncated or changed)"
-    return None
-
-
-def choose(run_dir: Path, world_size: int) -> tuple[str | None, list[tuple[str, str]]]:
-    """The newest complete checkpoint's tag, and (tag, reason) for each newer one skipped."""
-    root = checkpoint_dir(run_dir)
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _TAG.match(p.name)) and p.is_dir()] if root.is_dir() else []
-    skipped = []
-    for _, path in sorted(found, reverse=True):
-        reason = incomplete_reason(path, world_size)
-        if reason is None:
-            return path.name, skipped
-        skipped.append((path.name, reason))
-    return None, skipped
 
 
 def load(engine, run_dir: Path) -> tuple[int | None, list[tuple[str, str]]]:

@@ -53,8 +53,14 @@ def load_tokenizer(plan: Plan):
         raise TrainerInputError(f"model.tokenizer: cannot load {folder} ({str(e).splitlines()[0]})") from None
 
 
-def _render(tokenizer, messages: list[dict], **kwargs) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+def _render(tokenizer, messages: list[dict], where: str, **kwargs) -> str:
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    except TemplateError as e:  # e.g. a template's raise_exception('roles must alternate ...')
+        message = (str(e).splitlines() or [type(e).__name__])[0]
+        raise TrainerInputError(f"{where}: the tokenizer's chat template refuses this conversation ({message})") from None
 
 
 def assistant_char_spans(tokenizer, messages: list[dict], where: str) -> tuple[str, list[tuple[int, int]]]:
@@ -68,13 +74,13 @@ def assistant_char_spans(tokenizer, messages: list[dict], where: str) -> tuple[s
     """
     if not getattr(tokenizer, "chat_template", None):
         raise TrainerInputError(f"{where}: chat record but the tokenizer has no chat template")
-    full = _render(tokenizer, messages)
+    full = _render(tokenizer, messages, where)
     spans = []
     for i, turn in enumerate(messages):
         if turn["role"] != "assistant":
             continue
-        head = _render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
-        upto = _render(tokenizer, messages[: i + 1])
+        head = _render(tokenizer, messages[:i], where, add_generation_prompt=True) if i else ""
+        upto = _render(tokenizer, messages[: i + 1], where)
         if not (full.startswith(upto) and upto.startswith(head)):
             raise TrainerInputError(
                 f"{where}: the tokenizer's chat template does not render turn by turn "
