@@ -2,8 +2,10 @@
 
 Prints the median wall time of the whole `ltune plan --model internlm2-20b --ctx 32768`
 process (goal: at most 0.5 s) beside a bare `python -c pass` run the same way (the
-baseline: interpreter start-up on this machine), and the layouts evaluated per second by
-the search alone (goal: at least 100,000).
+baseline: interpreter start-up on this machine), the layouts evaluated per second by
+the search alone (goal: at least 100,000; every layout runs the default global batch, offload
+included at every GPU count), and how long `--ctx max` takes to find the longest context
+(goal: well under a second), at 16 GPUs and over every GPU count.
 """
 
 from __future__ import annotations
@@ -50,6 +52,19 @@ def search_rate() -> tuple[int, float]:
     return result.evaluated, best
 
 
+def longest_context_seconds() -> list[tuple[str, int | None, int, float]]:
+    """(what, longest context, scans, best seconds) of --ctx max for llama3.1-70b on H100."""
+    from ltune.planner.search import Pins, Request, longest_context
+    from ltune.profiles import load_gpu, load_model
+
+    out = []
+    for what, pins in (("--gpus 16", Pins(num_gpus=16)), ("any count", Pins())):
+        req = Request(model=load_model("llama3.1-70b"), gpu=load_gpu("h100-80g"), seq_len=1024, pins=pins)
+        runs = [longest_context(req) for _ in range(3)]
+        out.append((what, runs[0].seq_len, runs[0].probes, min(r.seconds for r in runs)))
+    return out
+
+
 def main() -> None:
     print(f"load average: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
     base_wall, base_cpu = median_run([sys.executable, "-c", "pass"])
@@ -60,6 +75,8 @@ def main() -> None:
     evaluated, seconds = search_rate()
     rate = evaluated / seconds
     print(f"search: {evaluated} layouts in {seconds * 1000:.1f} ms = {rate:,.0f} layouts/s")
+    for what, seq_len, probes, secs in longest_context_seconds():
+        print(f"--ctx max, llama3.1-70b on h100-80g, {what}: {seq_len:,} tokens, {probes} scans in {secs * 1000:.1f} ms")
     print(f"plan_wall_s={plan_wall:.3f} goal<=0.5 layouts_per_s={rate:.0f} goal>=100000")
 
 

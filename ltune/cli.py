@@ -24,7 +24,10 @@ from .planner.schema import CONTROL_CHARACTERS, Layout, Plan, Precision
 from .profiles import ProfileError, gpu_names, load_gpu, load_model, model_names
 from .profiles.schema import GpuProfile, ModelProfile
 from .render import (
+    batch_line,
     breakdown_table,
+    cost_line,
+    per_count_table,
     describe_shortfall,
     gib,
     layout_line,
@@ -126,7 +129,7 @@ GpusOpt = Annotated[Optional[int], _option("num_gpus", note="Unpinned, the searc
 MaxGpusOpt = Annotated[int, _option("max_gpus", min=1)]
 ZeroOpt = Annotated[Optional[int], _option("zero_stage", note=_PIN, min=0, max=3)]
 SpOpt = Annotated[Optional[int], _option("sp_degree", note=_PIN, min=1)]
-OffloadOpt = Annotated[Optional[str], _option("offload", note="Unpinned, offload is tried only when nothing else fits.")]
+OffloadOpt = Annotated[Optional[str], _option("offload", note="Unpinned, the search tries none, optimizer and all at every GPU count.")]
 LossOpt = Annotated[Optional[str], _option("loss", note=_PIN)]
 RecomputeOpt = Annotated[Optional[str], _option("recompute", note=_PIN)]
 MicroBatchOpt = Annotated[Optional[int], _option("micro_batch_size", note=_PIN, min=1)]
@@ -136,6 +139,13 @@ ChunkOpt = Annotated[int, _option("loss_chunk_tokens", min=1)]
 HostMemOpt = Annotated[Optional[float], _option("host_mem_gib", min=0.0)]
 MarginOpt = Annotated[float, _option("safety_margin", min=0.0, max=0.5)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
+PlanCtxOpt = Annotated[str, typer.Option(
+    "--ctx", help=_help("seq_len", "Or 'max': the longest context that fits (at --gpus, else at any GPU count "
+                        "searched), in multiples of 1,024 tokens."))]
+GlobalBatchOpt = Annotated[Optional[int], _option("global_batch", min=1)]
+TokensPerStepOpt = Annotated[Optional[int], _option("tokens_per_step", min=1)]
+PreferOpt = Annotated[str, _option("prefer", note="Default fewest.")]
+DocTokensOpt = Annotated[Optional[int], _option("doc_tokens", min=1)]
 
 def _one_line(e: Exception) -> str:
     """A pydantic error as its first field path and message; others as they are."""
@@ -149,7 +159,11 @@ def _one_line(e: Exception) -> str:
 # ---------------------------------------------------------------- plan, check
 
 
-def _print_plan(req, result, model_name: str) -> None:
+def _print_plan(req, result, model_name: str, longest=None) -> None:
+    from .planner.build import checkpoint_for
+    from .planner.search import DEFAULT_TOKENS_PER_STEP, PREFER_HELP
+    from .render import checkpoint_line
+
     m, g = req.model, req.gpu
     generic = (f" [yellow](generic llama-shaped estimate: {m.num_attention_heads} heads, {m.num_kv_heads} kv, "
                f"ffn {m.intermediate_size}, vocab {m.vocab_size})[/]") if m.generic else ""
@@ -158,15 +172,38 @@ def _print_plan(req, result, model_name: str) -> None:
         f"{m.hidden_size}){generic} at {req.seq_len:,} tokens, {req.precision}, on {g.display_name} "
         f"({gib(g.hbm_bytes)} GiB; plans keep a {100 * req.safety_margin:.0f}% safety margin)"
     )
+    if longest is not None:
+        console.print(
+            f"[bold]longest context:[/] {longest.seq_len:,} tokens (a multiple of {longest.granularity:,}; "
+            f"{longest.seq_len + longest.granularity:,} fits no layout; {longest.probes} scans in "
+            f"{longest.seconds * 1000:.0f} ms)"
+        )
+    if req.global_batch is not None:
+        source = "--global-batch"
+    else:
+        budget = req.tokens_per_step or DEFAULT_TOKENS_PER_STEP
+        source = (f"{'--tokens-per-step' if req.tokens_per_step else 'default'} {budget:,} tokens per step / "
+                  f"{req.seq_len:,}, rounded up to a power of two")
+    console.print(
+        f"global batch: {result.global_batch:,} sequences = {result.tokens_per_step:,} tokens per optimizer step, "
+        f"the same for every layout ({source}); recommending {PREFER_HELP[result.prefer]} (--prefer {result.prefer})",
+        highlight=False,
+    )
     best = result.best
     if best is not None:
         console.print(f"\n[bold green]recommended:[/] {layout_line(best.layout)}")
+        console.print(f"  {batch_line(best, req.seq_len)}")
         console.print(f"  {speed_line(best)}")
+        console.print(f"  {cost_line(best)}")
+        console.print(f"  {checkpoint_line(checkpoint_for(req, best))}", highlight=False)
         console.print(breakdown_table(best, "per-GPU memory"))
+    if result.no_offload is not None:
+        ev = result.no_offload
+        console.print(f"[bold]without offload:[/] {layout_line(ev.layout)}; {speed_line(ev)}; {cost_line(ev)}")
+    if result.per_count:
+        console.print(per_count_table(result))
     if result.runners_up:
         console.print(runners_up_table(result.runners_up))
-    for sf in result.shortfalls:
-        console.print(f"  {sf.num_gpus} GPU(s) do not fit: {describe_shortfall(sf)} ({layout_line(sf.layout)})")
     conv = result.conventional
     if conv is not None and (best is None or conv.layout != best.layout):
         console.print(
@@ -180,8 +217,10 @@ def _print_plan(req, result, model_name: str) -> None:
 def _report_no_fit(closest) -> None:
     sf = closest.shortfall
     err_console.print(f"[bold red]no layout fits;[/] closest: {layout_line(sf.layout)}, {describe_shortfall(sf)}")
-    for hint in closest.remedies:
-        err_console.print(f"  - {hint}")
+    if not closest.remedies:
+        err_console.print("  - no change ltune can judge brings it closer")
+    for remedy in closest.remedies:
+        err_console.print(f"  - {escape(remedy.text)}", highlight=False)
 
 
 def _write_plan(req, best, model_name: str, output: Path, host_mem_gib, training: dict, model_files: dict,
@@ -203,10 +242,14 @@ def _write_plan(req, best, model_name: str, output: Path, host_mem_gib, training
 @app.command()
 def plan(
     model: ModelOpt,
-    seq_len: CtxOpt,
+    ctx: PlanCtxOpt,
     gpu: GpuOpt = DEFAULTS["gpu"],
     num_gpus: GpusOpt = None,
     max_gpus: MaxGpusOpt = DEFAULTS["max_gpus"],
+    global_batch: GlobalBatchOpt = None,
+    tokens_per_step: TokensPerStepOpt = None,
+    prefer: PreferOpt = DEFAULTS["prefer"],
+    doc_tokens: DocTokensOpt = None,
     zero_stage: ZeroOpt = None,
     sp_degree: SpOpt = None,
     offload: OffloadOpt = None,
@@ -226,13 +269,18 @@ def plan(
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write the recommended plan to this plan.yaml.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Find the fastest layout that fits, at the smallest GPU count, and show why.
+    """Find the best layout at every GPU count for one global batch, recommend one, and show why.
+
+    Every layout runs the same global batch (default 4Mi tokens per step; --global-batch or
+    --tokens-per-step); offload is tried at every GPU count; --prefer picks fewest GPUs (default),
+    fastest or cheapest. --ctx max finds the longest context that fits.
 
     Exit 0 when a layout fits, 1 when none does, 2 for bad input.
     """
     from .planner.build import check_plan_fields
     from .planner.io import check_output_path
-    from .planner.search import search
+    from .planner.options import parse_ctx
+    from .planner.search import CTX_GRANULARITY, longest_context, search
 
     training = {"max_steps": steps, "learning_rate": lr, "data": data or []}
     model_files = {"path": model_path, "tokenizer": tokenizer}
@@ -240,20 +288,31 @@ def plan(
         check_plan_fields(training, model_files)
         if output is not None:
             output = check_output_path(output)
+        seq_len = parse_ctx(ctx)
         options = layout_options(
-            model=model, seq_len=seq_len, gpu=gpu, num_gpus=num_gpus, max_gpus=max_gpus, zero_stage=zero_stage,
-            sp_degree=sp_degree, offload=offload, loss=loss, recompute=recompute, micro_batch_size=micro_batch_size,
-            attention=attention, precision=precision, host_mem_gib=host_mem_gib, safety_margin=safety_margin,
-            loss_chunk_tokens=loss_chunk_tokens,
+            model=model, seq_len=seq_len or CTX_GRANULARITY, gpu=gpu, num_gpus=num_gpus, max_gpus=max_gpus,
+            zero_stage=zero_stage, sp_degree=sp_degree, offload=offload, loss=loss, recompute=recompute,
+            micro_batch_size=micro_batch_size, attention=attention, precision=precision, host_mem_gib=host_mem_gib,
+            safety_margin=safety_margin, loss_chunk_tokens=loss_chunk_tokens, global_batch=global_batch,
+            tokens_per_step=tokens_per_step, prefer=prefer, doc_tokens=doc_tokens,
         )
         req = request_from_options(options)
     except (ProfileError, ValueError) as e:
         raise fail(_one_line(e))
+    longest = None
+    if seq_len is None:  # --ctx max
+        longest = longest_context(req)
+        if longest.seq_len is None:
+            if not as_json:
+                err_console.print(f"[bold red]no context fits:[/] not even {CTX_GRANULARITY:,} tokens; at "
+                                  f"{CTX_GRANULARITY:,} tokens:", highlight=False)
+        else:
+            req = req.model_copy(update={"seq_len": longest.seq_len})
     result = search(req)
     if as_json:
-        print(json.dumps(plan_json(req, result, model), indent=2))
+        print(json.dumps(plan_json(req, result, model, longest), indent=2))
     else:
-        _print_plan(req, result, model)
+        _print_plan(req, result, model, longest if longest is not None and longest.seq_len else None)
     if result.best is None:
         if result.closest is not None and not as_json:
             _report_no_fit(result.closest)
@@ -471,6 +530,8 @@ def launch(
     except (PlanError, LaunchError) as e:
         raise fail(str(e), getattr(e, "exit_code", 2))
     _warn_about_plan(plan_obj)
+    for text in spec.warnings:  # a stop that cannot save in time; variables not carried to other nodes
+        err_console.print(f"[yellow]warning:[/] {escape(text)}", highlight=False, soft_wrap=True)
     _report_fit(plan_obj, spec)
     if dry_run:
         _print_dry_run(spec)

@@ -27,6 +27,50 @@ def speed_line(ev) -> str:
     )
 
 
+def batch_line(ev, seq_len: int) -> str:
+    """The global batch and how the layout reaches it."""
+    lay = ev.layout
+    return (
+        f"global batch {ev.global_batch:,} sequences ({ev.global_batch * seq_len:,} tokens) per optimizer step = "
+        f"micro-batch {lay.micro_batch_size} x accumulation {ev.gradient_accumulation_steps} x data-parallel "
+        f"{lay.dp_degree}"
+    )
+
+
+def cost_line(ev) -> str:
+    """Tokens/s over all GPUs and GPU-hours per million tokens."""
+    th = ev.throughput
+    n = ev.layout.num_gpus
+    return (f"{th.tokens_per_s_per_gpu * n:,.0f} tokens/s on {n} GPU{'s' if n > 1 else ''}, "
+            f"{ev.gpu_hours_per_million_tokens:.3f} GPU-hours per million tokens")
+
+
+def short_layout(lay) -> str:
+    """The fields that vary most, for one table cell."""
+    return (f"ZeRO-{lay.zero_stage}, sp {lay.sp_degree}, mb {lay.micro_batch_size}, offload {lay.offload}, "
+            f"recompute {lay.recompute}, loss {lay.loss}")
+
+
+def per_count_table(result) -> Table:
+    """Every GPU count tried: the fastest layout that fits there, or how far the closest misses."""
+    table = Table(title=f"by GPU count (global batch {result.global_batch:,} sequences, the same for each)")
+    for col in ("GPUs", "fits", "best layout there", "accum", "tokens/s/GPU", "step s", "GPU-h/Mtok"):
+        table.add_column(col, justify="left" if col in ("fits", "best layout there") else "right")
+    for pc in result.per_count:
+        if pc.best is not None:
+            ev, th = pc.best, pc.best.throughput
+            table.add_row(str(pc.num_gpus), "yes", short_layout(ev.layout), str(ev.gradient_accumulation_steps),
+                          f"{th.tokens_per_s_per_gpu:,.0f}", f"{th.step_time_s:,.1f}",
+                          f"{ev.gpu_hours_per_million_tokens:.3f}")
+        elif pc.shortfall is not None:
+            sf = pc.shortfall
+            table.add_row(str(pc.num_gpus), "no", f"closest: {short_layout(sf.layout)}; {describe_shortfall(sf)}",
+                          "", "", "", "")
+        else:
+            table.add_row(str(pc.num_gpus), "no", pc.note or "", "", "", "", "")
+    return table
+
+
 def breakdown_table(ev, title: str, limits: bool = False) -> Table:
     """Per-GPU memory by term (GiB and % of the GPU); `limits` adds usable and host rows."""
     mem = ev.memory
@@ -59,6 +103,11 @@ def evaluation_json(ev) -> dict:
     return {
         "fits": ev.fits,
         "layout": ev.layout.model_dump(),
+        "global_batch": ev.global_batch,
+        "micro_batch_size": ev.layout.micro_batch_size,
+        "gradient_accumulation_steps": ev.gradient_accumulation_steps,
+        "dp_degree": ev.layout.dp_degree,
+        "gpu_hours_per_million_tokens": ev.gpu_hours_per_million_tokens,
         "memory": ev.memory.model_dump(),
         "throughput": ev.throughput.model_dump(),
     }
@@ -101,21 +150,46 @@ def describe_shortfall(sf) -> str:
     return f"{gpu}; {host}" if sf.host_over_bytes > 0 else gpu
 
 
-def plan_json(req, result, model_name: str) -> dict:
+def checkpoint_line(ckpt) -> str:
+    """One line: a checkpoint's size, its save time, and how often the job saves."""
+    every = f"every {ckpt.every_steps} steps" if ckpt.every_steps else "only at the end"
+    return (
+        f"checkpoint {ckpt.total_bytes / 1e9:,.1f} GB ({ckpt.max_node_bytes / 1e9:,.1f} GB from the busiest node), "
+        f"~{ckpt.save_time_s:,.0f} s to save at {ckpt.storage_write_bytes_per_s / 1e9:g} GB/s per node; {every}; "
+        f"a stop needs {ckpt.stop_grace_s} s"
+    )
+
+
+def plan_json(req, result, model_name: str, longest=None) -> dict:
     """`ltune plan --json`: the chosen (or closest) layout and the rest of the search."""
     closest = result.closest
     chosen = result.best or (closest.evaluation if closest else None)
     out = evaluation_json(chosen) if chosen else {"fits": False}
     out.update(
         model=model_name, gpu=req.gpu.name, seq_len=req.seq_len, precision=req.precision,
-        safety_margin=req.safety_margin,
+        safety_margin=req.safety_margin, prefer=result.prefer,
+        global_batch=result.global_batch, tokens_per_step=result.tokens_per_step,
         runners_up=[evaluation_json(ev) for ev in result.runners_up],
+        no_offload=evaluation_json(result.no_offload) if result.no_offload else None,
+        per_count=[
+            {"num_gpus": pc.num_gpus, "fits": pc.fits, "layouts": pc.layouts, "note": pc.note,
+             "best": evaluation_json(pc.best) if pc.best else None,
+             "shortfall": pc.shortfall.model_dump() if pc.shortfall else None}
+            for pc in result.per_count
+        ],
         shortfalls=[sf.model_dump() for sf in result.shortfalls],
         conventional=evaluation_json(result.conventional) if result.conventional else None,
         layouts_evaluated=result.evaluated,
     )
+    if longest is not None:
+        out["longest_context"] = longest.as_json()
+    if chosen is not None:
+        from .planner.build import checkpoint_for
+
+        out["checkpoint"] = checkpoint_for(req, chosen).model_dump()
     if closest is not None:
-        out["remedies"] = closest.remedies
+        out["remedies"] = [r.text for r in closest.remedies]
+        out["remedy_details"] = [r.as_json() for r in closest.remedies]
     return out
 
 

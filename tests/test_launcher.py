@@ -8,6 +8,7 @@ judge the launcher, not the memory model.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 import signal
 import socket
@@ -73,16 +74,29 @@ def cpu_plan(**training):
     return make_plan(training=fields, model={"tokenizer": "tok"})
 
 
-def big_plan(num_gpus: int):
-    """llama2-7b at 32k on h100-80g (8 GPUs per node)."""
+def big_plan(num_gpus: int, **hardware):
+    """llama2-7b at 32k on h100-80g (8 GPUs per node); ``hardware`` overrides that section."""
     arch = load_model("llama2-7b")
-    return make_plan(
+    plan = make_plan(
         arch=arch,
         gpu="h100-80g",
         layout={"num_gpus": num_gpus, "zero_stage": 3, "sp_degree": 4},
         training={"seq_len": 32768, "max_steps": 100, "data": ["data/a.jsonl"], "output_dir": "runs/big"},
         model={"tokenizer": "tok"},
     )
+    return plan.model_copy(update={"hardware": plan.hardware.model_copy(update=hardware)})
+
+
+# llama2-7b's parameters (its config.json: 32 layers, hidden 4096, ffn 11008, vocab 32000, untied):
+# 2 x 32000 x 4096 embeddings + 32 x (4 x 4096^2 + 3 x 4096 x 11008 + 2 x 4096) + 4096 final norm
+LLAMA2_7B_PARAMS = 2 * 32000 * 4096 + 32 * (4 * 4096**2 + 3 * 4096 * 11008 + 2 * 4096) + 4096
+SLOW_STORAGE = 1e8  # 0.1 GB/s per node: a save long enough to move every stop time off its floor
+
+
+def zero3_node_save_s(num_gpus: int, bandwidth: float) -> float:
+    """ZeRO-3 bf16: each rank writes 12 bytes (fp32 master + 2 moments) per parameter of its 1/N share;
+    8 ranks per h100-80g node."""
+    return 8 * 12 * -(-LLAMA2_7B_PARAMS // num_gpus) / bandwidth
 
 
 def plan_file(workdir: Path, plan, name: str = "plan.yaml") -> Path:
@@ -118,14 +132,31 @@ def test_cpu_env_keeps_the_users_thread_count(workdir):
 def test_deepspeed_hostfile_two_nodes_argv(workdir):
     (workdir / "hosts").write_text("# two nodes\nnode-a slots=8\nnode-b slots=8\n")
     spec = plan_launch(big_plan(16), workdir / "plan.yaml",
-                       LaunchOptions(hostfile="hosts", master_addr="10.0.0.1"), python=PY)
+                       LaunchOptions(hostfile="hosts", master_addr="10.0.0.1"), python=PY,
+                       cpu_count=96, environ={"HOME": str(workdir)})
+    run = workdir / "runs" / "big"
     assert list(spec.argv) == [
         PY, "-m", "deepspeed.launcher.runner",
         "--hostfile", str(workdir / "hosts"), "--num_nodes", "2", "--num_gpus", "8",
         "--master_addr", "10.0.0.1", "--master_port", "29500",
+        "--no_local_rank", "--module", "ltune.trainer", str(run),
+    ]
+    # a GPU target: no CPU accelerator; 96 cores over 8 ranks; the env file for the other nodes
+    assert spec.env == {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "12", "DS_ENV_FILE": str(run / "deepspeed.env")}
+    assert spec.files["deepspeed.env"] == "PYTHONUNBUFFERED=1\nOMP_NUM_THREADS=12\n"
+
+
+def test_deepspeed_no_ssh_node_rank_argv(workdir):
+    """Each node started by hand with the deepspeed launcher: hostfile, --node-rank, --master-addr."""
+    (workdir / "hosts").write_text("node-a slots=8\nnode-b slots=8\n")
+    spec = plan_launch(big_plan(16), workdir / "plan.yaml",
+                       LaunchOptions(hostfile="hosts", node_rank=1, master_addr="node-a"), python=PY)
+    assert list(spec.argv) == [
+        PY, "-m", "deepspeed.launcher.runner",
+        "--hostfile", str(workdir / "hosts"), "--num_nodes", "2", "--num_gpus", "8",
+        "--no_ssh", "--node_rank", "1", "--master_addr", "node-a", "--master_port", "29500",
         "--no_local_rank", "--module", "ltune.trainer", str(workdir / "runs" / "big"),
     ]
-    assert spec.env == {"PYTHONUNBUFFERED": "1"}  # a GPU target: no CPU accelerator
 
 
 def test_deepspeed_keeps_the_chosen_gpus(workdir):
@@ -145,14 +176,56 @@ def test_deepspeed_several_nodes_needs_a_hostfile(workdir):
 
 
 def test_torchrun_multi_node_argv(workdir):
+    """The README's torchrun example: --launcher torchrun --nnodes 2 --node-rank R --master-addr A."""
     opts = LaunchOptions(launcher="torchrun", nnodes=2, node_rank=1, master_addr="10.0.0.1", master_port=29600)
-    spec = plan_launch(big_plan(16), workdir / "plan.yaml", opts, python=PY)
+    spec = plan_launch(big_plan(16), workdir / "plan.yaml", opts, python=PY, cpu_count=64, environ={})
     assert list(spec.argv) == [
         PY, "-m", "torch.distributed.run",
         "--nproc-per-node", "8", "--nnodes", "2", "--node-rank", "1",
         "--master-addr", "10.0.0.1", "--master-port", "29600",
+        # the step (1 s, the stub's) and a 20.2 s save need 2 x 21.2 s: below ltune's 60 s floor
+        "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout", "60",
         "-m", "ltune.trainer", str(workdir / "runs" / "big"),
     ]
+    # torchrun would set OMP_NUM_THREADS=1 for its 8 workers: the node's 64 cores / 8 instead
+    assert spec.env == {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "8"}
+    assert spec.grace_s == 60 and spec.warnings == ()
+
+
+def test_stop_grace_follows_the_predicted_save_time(workdir):
+    """At 0.1 GB/s a node's ZeRO-3 share of llama2-7b (8 x 12 bytes x P/16) takes 404 s to save;
+    torchrun and ltune wait 2 x (1 s step + 404 s save), rounded up."""
+    save_s = zero3_node_save_s(16, SLOW_STORAGE)
+    assert save_s == pytest.approx(404.3, abs=0.1)
+    opts = LaunchOptions(launcher="torchrun", nnodes=2, node_rank=0, master_addr="10.0.0.1", master_port=29600)
+    spec = plan_launch(big_plan(16, storage_write_bytes_per_s=SLOW_STORAGE), workdir / "plan.yaml", opts,
+                       python=PY, environ={})
+    grace = math.ceil(2 * (1.0 + save_s))
+    assert grace == 811
+    assert spec.argv[spec.argv.index("--shutdown-timeout") + 1] == str(grace)
+    assert spec.grace_s == grace and spec.warnings == ()
+    ckpt = spec.plan.prediction.checkpoint  # the run folder's plan carries the policy the job uses
+    assert ckpt.save_time_s == pytest.approx(save_s) and ckpt.total_bytes == 12 * LLAMA2_7B_PARAMS
+
+
+def test_deepspeed_launcher_warns_when_a_stop_cannot_save(workdir):
+    """DeepSpeed's launch.py kills the ranks 30 s after SIGTERM: a 1 s step + 20.2 s save fits, 404 s does not."""
+    (workdir / "hosts").write_text("node-a slots=8\nnode-b slots=8\n")
+    quick = plan_launch(big_plan(16), workdir / "plan.yaml", LaunchOptions(hostfile="hosts", master_addr="a"),
+                        python=PY, environ={})
+    assert quick.warnings == ()
+    slow = plan_launch(big_plan(16, storage_write_bytes_per_s=SLOW_STORAGE), workdir / "plan.yaml",
+                       LaunchOptions(hostfile="hosts", master_addr="a"), python=PY, environ={})
+    assert len(slow.warnings) == 1
+    assert "gives the ranks 30 s" in slow.warnings[0] and "~405 s" in slow.warnings[0]
+
+
+def test_cli_prints_the_stop_warning(workdir):
+    dump_plan(big_plan(16, storage_write_bytes_per_s=SLOW_STORAGE), workdir / "plan.yaml")
+    (workdir / "hosts").write_text("node-a slots=8\nnode-b slots=8\n")
+    result = CliRunner().invoke(app, ["launch", "plan.yaml", "--hostfile", "hosts", "--master-addr", "a", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "warning: a stop (SIGTERM, Ctrl-C) gives the ranks 30 s" in " ".join(result.output.split())
 
 
 @pytest.mark.parametrize(
@@ -173,22 +246,29 @@ def test_torchrun_multi_node_mistakes(workdir, opts, message):
 
 def test_sbatch_for_four_nodes(workdir):
     """llama2-7b on 32 h100-80g: 4 nodes x 8 GPUs, one srun task per node running torchrun."""
-    spec = plan_launch(big_plan(32), workdir / "plan.yaml", LaunchOptions(launcher="slurm"), python=PY)
+    spec = plan_launch(big_plan(32), workdir / "plan.yaml", LaunchOptions(launcher="slurm"), python=PY,
+                       environ={"OMP_NUM_THREADS": "1"})
     run = workdir / "runs" / "big"
     directives, srun = parse_sbatch(spec.sbatch)
     assert directives == {
         "job-name": "ltune-llama2-7b",
         "nodes": "4",
         "ntasks-per-node": "1",
+        "cpus-per-task": "64",  # 8 cores per GPU process (hardware.cpus_per_node unset)
+        "mem": "0",  # all of each node's memory
         "gpus-per-node": "8",
+        "signal": "USR1@120",  # 2 x (1 s step + 10.1 s save) is below the 120 s floor
         "output": str(run / "slurm-%j.out"),
     }
     assert srun == [
-        "srun", "--kill-on-bad-exit=1", PY, "-m", "torch.distributed.run",
+        "srun", "--kill-on-bad-exit=1", "--cpus-per-task=64", PY, "-m", "torch.distributed.run",
         "--nproc-per-node", "8", "--nnodes", "4",
         "--rdzv-backend", "c10d", "--rdzv-endpoint", "$MASTER_ADDR:29500", "--rdzv-id", "$SLURM_JOB_ID",
+        "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout", "60",
         "-m", "ltune.trainer", str(run),
     ]
+    # the submitting shell's OMP_NUM_THREADS says nothing about the nodes: 64 cores / 8 ranks
+    assert "export OMP_NUM_THREADS=8" in spec.sbatch.splitlines()
     lines = spec.sbatch.splitlines()
     assert lines[0] == "#!/bin/bash"
     # the rendezvous host is the allocation's first node, resolved before srun
@@ -197,6 +277,21 @@ def test_sbatch_for_four_nodes(workdir):
     assert f"export PYTHONUNBUFFERED=1" in lines
     assert list(spec.argv) == ["sbatch", str(run / "launch.sbatch")]
     assert spec.files["launch.sbatch"] == spec.sbatch
+
+
+def test_sbatch_signal_and_cores_follow_the_plan(workdir):
+    """At 0.1 GB/s the save of 4 nodes' ZeRO-3 shares takes 202 s: SIGUSR1 2 x (1 + 202) s before the
+    end, torchrun waits as long; hardware.cpus_per_node sets the task's cores and the threads per rank."""
+    save_s = zero3_node_save_s(32, SLOW_STORAGE)
+    assert save_s == pytest.approx(202.15, abs=0.01)
+    lead = math.ceil(2 * (1.0 + save_s))
+    assert lead == 407
+    plan = big_plan(32, storage_write_bytes_per_s=SLOW_STORAGE, cpus_per_node=112)
+    spec = plan_launch(plan, workdir / "plan.yaml", LaunchOptions(launcher="slurm"), python=PY)
+    directives, srun = parse_sbatch(spec.sbatch)
+    assert directives["signal"] == f"USR1@{lead}" and directives["cpus-per-task"] == "112"
+    assert "--cpus-per-task=112" in srun and srun[srun.index("--shutdown-timeout") + 1] == str(lead)
+    assert "export OMP_NUM_THREADS=14" in spec.sbatch.splitlines()
 
 
 # ---------------------------------------------------------------- the run folder
@@ -487,6 +582,43 @@ def test_sigterm_is_forwarded_to_the_job(workdir, tmp_path):
     assert code == 42 and time.monotonic() - t0 < 20
 
 
+def test_sigusr1_is_forwarded_and_the_wait_is_the_plans_grace(workdir, tmp_path, monkeypatch):
+    """Slurm's pre-timeout SIGUSR1 reaches the job like SIGTERM; after the launcher process exits,
+    ltune waits spec.grace_s for the rest of the group (not a fixed 60 s)."""
+    from ltune.launcher import process
+
+    waited = []
+    monkeypatch.setattr(process, "wait_for_group", lambda pgid, grace_s: waited.append(grace_s))
+    marker = tmp_path / "ready"
+    child = (
+        "import signal, sys, time, pathlib\n"
+        "signal.signal(signal.SIGUSR1, lambda *a: sys.exit(43))\n"
+        f"pathlib.Path({str(marker)!r}).write_text('x')\n"
+        "time.sleep(10)\n"
+        "sys.exit(1)\n"
+    )
+    spec = plan_launch(cpu_plan(), workdir / "plan.yaml", LaunchOptions(master_port=29611))
+    spec = replace(spec, argv=(sys.executable, "-c", child), grace_s=777)
+    previous = signal.signal(signal.SIGALRM, lambda *a: None)
+    previous_usr1 = signal.signal(signal.SIGUSR1, lambda *a: None)  # unforwarded, it must not end pytest
+
+    def send_usr1_when_ready(*_):
+        if marker.exists():
+            signal.raise_signal(signal.SIGUSR1)
+        else:
+            signal.setitimer(signal.ITIMER_REAL, 0.05)
+
+    signal.signal(signal.SIGALRM, send_usr1_when_ready)
+    signal.setitimer(signal.ITIMER_REAL, 0.05)
+    try:
+        code = start(spec)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        signal.signal(signal.SIGUSR1, previous_usr1)
+    assert code == 43 and waited == [777]
+
+
 def test_start_waits_for_every_process_of_the_job(workdir, tmp_path):
     """DeepSpeed's runner can exit before its ranks: ltune returns only when all are gone."""
     marker = tmp_path / "grandchild-done"
@@ -598,3 +730,74 @@ def test_cli_says_it_removed_the_run_folder(workdir, capsys):
     err = capsys.readouterr().err
     assert not run.exists()
     assert f"removed run folder {run}: the job stopped before its first step (removed command.json, ds_config.json, plan.yaml)" in " ".join(err.split())
+
+
+# ---------------------------------------------------------------- the environment of other nodes
+
+
+def test_deepspeed_env_file_carries_the_jobs_variables(workdir):
+    """deepspeed.env: the job's variables of this environment, ltune's own, then the user's
+    ~/.deepspeed_env lines; a value the runner's quoting would let the remote shell read is left out."""
+    home = workdir / "home"
+    home.mkdir()
+    (home / ".deepspeed_env").write_text("NCCL_SOCKET_IFNAME=ib0\n\nLTUNE_CACHE_DIR=/shared/override\n")
+    (workdir / "hosts").write_text("node-a slots=8\nnode-b slots=8\n")
+    environ = {
+        "HOME": str(home), "LTUNE_CACHE_DIR": "/shared/cache", "HF_HOME": "/shared/hf",
+        "TORCH_EXTENSIONS_DIR": "/shared/ext", "PYTHONPATH": "/src", "PATH": "/venv/bin:/usr/bin",
+        "CUDA_VISIBLE_DEVICES": "0,1", "EDITOR": "vim", "HF_TOKEN": "a$(id)b", "OMP_NUM_THREADS": "6",
+    }
+    spec = plan_launch(big_plan(16), workdir / "plan.yaml", LaunchOptions(hostfile="hosts", master_addr="a"),
+                       python=PY, environ=environ)
+    assert spec.env["DS_ENV_FILE"] == str(workdir / "runs" / "big" / "deepspeed.env")
+    assert spec.files["deepspeed.env"].splitlines() == [
+        "HF_HOME=/shared/hf",
+        "LTUNE_CACHE_DIR=/shared/override",  # the user's file wins
+        "OMP_NUM_THREADS=6",  # set by the user: kept (not in spec.env)
+        "PATH=/venv/bin:/usr/bin",
+        "PYTHONPATH=/src",
+        "TORCH_EXTENSIONS_DIR=/shared/ext",
+        "PYTHONUNBUFFERED=1",
+        "NCCL_SOCKET_IFNAME=ib0",
+    ]
+    assert spec.warnings == ("HF_TOKEN: not carried to the other nodes (deepspeed.env: a value with quotes, $, "
+                             "backquotes, backslashes, control characters or edge spaces)",)
+    write_spec(spec)
+    assert (spec.run_dir / "deepspeed.env").read_text() == spec.files["deepspeed.env"]
+
+
+def test_deepspeeds_runner_exports_the_env_file(workdir, tmp_path):
+    """DeepSpeed's own runner code, given DS_ENV_FILE as the launch sets it, reads deepspeed.env and
+    builds pdsh's remote exports; bash running those exports sees every value unchanged."""
+    import os
+    import subprocess
+
+    (workdir / "hosts").write_text("node-a slots=8\nnode-b slots=8\n")
+    environ = {"HOME": str(tmp_path), "LTUNE_CACHE_DIR": "/shared/a b", "HF_HOME": "/shared/hf,x@y%z+1",
+               "PATH": os.environ["PATH"]}
+    spec = plan_launch(big_plan(16), workdir / "plan.yaml", LaunchOptions(hostfile="hosts", master_addr="a"),
+                       python=PY, environ=environ, cpu_count=16)
+    write_spec(spec)
+    # runner.py main(): the env-file loop and PDSHRunner.get_cmd's export string, run against our file
+    probe = (
+        "import os, sys\n"
+        "from deepspeed.launcher import runner\n"
+        "from deepspeed.launcher.multinode_runner import PDSHRunner\n"
+        "class A: user_args = []; user_script = 'x'\n"
+        "r = PDSHRunner(A(), '')\n"
+        "for p in runner.DEEPSPEED_ENVIRONMENT_PATHS:\n"
+        "    f = os.path.join(p, runner.DEEPSPEED_ENVIRONMENT_NAME)\n"
+        "    if os.path.isfile(f):\n"
+        "        for var in open(f).readlines():\n"
+        "            key, val = var.split('=', maxsplit=1)\n"
+        "            r.add_export(key, val)\n"
+        "sys.stdout.write(''.join('export {}={}; '.format(k, v) for k, v in r.exports.items()))\n"
+    )
+    env = {**os.environ, **spec.env, "DS_ACCELERATOR": "cpu", "HOME": str(tmp_path)}
+    exports = subprocess.run([sys.executable, "-c", probe], env=env, cwd=tmp_path, capture_output=True,
+                             text=True, check=True).stdout
+    remote = subprocess.run(["bash", "-c", exports + "env -0"], env={}, capture_output=True, check=True).stdout
+    seen = dict(item.split("=", 1) for item in remote.decode().split("\0") if "=" in item)
+    expected = dict(line.split("=", 1) for line in spec.files["deepspeed.env"].splitlines())
+    assert expected["LTUNE_CACHE_DIR"] == "/shared/a b" and expected["OMP_NUM_THREADS"] == "2"  # 16 cores / 8
+    assert {k: seen.get(k) for k in expected} == expected

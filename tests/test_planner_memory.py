@@ -153,6 +153,41 @@ def test_offload_moves_states_to_host():
     assert M.weights_bytes(shape(), Layout(num_gpus=8, zero_stage=3, offload="all")) == 532_480
 
 
+def test_host_memory_counts_build_export_and_data():
+    """Llama-3.1-8B (V 128,256, h 4,096, ffn 14,336; one layer 218,112,000 parameters; the
+    embedding 525,336,576 is its largest tensor) at 8k, bf16, 8 ranks per node. Per rank: data =
+    2 copies x 3 int64 arrays x 8,192 tokens = 393,216. ZeRO-2 build: fp32 random init
+    4 x (525,336,576 + 218,112,000) = 2,973,794,304, above a load's embedding read and cast
+    (2 x 2 x 525,336,576 = 2,101,346,304); per node 8 x (393,216 + 2,973,794,304) =
+    23,793,500,160. ZeRO-3: the build is
+    on the device; rank 0 holds one embedding in bf16 (1,050,673,152) to load or export:
+    8 x 393,216 + 1,050,673,152 = 1,053,818,880."""
+    s = shape("llama3.1-8b", seq_len=8192)
+    z2 = Layout(num_gpus=8, zero_stage=2)
+    assert M.host_data_bytes_per_gpu(s, z2) == 393_216
+    assert M.host_build_bytes_per_gpu(s, z2) == 2_973_794_304
+    assert M.host_build_bytes_per_gpu(s, Layout(num_gpus=8, zero_stage=3)) == 0
+    assert M.host_rank0_bytes(s, z2) == 1_050_673_152
+    assert M.host_bytes_per_node(s, z2, 8) == 23_793_500_160
+    h100 = load_gpu("h100-80g")
+    assert M.estimate_memory(load_model("llama3.1-8b"), h100, z2, 8192).host_bytes_per_node == 23_793_500_160
+    assert M.host_bytes_per_node(s, Layout(num_gpus=16, zero_stage=3), 8) == 1_053_818_880
+    # fp32 doubles the load's tensors (2 x 4 x 525,336,576, now above the random init) and the export's
+    s32 = shape("llama3.1-8b", seq_len=8192, precision="fp32")
+    assert M.host_build_bytes_per_gpu(s32, z2) == 4_202_692_608
+    assert M.host_rank0_bytes(s32, z2) == 2_101_346_304
+
+
+def test_host_memory_adds_offload_and_export_after_the_build():
+    """ZeRO-3 optimizer offload on 16 ranks: 18 bytes x 501,891,328 parameters = 9,034,043,904
+    per rank (unchanged), 8 ranks per node, micro-batch 2 (786,432 data bytes), and rank 0's
+    export of the embedding: 8 x (9,034,043,904 + 786,432) + 1,050,673,152 = 73,329,315,840."""
+    s = shape("llama3.1-8b", seq_len=8192)
+    off = Layout(num_gpus=16, zero_stage=3, offload="optimizer", micro_batch_size=2)
+    assert M.host_offload_bytes_per_gpu(s, off) == 9_034_043_904
+    assert M.host_bytes_per_node(s, off, 8) == 73_329_315_840
+
+
 def test_layer_activations_counted_from_the_architecture():
     """Llama-2-7B: h = 4096, MHA (kv = h), ffn 11008, 32 heads. Per token and layer:
     two RMSNorms 8h each, flash attention q,k,v,out (2 bytes) + fp32 lse, SwiGLU 4 x ffn."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -75,13 +76,21 @@ def test_example_data_validates(plan_factory):
 
 
 def test_trainer_exits_2_with_one_line(tmp_path):
-    """Bad data stops `python -m ltune.trainer` before any process group or model: exit 2."""
+    """Bad data stops `python -m ltune.trainer` while its records are tokenized, before any
+    model is built: exit 2, one line (a 1-process world: the records are checked once per run,
+    each rank its share, after the process group is joined)."""
+    from conftest import free_port
+
     bad = _write(tmp_path / "bad.jsonl", ['{"text": "fine"}', "{oops"])
     run_dir = tmp_path / "run"
-    write_plan(run_dir / "plan.yaml", tiny_plan_dict(training={"data": [bad]}))
-    out = subprocess.run([sys.executable, "-m", "ltune.trainer", str(run_dir)], capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert out.returncode == 2
-    assert out.stderr.strip().splitlines() == [f"ltune.trainer: error: {bad}:2: malformed JSON (Expecting property name enclosed in double quotes)"]
+    write_plan(run_dir / "plan.yaml", tiny_plan_dict(layout={"num_gpus": 1}, training={"data": [bad]}))
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "LTUNE_CACHE_DIR": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-m", "ltune.trainer", str(run_dir)], capture_output=True, text=True,
+                         cwd=REPO, timeout=120, env=env)
+    assert out.returncode == 2, out.stderr[-2000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("ltune.trainer: error:")]
+    assert errors == [f"ltune.trainer: error: {bad}:2: malformed JSON (Expecting property name enclosed in double quotes)"]
     assert sorted(p.name for p in run_dir.iterdir()) == ["plan.yaml"]
 
 

@@ -73,6 +73,23 @@ def checkpoint_tags(run_dir: Path) -> list[str]:
     return [name for _, name in sorted(found, reverse=True)]
 
 
+def complete_tags(run_dir: Path, world_size: int) -> list[str]:
+    """The run's complete checkpoints (``incomplete_reason`` None), newest first."""
+    root = checkpoint_dir(run_dir)
+    return [tag for tag in checkpoint_tags(run_dir) if incomplete_reason(root / tag, world_size) is None]
+
+
+def prunable(run_dir: Path, world_size: int, keep_last: int) -> list[str]:
+    """The complete checkpoints older than the newest ``keep_last`` complete ones (0: keep all).
+
+    Only complete checkpoints count and only they are removed: the newest complete one is
+    always kept, and a torn one (newer or older) is left as it is (resume skips it, naming why).
+    """
+    if keep_last <= 0:
+        return []
+    return complete_tags(run_dir, world_size)[keep_last:]
+
+
 def choose(run_dir: Path, world_size: int) -> tuple[str | None, list[tuple[str, str]]]:
     """The newest complete checkpoint's tag, and (tag, reason) for each newer one skipped."""
     root = checkpoint_dir(run_dir)

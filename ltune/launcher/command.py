@@ -12,7 +12,14 @@ CPU-only host it works with ``DS_ACCELERATOR=cpu``: ``--num_gpus 2`` starts two
 processes (checked here with deepspeed 0.19.8 and a gloo all-reduce).
 
 torchrun (``python -m torch.distributed.run --help``, torch 2.13): ``--nproc-per-node``,
-``--nnodes``, ``--node-rank``, ``--master-addr``, ``--master-port``, ``-m``.
+``--nnodes``, ``--node-rank``, ``--master-addr``, ``--master-port``, ``-m``. A stop: torchrun
+forwards the signals of ``--signals-to-handle`` to its workers (default SIGTERM, SIGINT, SIGHUP,
+SIGQUIT: torch/distributed/elastic/multiprocessing/api.py ``start``), then kills them after
+``--shutdown-timeout`` seconds (default 30: launcher/api.py). SIGUSR1 (Slurm's usual pre-timeout
+signal) is added to the list, so torchrun forwards it instead of dying of it (its default
+action), and the timeout is the plan's stop grace (the step in flight and a checkpoint save).
+Both flags are recent (pytorch/pytorch#160690, August 2025; checked in torch 2.13's run.py): an
+older torchrun refuses them at start.
 
 Both are started through the current interpreter (``sys.executable -m ...``) so the job
 runs in the same environment as ``ltune`` itself, whatever ``deepspeed`` or ``torchrun``
@@ -30,6 +37,8 @@ from pathlib import Path
 from .errors import LaunchError
 
 TRAINER_MODULE = "ltune.trainer"
+#: what torchrun forwards to its workers: its default list and SIGUSR1
+TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 DEFAULT_MASTER_PORT = 29500
 LOCALHOST = "127.0.0.1"
 
@@ -194,8 +203,10 @@ def torchrun_argv(
     master_addr: str | None = None,
     node_rank: int | None = None,
     python: str | None = None,
+    shutdown_timeout_s: int = 30,
 ) -> list[str]:
-    """``torchrun --nproc-per-node G --nnodes N --node-rank R --master-addr A --master-port P -m ltune.trainer RUN_DIR``."""
+    """``torchrun --nproc-per-node G --nnodes N --node-rank R --master-addr A --master-port P
+    --signals-to-handle ...,SIGUSR1 --shutdown-timeout S -m ltune.trainer RUN_DIR``."""
     if layout.nnodes > 1:
         if master_addr is None:
             raise LaunchError(f"torchrun on {layout.nnodes} nodes needs --master-addr (node 0's address)")
@@ -210,8 +221,14 @@ def torchrun_argv(
         "--node-rank", str(node_rank),
         "--master-addr", master_addr or LOCALHOST,
         "--master-port", str(master_port),
+        *torchrun_stop_args(shutdown_timeout_s),
         "-m", TRAINER_MODULE,
     ] + trainer_args(run_dir, resume)
+
+
+def torchrun_stop_args(shutdown_timeout_s: int) -> list[str]:
+    """torchrun's flags for a stop: forward SIGUSR1 too, and wait this long before killing the workers."""
+    return ["--signals-to-handle", TORCHRUN_SIGNALS, "--shutdown-timeout", str(shutdown_timeout_s)]
 
 
 def _check_node_rank(node_rank: int, nnodes: int) -> None:

@@ -13,9 +13,12 @@ from .spec import LaunchSpec
 
 # after this many forwarded signals the job's processes are killed outright
 KILL_AFTER_SIGNALS = 3
-# how long the job's other processes may outlive the launcher process (DeepSpeed's
-# launch.py gives its ranks 30 s after SIGTERM before it kills them)
+# how long the job's other processes may outlive the launcher process when the spec does not
+# say: the floor of the plan's stop grace (spec.grace_s: the step in flight and a checkpoint
+# save, times a safety factor; ltune/planner/checkpointing.py stop_grace_s)
 GROUP_GRACE_S = 60.0
+#: forwarded to the job's process group: a terminal's Ctrl-C, a stop, Slurm's pre-timeout signal
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
 def write_spec(spec: LaunchSpec) -> None:
@@ -34,9 +37,10 @@ def start(spec: LaunchSpec) -> int:
     """Run ``spec.argv`` (no shell) with the spec's environment; return its exit code.
 
     The child gets its own process group and its output goes straight to ours (streamed,
-    not captured). SIGINT and SIGTERM sent to ltune are forwarded to the whole group -
+    not captured). SIGINT, SIGTERM and SIGUSR1 sent to ltune are forwarded to the whole group -
     the launcher and every rank, as a terminal's Ctrl-C would - so the trainer can
-    checkpoint; a third signal kills the group. A child killed by signal N gives 128 + N.
+    checkpoint; a third signal kills the group. Once the launcher process exits, the rest of
+    the group gets ``spec.grace_s`` to end. A child killed by signal N gives 128 + N.
     """
     env = {**os.environ, **spec.env}
     try:
@@ -55,10 +59,10 @@ def start(spec: LaunchSpec) -> int:
         except ProcessLookupError:
             pass
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
     try:
         code = child.wait()
-        wait_for_group(child.pid)
+        wait_for_group(child.pid, grace_s=max(GROUP_GRACE_S, spec.grace_s))
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -4,6 +4,7 @@ RUN_DIR/plan.yaml        the plan, paths made absolute, training.output_dir = RU
 RUN_DIR/ds_config.json   build_ds_config(plan)
 RUN_DIR/command.json     {"argv": [...], "env": {...}, "cwd": "..."}
 RUN_DIR/launch.sbatch    (--launcher slurm only)
+RUN_DIR/deepspeed.env    (--hostfile only: what DeepSpeed's runner exports to the other nodes, dsenv.py)
 
 Files are written into a temporary sibling folder that is renamed into place, so an
 error leaves no half-written run folder. A job that then fails before its first step
@@ -25,12 +26,13 @@ from ..job.checkpoints import CHECKPOINTS_DIR, checkpoint_tags, choose
 from ..job.paths import DS_CONFIG_FILE, PLAN_FILE, resolve_plan_paths  # the trainer applies the same rule to RUN_DIR/plan.yaml
 from ..planner.io import plan_to_yaml
 from ..planner.schema import Plan
+from .dsenv import ENV_FILE
 from .errors import LaunchError
 
 COMMAND_FILE = "command.json"
 SBATCH_FILE = "launch.sbatch"
 METRICS_FILE = "metrics.jsonl"  # the trainer's log, a line per step (ltune/trainer/loop.py open_logs)
-LAUNCH_FILES = frozenset({PLAN_FILE, DS_CONFIG_FILE, COMMAND_FILE, SBATCH_FILE})
+LAUNCH_FILES = frozenset({PLAN_FILE, DS_CONFIG_FILE, COMMAND_FILE, SBATCH_FILE, ENV_FILE})
 
 
 def resolve_plan(plan: Plan, plan_dir: Path, run_dir: Path) -> Plan:

@@ -5,6 +5,23 @@ The pattern is the one PyTorch documents for torchrun under Slurm (torch elastic
 meets at a c10d rendezvous on the first node of the allocation (``scontrol show
 hostnames $SLURM_JOB_NODELIST | head -n 1``), the job id as the rendezvous id.
 Every process then runs the same ``-m ltune.trainer RUN_DIR`` as a local launch.
+
+Resources of the one task per node: ``--cpus-per-task`` (the node's cores for the job,
+``hardware.cpus_per_node`` or 8 per GPU process), given to srun too (Slurm 22.05 to 23.02 do
+not pass sbatch's value on to srun), and ``--mem=0``: all of each node's memory. The planner's
+host-memory term counts offloaded optimizer states and weights, not each process's runtime
+(Python, CUDA libraries, pinned buffers, torch.save's staging of a checkpoint), so a ``--mem``
+computed from it would under-ask and the node's cgroup would kill the job mid-run; the job
+holds the node's GPUs anyway. OMP_NUM_THREADS (exported) is the cores over the processes:
+torchrun sets 1 when it is unset (torch/distributed/run.py), which starves DeepSpeed's CPU Adam.
+
+Stopping before the time limit: ``--signal=USR1@S`` has Slurm send SIGUSR1 to every process of
+the job step S seconds before the end (sbatch(1): all job steps, not the batch shell, are
+signalled; with proctrack/cgroup that is every process, torchrun and the ranks). torchrun is
+told to handle SIGUSR1 (``--signals-to-handle``: by default it does not, and SIGUSR1's default
+action would kill it) and to forward it, waiting ``--shutdown-timeout`` seconds before SIGKILL;
+the trainer saves a checkpoint on SIGUSR1 and exits. S is the plan's stop time (the step in flight
+and a save, times a safety factor), at least 120 s.
 """
 
 from __future__ import annotations
@@ -15,7 +32,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .command import TRAINER_MODULE, NodeLayout, trainer_args
+from .command import TRAINER_MODULE, NodeLayout, torchrun_stop_args, trainer_args
 
 MASTER_ADDR_LINE = 'MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)"'  # reads all: no SIGPIPE under pipefail
 #: the only shell variables the script expands; every other word is single-quoted
@@ -95,23 +112,32 @@ def build_sbatch(
     cwd: str | Path = ".",
     resume: bool = False,
     python: str | None = None,
+    cpus_per_task: int = 1,
+    signal_s: int = 120,
+    shutdown_timeout_s: int = 60,
 ) -> SbatchScript:
+    """The script: one task per node with the node's cores and memory, SIGUSR1 ``signal_s``
+    seconds before the time limit, torchrun forwarding it (module docstring)."""
     directives = [
         ("job-name", job_name),
         ("nodes", str(layout.nnodes)),
         ("ntasks-per-node", "1"),
+        ("cpus-per-task", str(cpus_per_task)),
+        ("mem", "0"),
     ]
     if gpus:
         directives.append(("gpus-per-node", str(layout.nproc_per_node)))
+    directives.append(("signal", f"USR1@{signal_s}"))
     directives.append(("output", str(run_dir / "slurm-%j.out")))
     srun = [
-        "srun", "--kill-on-bad-exit=1",
+        "srun", "--kill-on-bad-exit=1", f"--cpus-per-task={cpus_per_task}",
         python or sys.executable, "-m", "torch.distributed.run",
         "--nproc-per-node", str(layout.nproc_per_node),
         "--nnodes", str(layout.nnodes),
         "--rdzv-backend", "c10d",
         "--rdzv-endpoint", ShellVar("MASTER_ADDR", f":{master_port}"),
         "--rdzv-id", ShellVar("SLURM_JOB_ID"),
+        *torchrun_stop_args(shutdown_timeout_s),
         "-m", TRAINER_MODULE,
     ] + trainer_args(run_dir, resume)
     return SbatchScript(

@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 from ..job.ds_config import build_ds_config
+from ..planner import checkpointing
 from ..planner.fit import check_fit
 from ..planner.io import short_repr, validate_plan_paths
 from ..planner.memory import SAFETY_MARGIN
 from ..planner.schema import CONTROL_CHARACTERS, Evaluation, Plan, Prediction
 from ..profiles import GIB, ProfileError, load_gpu
-from . import rundir
+from . import dsenv, rundir
 from .command import (
     DEFAULT_MASTER_PORT,
     NodeLayout,
@@ -36,6 +37,9 @@ from .slurm import build_sbatch, job_name_for
 Launcher = Literal["deepspeed", "torchrun", "slurm"]
 LAUNCHERS: tuple[str, ...] = ("deepspeed", "torchrun", "slurm")
 CPU_TARGET = "cpu"
+#: slurm's --cpus-per-task when hardware.cpus_per_node is unset: cores per GPU process (DGX H100:
+#: 112 cores for 8 GPUs, DGX A100: 128 for 8; 8 a GPU still fits 64-96-core HGX nodes)
+DEFAULT_CPUS_PER_PROCESS = 8
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,8 @@ class LaunchSpec:
     forced: bool = False  # the plan does not fit and --force launches it anyway
     resume: bool = False
     files: dict[str, str] = field(default_factory=dict)  # name -> text, written into run_dir
+    grace_s: int = checkpointing.MIN_STOP_GRACE_S  # how long ltune waits for the ranks after its launcher exits
+    warnings: tuple[str, ...] = ()  # one line each, printed before the job starts
 
     @property
     def command(self) -> dict[str, Any]:
@@ -111,6 +117,21 @@ def shortfall_message(plan: Plan, evaluation: Evaluation) -> str:
 # ---------------------------------------------------------------- environment
 
 
+def node_cores(plan: Plan, nodes: NodeLayout, cpu_count: int | None = None, local: bool = True) -> int:
+    """CPU cores of one node for the job: hardware.cpus_per_node; else, launched here, this
+    machine's (the nodes of a hostfile are taken to be alike); else (slurm) DEFAULT_CPUS_PER_PROCESS
+    per process."""
+    if plan.hardware.cpus_per_node is not None:
+        return plan.hardware.cpus_per_node
+    if local:
+        return cpu_count or _usable_cpus()
+    return DEFAULT_CPUS_PER_PROCESS * nodes.nproc_per_node
+
+
+def _usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def job_env(
     plan: Plan,
     nodes: NodeLayout,
@@ -121,17 +142,18 @@ def job_env(
     """Variables added to the job's environment.
 
     PYTHONUNBUFFERED: torchrun's workers would otherwise buffer their output in pipes.
-    On the cpu target: DS_ACCELERATOR=cpu (DeepSpeed's CPU accelerator, gloo) and, unless
-    set already, OMP_NUM_THREADS = cores / processes so ranks do not oversubscribe cores
-    (local launches only: this machine's core count says nothing about Slurm's nodes).
+    OMP_NUM_THREADS = the node's cores (``node_cores``) / processes per node, so ranks do not
+    oversubscribe cores, nor run their CPU work (DeepSpeed's CPU Adam under offload) on one
+    thread, which torchrun sets when the variable is unset (torch/distributed/run.py). A value
+    already in the environment is kept for a local launch (a slurm job always gets the computed one).
+    On the cpu target: DS_ACCELERATOR=cpu (DeepSpeed's CPU accelerator, gloo).
     """
     environ = os.environ if environ is None else environ
     env = {"PYTHONUNBUFFERED": "1"}
     if plan.hardware.gpu == CPU_TARGET:
         env["DS_ACCELERATOR"] = "cpu"
-        if local and "OMP_NUM_THREADS" not in environ:
-            cores = cpu_count or os.cpu_count() or 1
-            env["OMP_NUM_THREADS"] = str(max(1, cores // nodes.nproc_per_node))
+    if not (local and "OMP_NUM_THREADS" in environ):
+        env["OMP_NUM_THREADS"] = str(max(1, node_cores(plan, nodes, cpu_count, local) // nodes.nproc_per_node))
     return env
 
 
@@ -188,15 +210,26 @@ def _plan_launch(
         raise LaunchError(problems[0])
     validate_plan_data(resolved)
     evaluation, forced = _fit_or_refuse(plan, options.force)
-    resolved = _with_prediction(resolved, evaluation)
+    resolved = _with_prediction(resolved, evaluation, nodes)
+    checkpoint = resolved.prediction.checkpoint
     _check_run_dir(run_dir, resolved, options.resume)
     master_port = _master_port(plan, options, nodes)
     env = job_env(plan, nodes, cpu_count=cpu_count, environ=environ, local=options.launcher != "slurm")
     ds_config = build_ds_config(resolved)
     argv, sbatch_text = _launch_argv(
         plan, options, run_dir, nodes, master_port,
-        env=env, cwd=cwd, hostfile=hostfile, python=python, environ=environ,
+        env=env, cwd=cwd, hostfile=hostfile, python=python, environ=environ, checkpoint=checkpoint,
+        step_time_s=evaluation.throughput.step_time_s,
     )
+    warnings = stop_warnings(options.launcher, evaluation.throughput.step_time_s, checkpoint)
+    extra_files: dict[str, str] = {}
+    if hostfile is not None:
+        env[dsenv.DS_ENV_FILE_VAR] = str(run_dir / dsenv.ENV_FILE)
+        extra_files[dsenv.ENV_FILE], skipped = dsenv.env_file(
+            env, os.environ if environ is None else environ, _user_ds_env_files(cwd, environ))
+        if skipped:
+            warnings.append(f"{', '.join(skipped)}: not carried to the other nodes ({dsenv.ENV_FILE}: a value with "
+                            "quotes, $, backquotes, backslashes, control characters or edge spaces)")
     spec = LaunchSpec(
         launcher=options.launcher,
         run_dir=run_dir,
@@ -211,8 +244,41 @@ def _plan_launch(
         evaluation=evaluation,
         forced=forced,
         resume=options.resume,
+        grace_s=checkpoint.stop_grace_s,
+        warnings=tuple(warnings),
     )
-    return replace(spec, files=_run_dir_files(spec))
+    return replace(spec, files={**_run_dir_files(spec), **extra_files})
+
+
+def stop_warnings(launcher: str, step_time_s: float, checkpoint) -> list[str]:
+    """One line when a stop (SIGTERM) cannot save in time: DeepSpeed's launch.py kills the ranks
+    DEEPSPEED_LAUNCH_GRACE_S after it, not configurable (torchrun's wait is set to the plan's grace,
+    slurm's signal comes early enough)."""
+    need = step_time_s + checkpoint.save_time_s
+    if launcher == "deepspeed" and need > checkpointing.DEEPSPEED_LAUNCH_GRACE_S:
+        return [
+            f"a stop (SIGTERM, Ctrl-C) gives the ranks {checkpointing.DEEPSPEED_LAUNCH_GRACE_S} s (DeepSpeed's launch.py) "
+            f"but finishing a step and saving takes ~{need:.0f} s (step {step_time_s:.1f} s + save "
+            f"{checkpoint.save_time_s:.0f} s of {checkpoint.max_node_bytes / 1e9:.0f} GB per node): its checkpoint would "
+            f"be cut short; --launcher torchrun waits {checkpoint.stop_grace_s} s"
+        ]
+    return []
+
+
+def _user_ds_env_files(cwd: Path, environ: Mapping[str, str] | None) -> list[str]:
+    """The user's own DeepSpeed env files, where the runner would have read them (~ and the
+    current folder, under DS_ENV_FILE's name or .deepspeed_env)."""
+    environ = os.environ if environ is None else environ
+    name = environ.get(dsenv.DS_ENV_FILE_VAR) or dsenv.DEFAULT_DS_ENV_NAME
+    texts = []
+    for folder in (Path(environ.get("HOME") or "~").expanduser(), cwd):
+        path = folder / name
+        try:
+            if path.is_file():
+                texts.append(path.read_text())
+        except (OSError, UnicodeDecodeError):
+            continue
+    return texts
 
 
 # ---------------------------------------------------------------- the steps of plan_launch
@@ -273,12 +339,20 @@ def _checked_hostfile(options: LaunchOptions, nodes: NodeLayout) -> str | None:
     return str(Path(options.hostfile).expanduser().resolve()) if options.hostfile else None
 
 
-def _with_prediction(resolved: Plan, evaluation: Evaluation) -> Plan:
+def _with_prediction(resolved: Plan, evaluation: Evaluation, nodes: NodeLayout) -> Plan:
     """The run folder's plan carries today's re-check as its prediction, so the job's
     metrics stand beside numbers for the layout it really runs (an edited plan's stale
-    prediction would not)."""
+    prediction would not); its checkpoint policy (the trainer's interval) comes from it too."""
     margin = resolved.prediction.safety_margin if resolved.prediction else SAFETY_MARGIN
-    prediction = Prediction(memory=evaluation.memory, throughput=evaluation.throughput, safety_margin=margin)
+    training = resolved.training
+    checkpoint = checkpointing.predict_checkpoint(
+        resolved.model.architecture.num_params(), resolved.layout, training.precision, nodes.nproc_per_node,
+        evaluation.throughput.step_time_s, checkpoint_every=training.checkpoint_every,
+        checkpoint_minutes=training.checkpoint_minutes,
+        storage_write_bytes_per_s=resolved.hardware.storage_write_bytes_per_s,
+    )
+    prediction = Prediction(memory=evaluation.memory, throughput=evaluation.throughput, safety_margin=margin,
+                            checkpoint=checkpoint)
     return resolved.model_copy(update={"prediction": prediction})
 
 
@@ -333,6 +407,8 @@ def _launch_argv(
     hostfile: str | None,
     python: str | None,
     environ: Mapping[str, str] | None,
+    checkpoint,
+    step_time_s: float,
 ) -> tuple[list[str], str | None]:
     """The launcher's argv and, for slurm, the sbatch script text it submits."""
     is_cpu = plan.hardware.gpu == CPU_TARGET
@@ -348,6 +424,9 @@ def _launch_argv(
                 cwd=cwd,
                 resume=options.resume,
                 python=python,
+                cpus_per_task=node_cores(plan, nodes, local=False),
+                signal_s=checkpointing.slurm_signal_s(step_time_s, checkpoint.save_time_s),
+                shutdown_timeout_s=checkpoint.stop_grace_s,
             )
         except ValueError as e:
             raise LaunchError(str(e)) from None
@@ -357,6 +436,7 @@ def _launch_argv(
         argv = torchrun_argv(
             run_dir, nodes, master_port, resume=options.resume,
             master_addr=options.master_addr, node_rank=options.node_rank, python=python,
+            shutdown_timeout_s=checkpoint.stop_grace_s,
         )
         return argv, None
     argv = deepspeed_argv(

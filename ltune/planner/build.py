@@ -7,8 +7,9 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from .checkpointing import predict_checkpoint
 from .io import describe_error
-from .schema import Evaluation, Hardware, ModelSpec, Plan, Prediction, Training
+from .schema import CheckpointPrediction, Evaluation, Hardware, ModelSpec, Plan, Prediction, Training
 from .search import Request
 
 #: `ltune plan`'s flags for the plan.yaml fields they set
@@ -36,6 +37,23 @@ def relative_to_plan(path: str, plan_path: Path) -> str:
     return os.path.relpath(Path(path).resolve(), Path(plan_path).resolve().parent)
 
 
+def checkpoint_for(req: Request, ev: Evaluation, training: dict | None = None) -> CheckpointPrediction:
+    """The checkpoint policy of one evaluated layout (size, save time, interval) at the default
+    storage bandwidth (a plan edited to name its own is re-predicted by ltune launch)."""
+    training = training or {}
+    return predict_checkpoint(
+        req.model.num_params(), ev.layout, req.precision, req.gpu.gpus_per_node, ev.throughput.step_time_s,
+        checkpoint_every=training.get("checkpoint_every"),
+        checkpoint_minutes=training.get("checkpoint_minutes", Training.model_fields["checkpoint_minutes"].default),
+    )
+
+
+def prediction_for(req: Request, ev: Evaluation, training: dict) -> Prediction:
+    """The plan's prediction: memory, step time and the checkpoint policy."""
+    return Prediction(memory=ev.memory, throughput=ev.throughput, safety_margin=req.safety_margin,
+                      checkpoint=checkpoint_for(req, ev, training))
+
+
 def build_plan(req: Request, ev: Evaluation, model_name: str, training: dict, host_mem_gib: float | None,
                model_files: dict | None = None) -> Plan:
     """The plan for one evaluated layout: model, hardware, layout, training, prediction.
@@ -55,7 +73,7 @@ def build_plan(req: Request, ev: Evaluation, model_name: str, training: dict, ho
             seq_len=req.seq_len,
             precision=req.precision,
             loss_chunk_tokens=req.loss_chunk_tokens,
-            **training,
+            **{"gradient_accumulation_steps": ev.gradient_accumulation_steps, **training},
         ),
-        prediction=Prediction(memory=ev.memory, throughput=ev.throughput, safety_margin=req.safety_margin),
+        prediction=prediction_for(req, ev, training),
     )

@@ -159,6 +159,50 @@ def host_offload_bytes_per_gpu(s: Shape, lay: Layout) -> int:
     return host
 
 
+#: int64 arrays of a packed sample: input_ids, labels, position_ids (trainer/packing.py `sample`)
+SAMPLE_ARRAYS = 3
+INT64 = 8
+
+
+def host_build_bytes_per_gpu(s: Shape, lay: Layout) -> int:
+    """The model build's transient host memory on one rank (trainer/model.py). ZeRO 0-2, the
+    larger of a random init (fp32 tensors awaiting their parent's init: the embedding and one
+    decoder layer) and a load (one tensor read, at most the largest, and its cast copy; the
+    checkpoint dtype taken as the model's). ZeRO-3: none (partitions are made and initialised
+    on the device; rank 0's one loaded tensor is host_rank0_bytes')."""
+    if lay.zero_stage == 3:
+        return 0
+    random_init = FP32 * (s.vocab_size * s.hidden_size + s.layer_params)
+    load = 2 * s.dtype_bytes * s.largest_leaf_params
+    return max(random_init, load)
+
+
+def host_rank0_bytes(s: Shape, lay: Layout) -> int:
+    """Rank 0's own host buffer: one tensor in the model dtype, the largest, as the export
+    (trainer/export.py) gathers and writes them one at a time and, under ZeRO-3, as the load
+    reads them (model.py `_load_safetensors_zero3`)."""
+    return s.dtype_bytes * s.largest_leaf_params
+
+
+def host_data_bytes_per_gpu(s: Shape, lay: Layout) -> int:
+    """A rank's resident data: one micro-batch's packed samples and their stacked copy
+    (packing.py `sample`, `collate`), int64. The token files are memory-mapped (page cache,
+    shared by the node's ranks, not counted); the packing index grows with the dataset, which
+    the plan does not know (not counted)."""
+    return 2 * SAMPLE_ARRAYS * INT64 * lay.micro_batch_size * s.seq_len
+
+
+def host_bytes_per_node(s: Shape, lay: Layout, gpus_per_node: int) -> int:
+    """Host memory of the busiest node (rank 0's): every rank's data, plus the larger of the
+    build (before DeepSpeed allocates the offloaded states) and the offloaded states with rank
+    0's export buffer. No other pinned buffers: the offloaded states are DeepSpeed's pinned
+    memory and batches are copied from pageable arrays (loop.py)."""
+    ranks = min(lay.num_gpus, gpus_per_node)
+    build = ranks * host_build_bytes_per_gpu(s, lay) + (host_rank0_bytes(s, lay) if lay.zero_stage == 3 else 0)
+    train = ranks * host_offload_bytes_per_gpu(s, lay) + host_rank0_bytes(s, lay)
+    return ranks * host_data_bytes_per_gpu(s, lay) + max(build, train)
+
+
 # ---------------------------------------------------------------- the whole breakdown
 
 PHASES = ("loss", "backward", "step")
@@ -243,13 +287,12 @@ def estimate_memory(
     """The per-GPU breakdown at the step's peak moment, and the host check."""
     s = shape or Shape.of(model, seq_len, precision, loss_chunk_tokens)
     phase, terms = peak_terms(s, layout, gpu)
-    per_node = min(layout.num_gpus, gpu.gpus_per_node)
     return MemoryBreakdown(
         terms=terms,
         total_bytes=sum(terms.values()),
         capacity_bytes=gpu.hbm_bytes,
         usable_bytes=int(gpu.hbm_bytes * (1 - safety_margin)),
-        host_bytes_per_node=host_offload_bytes_per_gpu(s, layout) * per_node,
+        host_bytes_per_node=host_bytes_per_node(s, layout, gpu.gpus_per_node),
         host_capacity_bytes_per_node=(
             gpu.host_mem_bytes_per_node if host_mem_bytes_per_node is None else host_mem_bytes_per_node
         ),

@@ -32,7 +32,14 @@ from .schema import (
     check_sp_degree,
 )
 from .io import short_repr
-from .search import Pins, Request
+from .search import (
+    DEFAULT_TOKENS_PER_STEP,
+    MAX_GLOBAL_BATCH,
+    PREFER_HELP,
+    Pins,
+    Prefer,
+    Request,
+)
 
 
 def _described(model: type[_Frozen], field: str) -> str:
@@ -68,6 +75,25 @@ class LayoutOptions(_Frozen):
     host_mem_gib: float | None = Field(
         default=None, ge=0, le=MAX_HOST_MEM_GIB, description=_described(Hardware, "host_mem_gib")
     )
+    global_batch: int | None = Field(
+        default=None, gt=0, le=MAX_GLOBAL_BATCH,
+        description="sequences per optimizer step (micro-batch x accumulation x data-parallel degree), the same "
+        "for every layout searched; layouts that cannot reach it exactly are skipped",
+    )
+    tokens_per_step: int | None = Field(
+        default=None, gt=0, le=MAX_GLOBAL_BATCH * MAX_SEQ_LEN,
+        description=f"tokens per optimizer step instead: ceil(tokens / ctx) sequences rounded up to a power of two "
+        f"(default {DEFAULT_TOKENS_PER_STEP:,} = 4Mi, Llama 2's batch, kept by its long-context continual "
+        "pretraining)",
+    )
+    doc_tokens: int | None = Field(
+        default=None, gt=0, le=MAX_SEQ_LEN,
+        description="mean document length packed into each sequence, tokens: varlen attention costs per document "
+        "(default: one document fills the sequence)",
+    )
+    prefer: Prefer = Field(
+        default="fewest", description="; ".join(f"{k}: {v}" for k, v in PREFER_HELP.items())
+    )
 
 
 #: the command-line flag of each option (the field name where they differ: --ctx is seq_len)
@@ -76,7 +102,8 @@ CLI_FLAGS = {
     "zero_stage": "--zero-stage", "sp_degree": "--sp-degree", "micro_batch_size": "--micro-batch",
     "offload": "--offload", "recompute": "--recompute", "loss": "--loss", "attention": "--attention",
     "precision": "--precision", "loss_chunk_tokens": "--loss-chunk-tokens", "safety_margin": "--safety-margin",
-    "host_mem_gib": "--host-mem-gib",
+    "host_mem_gib": "--host-mem-gib", "global_batch": "--global-batch", "tokens_per_step": "--tokens-per-step",
+    "prefer": "--prefer", "doc_tokens": "--doc-tokens",
 }
 #: defaults of the optional options, for the command line's signatures
 DEFAULTS = {name: f.default for name, f in LayoutOptions.model_fields.items() if not f.is_required()}
@@ -134,7 +161,28 @@ def request_from_options(opts: LayoutOptions) -> Request:
     pins = Pins(num_gpus=num_gpus, zero_stage=opts.zero_stage, sp_degree=opts.sp_degree,
                 micro_batch_size=opts.micro_batch_size, offload=opts.offload, recompute=opts.recompute,
                 loss=opts.loss, attention=opts.attention, max_gpus=max_gpus)
+    if opts.global_batch is not None and opts.tokens_per_step is not None:
+        raise ValueError(
+            f"--global-batch ({opts.global_batch}) and --tokens-per-step ({opts.tokens_per_step}): give one, not both"
+        )
     host_mem_bytes_per_node = int(opts.host_mem_gib * GIB) if opts.host_mem_gib is not None else None
     return Request(model=arch, gpu=gpu_profile, seq_len=opts.seq_len, precision=precision,
                    loss_chunk_tokens=opts.loss_chunk_tokens, safety_margin=opts.safety_margin,
-                   host_mem_bytes_per_node=host_mem_bytes_per_node, pins=pins)
+                   host_mem_bytes_per_node=host_mem_bytes_per_node, global_batch=opts.global_batch,
+                   tokens_per_step=opts.tokens_per_step, prefer=opts.prefer, doc_tokens=opts.doc_tokens,
+                   pins=pins)
+
+
+def parse_ctx(text: str) -> int | None:
+    """--ctx: a number of tokens (as click reads an integer; its upper bound is LayoutOptions'),
+    or `max` (None: find the longest context that fits, in multiples of CTX_GRANULARITY tokens);
+    else a one-line ValueError."""
+    if text.strip().lower() == "max":
+        return None
+    try:
+        tokens = int(text)
+    except ValueError:
+        raise ValueError(f"Invalid value for '--ctx': {short_repr(text)} is not a valid integer or 'max'") from None
+    if tokens < 1:
+        raise ValueError(f"Invalid value for '--ctx': {tokens} is not in the range x>=1")
+    return tokens

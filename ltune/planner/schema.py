@@ -135,11 +135,22 @@ class Evaluation(_Frozen):
 
     layout: Layout
     memory: MemoryBreakdown
-    throughput: Throughput
+    throughput: Throughput = Field(description="one optimizer step of gradient_accumulation_steps micro-batches")
+    gradient_accumulation_steps: int = Field(default=1, gt=0, le=MAX_BATCH, description="micro-batches per optimizer step")
 
     @property
     def fits(self) -> bool:
         return self.memory.fits
+
+    @property
+    def global_batch(self) -> int:
+        """Sequences per optimizer step: micro_batch_size x gradient_accumulation_steps x dp_degree."""
+        return self.layout.micro_batch_size * self.gradient_accumulation_steps * self.layout.dp_degree
+
+    @property
+    def gpu_hours_per_million_tokens(self) -> float:
+        """What a million trained tokens cost: 1e6 / (tokens/s/GPU x 3600 s/h)."""
+        return 1e6 / (self.throughput.tokens_per_s_per_gpu * 3600)
 
 
 class Hardware(_Frozen):
@@ -150,6 +161,16 @@ class Hardware(_Frozen):
     host_mem_gib: float | None = Field(
         default=None, gt=0, le=MAX_HOST_MEM_GIB,
         description="host memory per node for offload, GiB; the GPU profile's if unset",
+    )
+    storage_write_bytes_per_s: float | None = Field(
+        default=None, gt=0, le=1e15,
+        description="checkpoint write bandwidth of one node to the shared file system, bytes/s; "
+        "2e9 if unset (ltune/planner/checkpointing.py DEFAULT_STORAGE_WRITE_BYTES_PER_S)",
+    )
+    cpus_per_node: int | None = Field(
+        default=None, gt=0, le=2**16,
+        description="CPU cores of one node for the job (slurm --cpus-per-task, OMP_NUM_THREADS = cores / processes); "
+        "unset: local launches count this machine's cores, slurm asks 8 per GPU process",
     )
 
 
@@ -204,12 +225,28 @@ class Training(_Frozen):
         default=0, ge=0, lt=2**32,
         description="seeds the random initialisation and each epoch's shuffle of the documents",
     )
-    checkpoint_every: int = Field(
-        default=0, ge=0, le=MAX_STEPS, description="steps between checkpoints; 0: only at the end"
+    checkpoint_every: int | None = Field(
+        default=None, ge=0, le=MAX_STEPS,
+        description="steps between checkpoints; 0: only at the end; unset: every checkpoint_minutes of predicted work",
+    )
+    checkpoint_minutes: float = Field(
+        default=30, gt=0, le=10**6,
+        description="when checkpoint_every is unset: a checkpoint at least every this many minutes of work, "
+        "counted in steps of the predicted step time",
+    )
+    keep_last: int = Field(
+        default=2, ge=0, le=MAX_STEPS,
+        description="complete checkpoints kept: older ones are removed once a new one is complete; 0 keeps all",
     )
     log_every: int = Field(default=1, gt=0, le=MAX_STEPS, description="steps between printed log lines")
     loss_chunk_tokens: int = Field(
         default=4096, gt=0, le=MAX_SEQ_LEN, description="tokens per chunk of the chunked loss"
+    )
+    collective_timeout_minutes: float = Field(
+        default=30, gt=0, le=10**4,
+        description="longest any rank waits in a collective (the process group's timeout) before the job fails: "
+        "data preparation (ranks tokenize their shares of the corpus, then wait for the slowest), checkpoint "
+        "saves and every step",
     )
 
     @model_validator(mode="after")
@@ -219,10 +256,23 @@ class Training(_Frozen):
         return self
 
 
+class CheckpointPrediction(_Frozen):
+    """What one checkpoint costs and how often the job saves (ltune/planner/checkpointing.py)."""
+
+    total_bytes: int = Field(ge=0, description="every rank's DeepSpeed files together")
+    max_rank_bytes: int = Field(ge=0, description="what the busiest rank writes")
+    max_node_bytes: int = Field(ge=0, description="what the busiest node writes")
+    storage_write_bytes_per_s: float = Field(gt=0, description="one node's write bandwidth assumed")
+    save_time_s: float = Field(ge=0, description="max_node_bytes / storage_write_bytes_per_s")
+    every_steps: int = Field(ge=0, description="steps between checkpoints; 0: only at the end")
+    stop_grace_s: int = Field(gt=0, description="time a stop signal leaves the job to finish its step and save")
+
+
 class Prediction(_Frozen):
     memory: MemoryBreakdown
     throughput: Throughput
     safety_margin: float = Field(ge=0, le=0.5)
+    checkpoint: CheckpointPrediction | None = None
 
 
 class Plan(_Frozen):

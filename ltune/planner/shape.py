@@ -38,6 +38,13 @@ class Shape:
     seq_len: int
     precision: str = "bf16"
     loss_chunk_tokens: int = 4096
+    doc_tokens: int | None = None  # mean packed document length; None: one document fills the sequence
+
+    @property
+    def attention_tokens(self) -> int:
+        """Keys a query attends over with per-document (varlen) attention: the mean document
+        length, at most the sequence."""
+        return self.seq_len if self.doc_tokens is None else min(self.doc_tokens, self.seq_len)
 
     @property
     def dtype_bytes(self) -> int:
@@ -45,7 +52,12 @@ class Shape:
         return DTYPE_BYTES[self.precision]
 
     @classmethod
-    def of(cls, model: ModelProfile, seq_len: int, precision: str = "bf16", loss_chunk_tokens: int = 4096) -> "Shape":
+    def of(
+        cls, model: ModelProfile, seq_len: int, precision: str = "bf16", loss_chunk_tokens: int = 4096,
+        *, doc_tokens: int | None = None,
+    ) -> "Shape":
+        if doc_tokens is not None and doc_tokens <= 0:
+            raise ValueError(f"doc_tokens must be a positive number of tokens (got {doc_tokens})")
         h = model.hidden_size
         persistent = (2 * model.num_layers + 1) * h  # RMSNorm weights
         if model.attention_bias:
@@ -66,6 +78,7 @@ class Shape:
             seq_len=seq_len,
             precision=precision,
             loss_chunk_tokens=loss_chunk_tokens,
+            doc_tokens=doc_tokens,
         )
 
 

@@ -151,6 +151,12 @@ class GpuProfile(BaseModel):
     matmul_efficiency: float = Field(
         gt=0, le=1, description="achievable fraction of peak for large bf16 matmuls (stas00 MAMF)"
     )
+    flash_attention_tflops: float = Field(
+        gt=0, allow_inf_nan=False,
+        description="FlashAttention-2 forward+backward rate, causal, head dim 128, 16k tokens, in the "
+        "kernel benchmark's FLOPs convention (backward = 2.5x forward); published for A100 and H100 "
+        "(flash-attention README), scaled by peak for other chips (the source says which)",
+    )
     cuda_context_bytes: int = Field(ge=0, description="CUDA context and kernels loaded (0 for cpu)")
     comm_buffer_bytes: int = Field(ge=0, description="NCCL communicator buffers per process group (0 for cpu)")
 

@@ -32,9 +32,9 @@ import torch
 import torch.distributed as dist
 
 # which checkpoints are complete is decided without torch (the launcher asks too)
-from ..job.checkpoints import MARKER, checkpoint_dir, choose, incomplete_reason, manifest, rank_state_file
+from ..job.checkpoints import MARKER, checkpoint_dir, choose, incomplete_reason, manifest, prunable, rank_state_file
 
-__all__ = ["MARKER", "checkpoint_dir", "choose", "incomplete_reason", "load", "rank_state_file", "save"]
+__all__ = ["MARKER", "checkpoint_dir", "choose", "incomplete_reason", "load", "prune", "rank_state_file", "save"]
 
 
 # ---------------------------------------------------------------- RNG state as data
@@ -99,6 +99,21 @@ def save(engine, run_dir: Path, step: int) -> Path:
         _write_atomic(root / "latest", tag)
     dist.barrier()
     return path
+
+
+def prune(run_dir: Path, world_size: int, keep_last: int) -> list[str]:
+    """Remove the complete checkpoints older than the newest ``keep_last`` (``prunable``); rank 0
+    calls it after a save is complete. Each loses its marker first, so a removal cut short leaves
+    a folder that no longer counts as complete. Returns the tags removed."""
+    import shutil
+
+    root = checkpoint_dir(run_dir)
+    removed = []
+    for tag in prunable(run_dir, world_size, keep_last):
+        (root / tag / MARKER).unlink(missing_ok=True)
+        shutil.rmtree(root / tag, ignore_errors=True)
+        removed.append(tag)
+    return removed
 
 
 # ---------------------------------------------------------------- choose and load

@@ -14,21 +14,30 @@ from __future__ import annotations
 
 import math
 import os
+from datetime import timedelta
 
 import torch
 
 from ..planner.schema import Plan
 
 
-def init_distributed() -> None:
-    """Join the job's process group (NCCL on CUDA, gloo on CPU: DeepSpeed's accelerator decides)."""
+def init_distributed(timeout_minutes: float | None = None) -> None:
+    """Join the job's process group (NCCL on CUDA, gloo on CPU: DeepSpeed's accelerator decides).
+
+    timeout_minutes (the plan's training.collective_timeout_minutes): how long a rank waits in
+    any collective of the group before it fails; None: DeepSpeed's default (10 minutes, or
+    $DEEPSPEED_TIMEOUT).
+    """
     import deepspeed
 
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     else:
         share_cpu_threads()
-    deepspeed.init_distributed()
+    if timeout_minutes is None:
+        deepspeed.init_distributed()
+    else:
+        deepspeed.init_distributed(timeout=timedelta(minutes=timeout_minutes))
 
 
 def share_cpu_threads() -> None:

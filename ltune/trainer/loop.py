@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from ..job.constants import IGNORE_INDEX
-from ..job.data_files import validate_data
+from ..job.data_files import check_tokenizer_dir, data_files
 from ..job.ds_config import build_ds_config
 from ..job.paths import DS_CONFIG_FILE, PLAN_FILE, resolve_plan_paths
 from ..planner.io import load_plan
@@ -52,7 +52,23 @@ from .metrics import (
 )
 from .model import build_model
 
-EXIT_TERMINATED = 143  # 128 + SIGTERM, after the checkpoint is written
+EXIT_TERMINATED = 143  # 128 + SIGTERM, after the checkpoint is written (SIGUSR1 too)
+#: a stop: SIGTERM (a launcher, scancel), SIGUSR1 (Slurm's --signal before the time limit)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def checkpoint_every_steps(plan) -> int:
+    """Steps between checkpoints: training.checkpoint_every when set; else the plan's predicted
+    interval (checkpoint_minutes of predicted steps, ltune/planner/checkpointing.py), computed
+    again from the stored step time; 0 (only at the end) for a plan without a prediction."""
+    from ..planner.checkpointing import every_steps
+
+    training = plan.training
+    if training.checkpoint_every is not None:
+        return training.checkpoint_every
+    if plan.prediction is None:
+        return 0
+    return every_steps(None, training.checkpoint_minutes, plan.prediction.throughput.step_time_s)
 
 
 def _rank() -> int:
@@ -135,9 +151,12 @@ class Trainer:
         self.ds_config = json.loads(ds_file.read_text()) if ds_file.is_file() else build_ds_config(self.plan)
 
     def check_inputs(self) -> None:
-        """Bad data or tokenizer fail here, on every rank, before any heavy work."""
+        """A missing data file or tokenizer fails here, on every rank, before any heavy work.
+        The records themselves are checked once per run, each rank its own share, while they
+        are tokenized (prepare_data; `ltune launch` checked them all before starting)."""
         check_supported(self.plan)
-        validate_data(self.plan)
+        check_tokenizer_dir(self.plan)
+        data_files(self.plan.training.data)
         self.tokenizer = load_tokenizer(self.plan)
         vocab = self.plan.model.architecture.vocab_size
         if len(self.tokenizer) > vocab:
@@ -147,7 +166,7 @@ class Trainer:
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         # DeepSpeed 0.19 calls collectives that torch 2.13 marks deprecated, once per call
         warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-        engine_lib.init_distributed()
+        engine_lib.init_distributed(self.plan.training.collective_timeout_minutes)
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         layout = self.plan.layout
@@ -163,20 +182,25 @@ class Trainer:
 
             self.mpu = init_sp_groups(self.sp_degree)
         self.device = engine_lib.device()
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self._on_sigterm)
 
     def prepare_data(self) -> None:
-        """Tokenize once per node (local rank 0, into the cache), then everyone reads the cache."""
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if local_rank == 0:
-            data, self.data_from_cache = load_or_tokenize(self.plan, self.tokenizer)
-        dist.barrier()
-        if local_rank != 0:
-            data, self.data_from_cache = load_or_tokenize(self.plan, self.tokenizer)
+        """The ranks sharing the cache folder hash and tokenize their shares of the corpus into it
+        together (``data.load_or_tokenize``), then each memory-maps it; no wait is longer than the
+        process group's timeout (training.collective_timeout_minutes)."""
+        from datetime import timedelta
+
+        from .data import cache_comm, cache_root
+
+        local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or self.world_size)
+        timeout = timedelta(minutes=self.plan.training.collective_timeout_minutes)
+        comm = cache_comm(cache_root(), local, timeout=timeout)
+        data, self.data_from_cache = load_or_tokenize(self.plan, self.tokenizer, comm)
         training, layout = self.plan.training, self.plan.layout
-        if int(data.tokens.max()) >= self.plan.model.architecture.vocab_size:
+        if data.max_token() >= self.plan.model.architecture.vocab_size:
             raise TrainerInputError(
-                f"token id {int(data.tokens.max())} is outside the model's vocab_size "
+                f"token id {data.max_token()} is outside the model's vocab_size "
                 f"({self.plan.model.architecture.vocab_size})"
             )
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -332,18 +356,23 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints, stop, export
 
     def checkpoint_due(self) -> bool:
-        every = self.plan.training.checkpoint_every
+        every = checkpoint_every_steps(self.plan)
         return every > 0 and self.step % every == 0
 
     def save_checkpoint(self) -> None:
+        """Save (all ranks); once complete, rank 0 removes the complete checkpoints beyond keep_last."""
         if self._last_saved_step == self.step:
             return
         path = checkpoint.save(self.engine, self.run_dir, self.step)
         self._last_saved_step = self.step
         self.say(f"checkpoint: {path}")
+        if self.rank == 0:
+            removed = checkpoint.prune(self.run_dir, self.world_size, self.plan.training.keep_last)
+            if removed:
+                self.say(f"checkpoint: removed {', '.join(removed)} (keep_last {self.plan.training.keep_last})")
 
     def stop_requested(self) -> bool:
-        """True on every rank when any rank got SIGTERM (so that all of them save together)."""
+        """True on every rank when any rank got SIGTERM or SIGUSR1 (so that all of them save together)."""
         return self._all_reduce(float(self._stop_signal), op=dist.ReduceOp.MAX) > 0
 
     def _on_sigterm(self, signum, frame) -> None:

@@ -3,8 +3,13 @@
 Under ZeRO-3 the model is built partitioned inside
 ``deepspeed.zero.Init(config_dict_or_path=ds_config)``; random weights are then
 initialised module by module on gathered parameters, and pretrained safetensors
-weights are copied straight into the partitions. ``use_cache=False`` (packed
-sequences need it) and non-reentrant gradient checkpointing when recompute is "full".
+weights are copied straight into the partitions (tied weights are tied first, so a
+checkpoint without ``lm_head.weight`` loads). Under ZeRO 0-2 the model never exists in
+fp32 on the host: built on the meta device, then initialised module by module in fp32 on
+the CPU (the CPU generator draws what a CPU build draws, so the weights are the ones a
+plain ``from_config`` gives) and each module cast to the plan's dtype on the training
+device; pretrained weights load tensor by tensor into the dtype on the device. ``use_cache=False`` (packed sequences need it) and non-reentrant
+gradient checkpointing when recompute is "full".
 
 ``TrainModel`` is the module DeepSpeed wraps: body -> hidden states -> our loss. The
 output head is called as a module (``LossHead``) so that ZeRO-3's hooks gather its
@@ -13,6 +18,7 @@ weight before the loss uses it, and the full logits are never made by transforme
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -91,6 +97,50 @@ def _checkpoint_files(folder: str) -> list[Path]:
     return files
 
 
+def _checkpoint_plan(lm: nn.Module, folder: str) -> tuple[dict[str, Path], list[tuple[str, list[str], nn.Parameter]]]:
+    """Where each checkpoint key is, and for each parameter (a tied one once) the key it loads
+    from, all its names, and itself. A tied parameter answers to every name it has
+    (lm_head.weight and model.embed_tokens.weight): any one of them in the checkpoint is enough
+    (transformers omits the tied output head). Only the file headers are read."""
+    from safetensors import safe_open
+
+    where: dict[str, Path] = {}
+    for file in _checkpoint_files(folder):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                where[key] = file
+    names_of: dict[int, list[str]] = {}
+    params: dict[int, nn.Parameter] = {}
+    for name, param in lm.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+        params[id(param)] = param
+    entries, missing = [], []
+    for key, names in names_of.items():
+        found = [n for n in names if n in where]
+        if found:
+            entries.append((found[0], names, params[key]))
+        else:
+            missing.append(names[0])
+    if missing:
+        raise TrainerInputError(f"model.path: {folder} lacks {len(missing)} weights (first: {missing[0]})")
+    return where, entries
+
+
+class _Readers(dict):
+    """Open safetensors files by path, closed together."""
+
+    def tensor(self, file: Path, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if file not in self:
+            self[file] = safe_open(str(file), framework="pt").__enter__()
+        return self[file].get_tensor(key)
+
+    def close(self) -> None:
+        for handle in self.values():
+            handle.__exit__(None, None, None)
+
+
 def _load_safetensors_zero3(lm: nn.Module, folder: str) -> None:
     """Copy a safetensors checkpoint into ZeRO-3 partitions, one parameter at a time.
 
@@ -100,31 +150,45 @@ def _load_safetensors_zero3(lm: nn.Module, folder: str) -> None:
     """
     import deepspeed
     import torch.distributed as dist
-    from safetensors import safe_open
 
-    where: dict[str, Path] = {}
-    for file in _checkpoint_files(folder):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                where[key] = file
-    named = dict(lm.named_parameters())
-    missing = [n for n in named if n not in where]
-    if missing:
-        raise TrainerInputError(f"model.path: {folder} lacks {len(missing)} weights (first: {missing[0]})")
+    where, entries = _checkpoint_plan(lm, folder)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    handles = {}
+    readers = _Readers()
     try:
         with torch.no_grad():
-            for name, param in named.items():
+            for key, _, param in entries:
                 with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
                     if rank == 0:
-                        file = where[name]
-                        if file not in handles:
-                            handles[file] = safe_open(str(file), framework="pt").__enter__()
-                        param.data.copy_(handles[file].get_tensor(name))
+                        param.data.copy_(readers.tensor(where[key], key))
     finally:
-        for handle in handles.values():
-            handle.__exit__(None, None, None)
+        readers.close()
+
+
+def _load_safetensors_local(lm: nn.Module, folder: str, device, dtype) -> None:
+    """A meta-built model's parameters read from the checkpoint one at a time, cast to `dtype`
+    and placed on `device` (tied names share the one parameter); then its meta buffers (RoPE's
+    inv_freq) made by the model's own _init_weights, on the CPU, and moved."""
+    from transformers import initialization as hf_init
+
+    where, entries = _checkpoint_plan(lm, folder)
+    readers = _Readers()
+    try:
+        for key, names, param in entries:
+            t = readers.tensor(where[key], key)
+            t = t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+            loaded = nn.Parameter(t, requires_grad=param.requires_grad)
+            loaded._is_hf_initialized = True  # transformers' guarded init functions leave it alone
+            for name in names:
+                owner, _, attr = name.rpartition(".")
+                lm.get_submodule(owner)._parameters[attr] = loaded
+    finally:
+        readers.close()
+    with torch.no_grad(), hf_init.guard_torch_init_functions(), torch.device("cpu"):
+        for module in lm.modules():
+            if any(b is not None and b.is_meta for b in module._buffers.values()):
+                _materialize(module, device)
+                lm._init_weights(module)
+                _materialize(module, device, dtype)
 
 
 def _build_zero3(plan: Plan, config, ds_config: dict) -> nn.Module:
@@ -141,9 +205,144 @@ def _build_zero3(plan: Plan, config, ds_config: dict) -> nn.Module:
     with hf_init.no_init_weights(), prevent_arange_dtype_change(), deepspeed.zero.Init(config_dict_or_path=ds_config):
         lm = AutoModelForCausalLM.from_config(config, trust_remote_code=plan.model.trust_remote_code)
     if plan.model.path:
+        lm.tie_weights()  # before the load: the tied output head is the embedding, not a missing weight
         _load_safetensors_zero3(lm, plan.model.path)
     else:
         initialize_weights_zero3(lm)
+        lm.tie_weights()
+    return lm
+
+
+#: random fills (tensor methods and torch.nn.init functions): on a meta tensor they draw nothing
+_RNG_FILLS = frozenset({"uniform_", "normal_", "random_", "bernoulli_", "exponential_", "geometric_", "log_normal_",
+                        "cauchy_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+                        "xavier_normal_", "orthogonal_", "sparse_"})
+#: random factories: made on meta by the device context, they draw nothing either
+_RNG_FACTORIES = frozenset({"rand", "randn", "randint", "randperm", "normal", "bernoulli", "multinomial",
+                            "rand_like", "randn_like", "randint_like"})
+
+
+def _on_cpu(value):
+    """A meta tensor as an empty CPU tensor of its shape and dtype; anything else as is."""
+    if isinstance(value, torch.Tensor) and value.is_meta:
+        return torch.empty(value.shape, dtype=value.dtype, device="cpu")
+    return value
+
+
+class _HostDraws(torch.overrides.TorchFunctionMode):
+    """During a meta-device build, make each random draw on a meta tensor again on a CPU
+    scratch tensor of its shape and dtype (then dropped): the CPU generator then advances
+    exactly as in a CPU build, and the weights drawn after it are the same. A mode sees the
+    outermost call only (nn.init.kaiming_uniform_, not the uniform_ inside it)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        values = list(args) + list(kwargs.values())
+        if name in _RNG_FILLS and any(isinstance(v, torch.Tensor) and v.is_meta for v in values):
+            func(*map(_on_cpu, args), **{k: _on_cpu(v) for k, v in kwargs.items()})
+        elif name in _RNG_FACTORIES and isinstance(out, torch.Tensor) and out.is_meta:
+            func(*map(_on_cpu, args), **{**{k: _on_cpu(v) for k, v in kwargs.items()}, "device": "cpu"})
+        return out
+
+
+def _materialize(module: nn.Module, device, dtype=None) -> None:
+    """module's own parameters and buffers: meta -> empty fp32 on the CPU (dtype None), or
+    -> `device` in `dtype` (floating parameters; buffers keep their dtype)."""
+    for name, param in module._parameters.items():
+        if param is None:
+            continue
+        if dtype is None:
+            if param.is_meta:
+                module._parameters[name] = nn.Parameter(torch.empty_like(param, device="cpu"), param.requires_grad)
+        elif param.device != device or (param.is_floating_point() and param.dtype != dtype):
+            data = param.data.to(device=device, dtype=dtype if param.is_floating_point() else None)
+            module._parameters[name] = nn.Parameter(data, param.requires_grad)
+    for name, buf in module._buffers.items():
+        if buf is None:
+            continue
+        if dtype is None:
+            if buf.is_meta:
+                module._buffers[name] = torch.empty_like(buf, device="cpu")
+        elif buf.device != device:
+            module._buffers[name] = buf.to(device)
+
+
+def _initialize_on_device(lm: nn.Module, device, dtype) -> None:
+    """transformers' initialize_weights (the same module order, `smart_apply`), on fp32 CPU
+    tensors one module at a time; a module's parameters go to `device` in `dtype` once its
+    parent's init has run too (an `_init_weights` may set its children's parameters, as
+    transformers' initialize_weights_zero3 allows for)."""
+    from transformers import initialization as hf_init
+    from transformers.modeling_utils import PreTrainedModel
+
+    remote = lm.is_remote_code()
+
+    def visit(module: nn.Module, fn) -> None:
+        for child in module.children():
+            visit(child, child._initialize_weights if isinstance(child, PreTrainedModel) else fn)
+        _materialize(module, device)
+        for child in module.children():
+            _materialize(child, device)
+        fn(module, remote)
+        for child in module.children():
+            _materialize(child, device, dtype)
+
+    with torch.no_grad(), hf_init.guard_torch_init_functions(), torch.device("cpu"):
+        visit(lm, lm._initialize_weights)
+        _materialize(lm, device, dtype)
+
+
+@contextlib.contextmanager
+def _init_weights_on_device(device, dtype):
+    """transformers' post_init initialises each (sub)model as soon as it is built, between the
+    constructors' draws: do it there, on the device (_initialize_on_device), and leave the
+    tying to the caller (after the whole init, as PreTrainedModel.init_weights does)."""
+    from transformers.modeling_utils import PreTrainedModel
+
+    original = PreTrainedModel.init_weights
+    PreTrainedModel.init_weights = lambda self: _initialize_on_device(self, device, dtype)
+    try:
+        yield
+    finally:
+        PreTrainedModel.init_weights = original
+
+
+def _target_device() -> torch.device:
+    from .engine import device
+
+    return device()
+
+
+def _build_local(plan: Plan, config) -> nn.Module:
+    """ZeRO 0-2: the whole model on this rank's device, in the plan's dtype, never whole in
+    fp32 on the host.
+
+    Pretrained: built on meta, then read tensor by tensor into the dtype on the device
+    (transformers' own device_map loading needs accelerate). Random: built on meta (the CPU
+    generator kept in step by _HostDraws), tying deferred as from_config does it (after the init), then initialised
+    on the CPU in fp32 module by module and cast on the way to the device: fp32 then cast,
+    as DeepSpeed's own cast of a CPU-built fp32 model gave, so the weights are unchanged.
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers import initialization as hf_init
+
+    dtype = torch_dtype(plan.training.precision)
+    if torch.get_default_device().type == "meta":  # a caller building on meta (the tracer): nothing to place
+        if plan.model.path:
+            _checkpoint_files(plan.model.path)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=plan.model.trust_remote_code)
+    device = _target_device()
+    if plan.model.path:
+        with torch.device("meta"), hf_init.no_init_weights():
+            lm = AutoModelForCausalLM.from_config(config, trust_remote_code=plan.model.trust_remote_code)
+        lm.tie_weights()  # before the load: the tied output head is the embedding, not a missing weight
+        _load_safetensors_local(lm, plan.model.path, device, dtype)
+        return lm
+    with torch.device("meta"), hf_init.no_tie_weights(), _HostDraws(), _init_weights_on_device(device, dtype):
+        lm = AutoModelForCausalLM.from_config(config, trust_remote_code=plan.model.trust_remote_code)
+    _initialize_on_device(lm, device, dtype)  # what no post_init reached (none in transformers' models)
     lm.tie_weights()
     return lm
 
@@ -153,21 +352,13 @@ def build_model(plan: Plan, ds_config: dict | None = None) -> TrainModel:
 
     Random init is seeded with training.seed (rank 0 initialises under ZeRO-3).
     """
-    from transformers import AutoModelForCausalLM
-
     impl = attn_implementation(plan)
     config = hf_config(plan, impl)
     torch.manual_seed(plan.training.seed)
     if ds_config is not None and plan.layout.zero_stage == 3:
         lm = _build_zero3(plan, config, ds_config)
-    elif plan.model.path:
-        _checkpoint_files(plan.model.path)
-        lm = AutoModelForCausalLM.from_pretrained(
-            plan.model.path, config=config, dtype=torch_dtype(plan.training.precision),
-            trust_remote_code=plan.model.trust_remote_code,
-        )
     else:
-        lm = AutoModelForCausalLM.from_config(config, trust_remote_code=plan.model.trust_remote_code)
+        lm = _build_local(plan, config)
     lm.config.use_cache = False
     lm.config._attn_implementation = impl
     if plan.layout.recompute == "full":

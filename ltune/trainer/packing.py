@@ -10,6 +10,8 @@ the count of split documents is reported, never silently truncated.
 
 from __future__ import annotations
 
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,34 +21,65 @@ from .data import TokenizedData
 from .errors import TrainerInputError
 
 
+class _Sequences(Sequence):
+    """The sequences of a PackedEpoch as lists of (doc, start, length), made when read."""
+
+    def __init__(self, epoch: "PackedEpoch"):
+        self._epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self._epoch.seq_starts) - 1
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return self._epoch.segments(index)
+
+
 @dataclass(frozen=True)
 class PackedEpoch:
-    """One epoch's sequences: each a list of (doc, start, length) segments."""
+    """One epoch's sequences, each a run of (doc, start, length) segments, held as flat int64
+    arrays (24 bytes a segment, not a Python tuple and its ints): segments
+    seq_starts[i]:seq_starts[i + 1] make sequence i."""
 
-    sequences: list[list[tuple[int, int, int]]]
+    seq_starts: np.ndarray
+    seg_doc: np.ndarray
+    seg_start: np.ndarray
+    seg_len: np.ndarray
     num_split_docs: int
     num_padding_tokens: int
+
+    @property
+    def sequences(self) -> _Sequences:
+        return _Sequences(self)
+
+    def segments(self, index: int) -> list[tuple[int, int, int]]:
+        if not -len(self.sequences) <= index < len(self.sequences):
+            raise IndexError(f"sequence {index} of {len(self.sequences)}")
+        index %= len(self.sequences)
+        a, b = self.seq_starts[index], self.seq_starts[index + 1]
+        return list(zip(self.seg_doc[a:b].tolist(), self.seg_start[a:b].tolist(), self.seg_len[a:b].tolist()))
 
 
 def pack_documents(doc_lengths: np.ndarray, seq_len: int, order: np.ndarray) -> PackedEpoch:
     """Greedy in-order packing into sequences of exactly seq_len tokens (see module doc)."""
     if seq_len <= 0:
         raise ValueError(f"seq_len ({seq_len}) must be positive")
-    sequences: list[list[tuple[int, int, int]]] = []
-    current: list[tuple[int, int, int]] = []
+    seq_starts, docs, starts, lens = array("q", [0]), array("q"), array("q"), array("q")
     used = 0
     split = 0
     padding = 0
 
     def close() -> None:
-        nonlocal current, used, padding
-        if current:
+        nonlocal used, padding
+        if len(docs) > seq_starts[-1]:
             padding += seq_len - used
-            sequences.append(current)
-        current, used = [], 0
+            seq_starts.append(len(docs))
+        used = 0
 
-    for doc in order:
-        length = int(doc_lengths[doc])
+    lengths = doc_lengths.tolist()
+    for doc in order.tolist():
+        length = lengths[doc]
         if length > seq_len:
             split += 1
         start = 0
@@ -54,13 +87,16 @@ def pack_documents(doc_lengths: np.ndarray, seq_len: int, order: np.ndarray) -> 
             piece = min(seq_len, length - start)
             if used + piece > seq_len:
                 close()
-            current.append((int(doc), start, piece))
+            docs.append(doc)
+            starts.append(start)
+            lens.append(piece)
             used += piece
             start += piece
             if used == seq_len:
                 close()
     close()
-    return PackedEpoch(sequences, split, padding)
+    arrays = [np.frombuffer(a, dtype=np.int64) if len(a) else np.zeros(0, np.int64) for a in (seq_starts, docs, starts, lens)]
+    return PackedEpoch(*arrays, split, padding)
 
 
 class PackedDataset:
@@ -79,6 +115,7 @@ class PackedDataset:
         self.seed = seed
         self.pad_token_id = pad_token_id
         self._epochs: dict[int, PackedEpoch] = {}
+        self._per_epoch: int | None = None
 
     def epoch(self, index: int) -> PackedEpoch:
         if index not in self._epochs:
@@ -88,12 +125,17 @@ class PackedDataset:
 
     @property
     def sequences_per_epoch(self) -> int:
-        return len(self.epoch(0).sequences)
+        """Sequences of epoch 0: the stream's epoch length (other epochs pack to a few more or fewer)."""
+        if self._per_epoch is None:  # counted once: recounting repacked epoch 0 at every sample of a later epoch
+            self._per_epoch = len(self.epoch(0).sequences)
+        return self._per_epoch
 
     def sample(self, index: int) -> dict[str, np.ndarray]:
         """input_ids, position_ids and labels (-100 where there is no loss) of sequence ``index``."""
         per_epoch = self.sequences_per_epoch
-        segments = self.epoch(index // per_epoch).sequences[index % per_epoch]
+        epoch = self.epoch(index // per_epoch)
+        # an epoch packed into fewer sequences than epoch 0 starts over for the rest (an IndexError before)
+        segments = epoch.segments(index % per_epoch % len(epoch.sequences))
         input_ids = np.full(self.seq_len, self.pad_token_id, dtype=np.int64)
         labels = np.full(self.seq_len, IGNORE_INDEX, dtype=np.int64)
         position_ids = np.zeros(self.seq_len, dtype=np.int64)

@@ -1,0 +1,196 @@
+"""Step time v2: each term against a hand computation, and the model against published runs."""
+
+import importlib.util
+import statistics
+from pathlib import Path
+
+import pytest
+
+from ltune.planner import throughput as T
+from ltune.planner.calibration_data import FITTED_RUNS, HELD_OUT_RUNS, UNPROFILED_RUNS, PublishedRun
+from ltune.planner.schema import Layout
+from ltune.planner.shape import Shape
+from ltune.profiles import load_gpu, load_model
+
+# Llama-3.1-8B (config.json): hidden 4096, 32 heads x 128, 8 kv heads, MLP 14336, 32 layers, vocab 128256
+L, H, Q, KV, I, V = 32, 4096, 4096, 1024, 14336, 128256
+LAYER = H * Q + 2 * H * KV + Q * H + 3 * H * I + 2 * H  # 218,112,000 (q, k, v, o, gate/up/down, 2 norms)
+
+
+@pytest.fixture
+def s8k():
+    return Shape.of(load_model("llama3.1-8b"), 8192)
+
+
+def test_matmul_flops_by_hand(s8k):
+    """6 FLOPs per layer parameter and token, 2 more per recomputed forward, 6 per head parameter."""
+    assert LAYER == 218_112_000
+    assert T.matmul_flops_per_token(s8k, 0.0) == 6 * L * LAYER + 6 * V * H == 45_029_523_456
+    assert T.matmul_flops_per_token(s8k, 1.0) - T.matmul_flops_per_token(s8k, 0.0) == 2 * L * LAYER
+
+
+def test_attention_is_the_causal_half(s8k):
+    """Flash kernels skip the masked half: forward 2*d*Q per layer and token for d = 8192, backward
+    2.5x forward (FlashAttention's benchmark convention), not PaLM's 12*L*Q*T."""
+    fwd = 2 * 8192 * Q * L
+    assert T.attention_flops_per_token(s8k, "varlen", 0.0) == fwd * 3.5 == 7_516_192_768
+    assert T.attention_flops_per_token(s8k, "varlen", 1.0) == fwd * 4.5
+    # eager attention computes the whole score matrix: twice the causal kernel's work
+    assert T.attention_flops_per_token(s8k, "eager", 0.0) == 2 * fwd * 3.5
+
+
+def test_attention_per_document_with_doc_tokens():
+    model = load_model("llama3.1-8b")
+    full = Shape.of(model, 32768)
+    docs = Shape.of(model, 32768, doc_tokens=2048)
+    assert docs.attention_tokens == 2048 and full.attention_tokens == 32768
+    assert T.attention_flops_per_token(docs, "varlen", 1.0) == 2 * 2048 * Q * L * 4.5
+    # eager attention over a pack spans the whole sequence whatever the documents
+    assert T.attention_flops_per_token(docs, "eager", 0.0) == T.attention_flops_per_token(full, "eager", 0.0)
+    # a document longer than the sequence is cut to it; a document of no tokens is an error
+    assert Shape.of(model, 4096, doc_tokens=10_000).attention_tokens == 4096
+    with pytest.raises(ValueError, match="doc_tokens"):
+        Shape.of(model, 4096, doc_tokens=0)
+
+
+def test_compute_seconds_by_hand(s8k):
+    """A100: 312 TFLOPS x 0.87 MAMF x MATMUL_EFFICIENCY for matmuls, 189 TFLOPS (FlashAttention-2
+    README chart) x ATTENTION_EFFICIENCY for attention; 2 sequences of 8192 tokens per rank."""
+    gpu = load_gpu("a100-80g")
+    lay = Layout(num_gpus=8, micro_batch_size=2, recompute="none")
+    tokens = 2 * 8192
+    matmul = tokens * 45_029_523_456 / (312e12 * 0.87 * T.MATMUL_EFFICIENCY)
+    attention = tokens * 7_516_192_768 / (189e12 * T.ATTENTION_EFFICIENCY)
+    assert T.matmul_seconds(s8k, lay, gpu, 0.0) == pytest.approx(matmul, rel=1e-12)
+    assert T.attention_seconds(s8k, lay, gpu, 0.0) == pytest.approx(attention, rel=1e-12)
+    assert T.compute_seconds(s8k, lay, gpu) == pytest.approx(matmul + attention, rel=1e-12)
+
+
+def test_zero3_traffic_and_its_overlap(s8k):
+    """Two parameter gathers and one gradient reduce-scatter per micro-batch, recompute or not;
+    across nodes at the profile's 24 GB/s per GPU; ZERO3_OVERLAP of it hides under compute."""
+    gpu = load_gpu("a100-80g")
+    lay = Layout(num_gpus=16, zero_stage=3)
+    hand = 3 * 2 * 8_030_261_248 * 15 / 16 / 24e9
+    assert T.zero_comm_seconds(s8k, lay, gpu) == (pytest.approx(hand, rel=1e-12), 0.0)
+    assert T.exposed_zero3_seconds(10.0, 100.0) == pytest.approx(10.0 * (1 - T.ZERO3_OVERLAP))
+    assert T.exposed_zero3_seconds(10.0, 2.0) == pytest.approx(8.0)  # compute too short to hide it
+    step, exposed = T.step_seconds(s8k, lay, gpu)
+    compute = T.compute_seconds(s8k, lay, gpu)
+    assert exposed == pytest.approx(T.exposed_zero3_seconds(hand, compute), rel=1e-12)
+    assert step == pytest.approx(compute + exposed, rel=1e-12)
+
+
+def test_ulysses_all_to_all_by_hand(s8k):
+    """q, k, v and output per layer, forward, backward and recompute, (sp-1)/sp of each over NVLink."""
+    gpu = load_gpu("h100-80g")
+    lay = Layout(num_gpus=8, sp_degree=4, recompute="full")
+    per_layer = 2 * 2048 * (2 * Q + 2 * KV)  # bytes of the rank's 8192/4 tokens
+    assert T.ulysses_seconds(s8k, lay, gpu) == pytest.approx(L * 3 * per_layer * 3 / 4 / 368e9, rel=1e-12)
+
+
+def test_mfu_keeps_the_palm_convention(s8k):
+    th = T.estimate_throughput(s8k, Layout(num_gpus=8), load_gpu("h100-80g"))
+    assert th.flops_per_token == 6 * 8_030_261_248 + 12 * L * Q * 8192
+    assert th.mfu == pytest.approx(th.tokens_per_s_per_gpu * th.flops_per_token / 989e12, rel=1e-12)
+
+
+# ------------------------------------------------------------------ published runs
+
+
+def predicted(run: PublishedRun) -> float:
+    s = Shape.of(load_model(run.model), run.seq_len, doc_tokens=run.doc_tokens)
+    return T.estimate_throughput(s, run.layout, load_gpu(run.gpu), run.grad_accum, run.recomputed).tokens_per_s_per_gpu
+
+
+def _calibration():
+    path = Path(__file__).resolve().parents[1] / "bench" / "calibration.py"
+    spec = importlib.util.spec_from_file_location("ltune_bench_calibration", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_constants_are_the_documented_fit():
+    """throughput.py holds the least-squares fit bench/calibration.py computes, to two decimals."""
+    fitted = _calibration().fit(FITTED_RUNS)
+    assert (T.MATMUL_EFFICIENCY, T.ZERO3_OVERLAP) == pytest.approx(fitted, abs=0.006)
+
+
+def test_calibration_set_is_big_and_independent():
+    runs = (*FITTED_RUNS, *UNPROFILED_RUNS, *HELD_OUT_RUNS)
+    assert len(runs) >= 10 and len({r.origin for r in runs}) >= 3
+    assert not {r.label for r in FITTED_RUNS} & {r.label for r in HELD_OUT_RUNS}
+    assert [r.label for r in FITTED_RUNS if r.origin == "xtuner"] == ["XTuner Llama2-7B 8k 8xA100 sp1"]
+
+
+@pytest.mark.parametrize("run", FITTED_RUNS, ids=lambda r: r.label)
+def test_fitted_runs_within_25_percent(run):
+    assert predicted(run) == pytest.approx(run.tokens_per_s_per_gpu, rel=0.25)
+
+
+_MULTI_NODE_8K = (
+    "XTuner's DeepSpeed ZeRO-3 at 8k over 4 nodes is much slower than the model (and than XTuner's own 32k "
+    "row of the same model and nodes, which has more compute per rank and the same ZeRO-3 traffic): the "
+    "cluster's inter-node network is not published and DeepSpeed hides less than the FSDP2 runs the overlap "
+    "is fitted on"
+)
+_MISSES = {
+    "XTuner Yi-34B-200K 8k 32xA100 sp1": _MULTI_NODE_8K,
+    "XTuner Llama2-70B 8k 32xA100 sp1": _MULTI_NODE_8K,
+    "XTuner Llama2-70B 256k 32xA100 sp16": (
+        "sp 16 spans two nodes: Ulysses all-to-alls at the profile's 24 GB/s NIC; XTuner's network is not "
+        "published and the model still predicts 38% too fast"),
+    "XTuner Llama2-70B 1M 64xA100 sp64": (
+        "sp 64 over 8 nodes with 64 heads (one per rank) and 8 KV heads: all-to-all cost at the assumed NIC "
+        "bandwidth is too low; the model predicts 28% too fast"),
+}
+
+
+@pytest.mark.parametrize("run", [
+    pytest.param(r, id=r.label, marks=pytest.mark.xfail(strict=True, reason=_MISSES[r.label]))
+    if r.label in _MISSES else pytest.param(r, id=r.label)
+    for r in HELD_OUT_RUNS
+])
+def test_held_out_runs_within_25_percent(run):
+    """XTuner beyond 8k: no fit ever sees these; attention at the published kernel rate."""
+    assert predicted(run) == pytest.approx(run.tokens_per_s_per_gpu, rel=0.25)
+
+
+def test_held_out_median_within_15_percent():
+    errors = [abs(predicted(r) / r.tokens_per_s_per_gpu - 1) for r in HELD_OUT_RUNS]
+    assert statistics.median(errors) <= 0.15
+
+
+def test_long_context_falls_as_the_kernel_predicts():
+    """XTuner Llama2-7B from 32k to 256k on 8 A100 (no fit sees them): the model's ratios of
+    tokens/s/GPU within 10% of the published ones; PaLM attention without the causal half at one
+    efficiency gives 128k/32k about 0.35, the published ratio is 0.42."""
+    runs = {r.seq_len: r for r in HELD_OUT_RUNS if r.model == "llama2-7b" and r.layout.num_gpus == 8}
+    for seq in (131072, 262144):
+        published = runs[seq].tokens_per_s_per_gpu / runs[32768].tokens_per_s_per_gpu
+        assert predicted(runs[seq]) / predicted(runs[32768]) == pytest.approx(published, rel=0.10)
+
+
+def test_multi_node_scaling_of_torchtitan_h100():
+    """The H100s are 500 W HBM2e parts no profile describes, but the same GPUs at 8 and at 128
+    (16 nodes, ZeRO-3 over the NIC) test the exposed share of ZeRO-3 traffic: published 0.973."""
+    by_count = {r.layout.num_gpus: r for r in UNPROFILED_RUNS if r.gpu == "h100-80g"}
+    published = by_count[128].tokens_per_s_per_gpu / by_count[8].tokens_per_s_per_gpu
+    assert predicted(by_count[128]) / predicted(by_count[8]) == pytest.approx(published, abs=0.02)
+
+
+_UNPROFILED = {
+    "h100-80g": "torchtitan's H100s run at 500 W with HBM2e (torchtitan: MFU 33-39% against the SXM peak); the "
+    "h100-80g profile is the 700 W SXM5 part and its MAMF, so the model is about 48% too fast",
+    "h20": "the H20's matmul and FlashAttention rates are scaled from H100 (none published); this run needs the "
+    "H20 near its whole 148 TFLOPS peak, so the model is about 43% too slow",
+}
+
+
+@pytest.mark.parametrize("run", [
+    pytest.param(r, id=r.label, marks=pytest.mark.xfail(strict=True, reason=_UNPROFILED[r.gpu]))
+    for r in UNPROFILED_RUNS
+])
+def test_runs_on_unprofiled_gpus(run):
+    assert predicted(run) == pytest.approx(run.tokens_per_s_per_gpu, rel=0.25)
