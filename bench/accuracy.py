@@ -11,7 +11,7 @@ model states, activation checkpoints, a layer's working set, logits and loss -- 
 error = (analytic - traced) / traced. The last line reads
 `max_abs_error_pct=X median_abs_error_pct=Y`. Goal: max <= 3, median <= 1.5.
 
-Usage: python bench/accuracy.py [--quick] [--json results.json]
+Usage: python bench/accuracy.py [--quick] [--only qwen3,gemma,phi] [--json results.json]
 """
 
 from __future__ import annotations
@@ -54,13 +54,43 @@ MATRIX = [
     ("qwen2.5-0.5b", 4096, 2, 0, 1, "none", "chunked", 1, "varlen", "fp32"),
     ("qwen2.5-1.5b", 8192, 8, 3, 1, "full", "chunked", 1, "varlen", "fp32"),
     ("llama3.1-8b", 8192, 8, 3, 2, "full", "full", 1, "varlen", "fp32"),
+    # the newer families: q/k norms (qwen3, gemma3), four fp32 norms, GeGLU, soft-capping, sliding
+    # windows (gemma2/3), fused qkv and gate_up (phi3)
+    ("qwen3-0.6b", 4096, 1, 0, 1, "full", "full", 1, "varlen"),
+    ("qwen3-0.6b", 4096, 8, 3, 1, "none", "chunked", 1, "varlen"),
+    ("gemma-3-1b-shaped", 4096, 8, 3, 1, "full", "chunked", 1, "varlen"),
+    ("gemma-3-1b-shaped", 2048, 8, 2, 1, "none", "full", 1, "varlen"),
+    ("phi-3-mini", 4096, 8, 3, 1, "full", "chunked", 1, "varlen"),
+    ("phi-3-mini", 2048, 8, 3, 1, "none", "full", 1, "varlen"),
+    ("gemma-2-9b", 4096, 8, 3, 1, "full", "chunked", 1, "varlen"),
 ]
 QUICK = [0, 1, 5, 12]
+
+#: shapes traced here that ltune ships no profile for: Gemma 3 1B's text model, as its
+#: config.json (google/gemma-3-1b-pt) publishes it
+BENCH_MODELS = {
+    "gemma-3-1b-shaped": dict(
+        name="gemma-3-1b-shaped", source="google/gemma-3-1b-pt config.json", family="gemma3",
+        hidden_size=1152, num_layers=26, num_attention_heads=4, num_kv_heads=1, head_dim=256,
+        intermediate_size=6912, vocab_size=262144, tie_word_embeddings=True, max_position_embeddings=32768,
+        rope_theta=1_000_000.0, rms_norm_eps=1e-6, qk_norm=True, mlp_activation="gelu_tanh", norms_per_layer=4,
+        embedding_multiplier=1152**0.5, query_pre_attn_scalar=256, sliding_window=512, sliding_window_pattern=6,
+    ),
+}
+
+
+def bench_model(name: str):
+    """A shipped profile, or one of BENCH_MODELS."""
+    if name in BENCH_MODELS:
+        from ltune.profiles.schema import ModelProfile
+
+        return ModelProfile(**BENCH_MODELS[name])
+    return resolve_model(name)
 
 
 def run_one(cfg) -> dict:
     name, ctx, gpus, zero, sp, recompute, loss, mb, attn, precision = (*cfg, "bf16")[:10]
-    model = resolve_model(name)
+    model = bench_model(name)
     layout = Layout(
         num_gpus=gpus, zero_stage=zero, sp_degree=sp, recompute=recompute, loss=loss,
         micro_batch_size=mb, attention=attn,
@@ -101,8 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="four configurations only")
     ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--only", help="configurations whose model name contains this text (comma-separated)")
     args = ap.parse_args(argv)
     matrix = [MATRIX[i] for i in QUICK] if args.quick else MATRIX
+    if args.only:
+        matrix = [c for c in matrix if any(part in c[0] for part in args.only.split(","))]
     start = time.perf_counter()
     results = []
     print(f"{'configuration':<84} {'analytic MiB':>12} {'traced MiB':>11} {'error %':>8}  phase a/t")

@@ -9,7 +9,7 @@ Prints, per run, the predicted and published tokens/s/GPU and the error with the
 throughput.py; then, for each independent source, its runs predicted by a fit that leaves that
 source out (leave-one-source-out); then the runs on GPUs no profile describes (in no fit); then XTuner's runs beyond 8k, which no
 fit ever sees.
-Goal (issue 13): every run within 25%, the leave-one-source-out median within 15%.
+Goal: every run within 25%, the leave-one-source-out median within 15%.
 """
 
 from __future__ import annotations

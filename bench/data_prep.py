@@ -10,7 +10,7 @@ tokens are counted as the example tokenizer makes them. Peak RSS per token is th
 of the peak resident set over the process's size once the tokenizer is loaded, divided by
 the tokens prepared.
 
-``_legacy_tokenize`` is the implementation before issue 17 (Python lists of every token, then
+``_legacy_tokenize`` is the earlier in-memory implementation (Python lists of every token, then
 np.save of the whole arrays), kept here only as the baseline. By default it runs on a
 10M-token prefix of the corpus (the first files): at ~54 bytes/token the full 100M would
 need ~5 GB and several minutes on a 2-core machine.
@@ -85,7 +85,7 @@ def generate(folder: Path, tokens: float, seed: int = 0) -> list[Path]:
 
 
 def _legacy_tokenize(tokenizer, files: list[Path], out: Path) -> int:
-    """Before issue 17: every token in Python lists, converted to arrays, saved whole (np.save)."""
+    """The earlier implementation: every token in Python lists, converted to arrays, saved whole (np.save)."""
     import numpy as np
 
     from ltune.job.data_files import iter_records

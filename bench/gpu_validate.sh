@@ -25,7 +25,7 @@
 # status). Then, here: cp /work/.device/.../results.json bench/results/<gpu>-<commit>.json
 # (see bench/results/README.md). The exit status is the checks', else the tests'.
 #
-# Here, without a GPU (tiny sizes, CPU, gloo; ~2-3 min on 2 cores; the GPU tests are skipped):
+# Here, without a GPU (tiny sizes, CPU, gloo; ~4-5 min on 2 cores; the GPU tests are skipped):
 #   bash bench/gpu_validate.sh --cpu-smoke
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -165,7 +165,7 @@ def _print_plan(req, result, model_name: str, longest=None) -> None:
     from .render import checkpoint_line
 
     m, g = req.model, req.gpu
-    generic = (f" [yellow](generic llama-shaped estimate: {m.num_attention_heads} heads, {m.num_kv_heads} kv, "
+    generic = (f" [yellow]({escape(m.source)}: {m.num_attention_heads} heads, {m.num_kv_heads} kv, "
                f"ffn {m.intermediate_size}, vocab {m.vocab_size})[/]") if m.generic else ""
     console.print(
         f"[bold]{escape(model_name)}[/] ({m.num_params() / 1e9:.2f}B params, {m.num_layers} layers, hidden "
@@ -309,6 +309,11 @@ def plan(
         else:
             req = req.model_copy(update={"seq_len": longest.seq_len})
     result = search(req)
+    from .planner.warnings import context_warning
+
+    past_context = context_warning(req.model, req.seq_len)
+    if past_context:
+        err_console.print(f"[yellow]warning:[/] {escape(past_context)}", highlight=False, soft_wrap=True)
     if as_json:
         print(json.dumps(plan_json(req, result, model, longest), indent=2))
     else:

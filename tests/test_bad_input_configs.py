@@ -42,7 +42,8 @@ def test_mutated_config_json(data):
 #: the keys the importer reads; any other key is ignored
 USED_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
              "intermediate_size", "vocab_size", "head_dim", "tie_word_embeddings", "attention_bias",
-             "max_position_embeddings", "rope_theta", "rms_norm_eps")
+             "max_position_embeddings", "rope_theta", "rms_norm_eps",
+             "hidden_act", "use_sliding_window", "rope_scaling")  # read to refuse activations and windows ltune does not model
 
 
 @pytest.mark.parametrize("key", sorted(VALID) + ["head_dim", "attention_bias"])

@@ -175,3 +175,26 @@ def test_cuda_peak_memory_within_the_formula():
     assert measured["chunked"][1] <= terms["peak_bytes"] + grads_bytes + 2**26
     assert measured["chunked"][1] >= 0.95 * terms["peak_bytes"]  # the formula is tight, not padded
     assert measured["full"][1] > 4 * measured["chunked"][1]
+
+
+@pytest.mark.parametrize("chunk_tokens", [7, 1000])
+def test_logit_softcap_equals_autograd_of_the_capped_full_loss(chunk_tokens):
+    """softcap c: cross entropy of c * tanh(logits / c) (gemma2's final_logit_softcapping), loss
+    and both gradients as autograd gives them through the full tensors (scale 3: logits up to
+    ~10, so a cap of 1.5 changes every row)."""
+    hidden, weight, labels = _inputs(num_tokens=100, vocab_size=300, hidden_size=32)
+    hidden = 3 * hidden
+
+    def capped_full(h, w, y):
+        logits = (h @ w.t()).float()
+        return F.cross_entropy(1.5 * torch.tanh(logits / 1.5), y, ignore_index=-100, reduction="sum")
+
+    full = _loss_and_grads(capped_full, hidden, weight, labels, grad_scale=0.37)
+    chunked = _loss_and_grads(
+        lambda h, w, y: chunked_cross_entropy(h, w, y, chunk_tokens, softcap=1.5), hidden, weight, labels,
+        grad_scale=0.37,
+    )
+    uncapped = _full_loss(hidden, weight, labels)
+    assert abs(uncapped.item() - full[0].item()) > 1.0, "the cap must change the loss in this test"
+    for name, expected, got in zip(("loss", "grad_hidden", "grad_weight"), full, chunked):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=f"{name} differs")

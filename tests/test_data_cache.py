@@ -1,6 +1,6 @@
-"""Tokenized data at corpus scale (issue 17): streamed, sharded, memory-mapped, keyed by content.
+"""Tokenized data at corpus scale: streamed, sharded, memory-mapped, keyed by content.
 
-The reference for "the same result" is the implementation before issue 17, kept below as
+The reference for "the same result" is the earlier in-memory implementation, kept below as
 ``reference_tokenize``: every record read in text mode by ``iter_records`` and tokenized
 alone by ``tokenize_record``. Ranks are simulated by threads with a small all-gather
 (``ThreadComm``), so no process group is needed.
@@ -36,7 +36,7 @@ def tok():
 
 
 def reference_tokenize(tokenizer, files) -> D.TokenizedData:
-    """Before issue 17 (ltune/trainer/data.py tokenize_files): Python lists of every record's tokens."""
+    """The earlier implementation (ltune/trainer/data.py tokenize_files): Python lists of every record's tokens."""
     tokens, mask, offsets = [], [], [0]
     for path in files:
         for kind, where, record in iter_records(path):
@@ -336,7 +336,7 @@ def test_concurrent_jobs_race_to_the_same_cache(tmp_path, monkeypatch):
 
 
 def reference_pack(doc_lengths, seq_len, order):
-    """Before issue 17 (ltune/trainer/packing.py pack_documents): lists of (doc, start, length) tuples."""
+    """The earlier implementation (ltune/trainer/packing.py pack_documents): lists of (doc, start, length) tuples."""
     sequences, current, used, split, padding = [], [], 0, 0, 0
     for doc in order:
         length = int(doc_lengths[doc])

@@ -1,8 +1,10 @@
 """bench/gpu_validate/'s pure parts: the longest-context search, the planner's predicted
 longest context, the prediction keys, the GPU profile match, the data generator, the traces.
 
-The GPU run itself (and its CPU smoke mode, ~2-3 min here) is not run by the suite:
-``bash bench/gpu_validate.sh --cpu-smoke``.
+The whole GPU run's CPU smoke mode (``bash bench/gpu_validate.sh --cpu-smoke``, ~4-5 min here)
+is not run by the suite; its memory matrix is (test_cpu_smoke_memory_matrix_runs_every_row_type,
+~2 min on 2 cores: every row type of the GPU matrix, one worker process; DeepSpeed's CPU Adam op
+must be built, cached in TORCH_EXTENSIONS_DIR, or the first run adds ~2 min to build it).
 
 Hand-computed parameter counts (the fp32 master copy takes 4 bytes and Adam's two fp32 moments
 8 per parameter; one GPU, so every ZeRO stage holds them whole):
@@ -20,6 +22,8 @@ Hand-computed parameter counts (the fp32 master copy takes 4 bytes and Adam's tw
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -29,12 +33,13 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.gpu_validate import configs, longest_context, prediction, traces  # noqa: E402
+from bench.gpu_validate import configs, longest_context, memory_matrix, prediction, traces  # noqa: E402
 from bench.gpu_validate.common import RESERVE_TERMS, TRACE_FILE  # noqa: E402
 from bench.gpu_validate.data import write_data  # noqa: E402
 from ltune.planner.memory import estimate_memory  # noqa: E402
 from ltune.profiles import load_gpu  # noqa: E402
 
+GIB = 2**30
 PARAMS_BY_HAND = {"llama-1b-bench": 852_559_872, "qwen2.5-0.5b": 494_032_768, "tiny-smoke": 139_584}
 
 
@@ -190,5 +195,158 @@ def test_trace_file_matches_the_gpu_configurations():
     assert sorted(keys) == sorted(table)
     for cfg in traces.gpu_trace_configs():
         terms, params = table[cfg.key]["terms"], PARAMS_BY_HAND[cfg.model.name]
-        assert (terms["master_weights"], terms["optimizer_states"]) == (4 * params, 8 * params), cfg.key
+        # on the GPU: none under offload; over 2 ranks (sp 2) half of each tensor (all have even sizes)
+        on_gpu = 0 if cfg.offload != "none" else params // cfg.num_gpus
+        assert (terms["master_weights"], terms["optimizer_states"]) == (4 * on_gpu, 8 * on_gpu), cfg.key
         assert table[cfg.key]["comparable_traced_bytes"] == sum(terms.values()), cfg.key
+
+
+# ---------------------------------------------------------------- memory_matrix's layout rows
+
+# The layout rows every matrix must hold, by (zero_stage, offload, micro_batch_size, sp_degree,
+# loss), in order: most informative first.
+LAYOUT_ROWS = [
+    (3, "optimizer", 1, 1, "full"),
+    (3, "all", 1, 1, "full"),
+    (2, "none", 1, 1, "full"),
+    (1, "none", 1, 1, "chunked"),
+    (3, "none", 1, 2, "chunked"),
+    (3, "none", 2, 1, "full"),
+    (3, "none", 1, 1, "chunked"),
+    (3, "none", 1, 1, "full"),
+]
+
+
+def _layout_of(cfg):
+    return (cfg.zero_stage, cfg.offload, cfg.micro_batch_size, cfg.sp_degree, cfg.loss)
+
+
+@pytest.mark.parametrize("setup", [configs.gpu_setup(), configs.smoke_setup()], ids=["gpu", "smoke"])
+def test_matrix_starts_with_every_layout_row(setup):
+    rows = setup.matrix[: len(LAYOUT_ROWS)]
+    assert [_layout_of(c) for c in rows] == LAYOUT_ROWS
+    assert all(c.note for c in rows)  # each says what it checks
+    assert [c.trace_only for c in setup.matrix] == [c.sp_degree == 2 for c in setup.matrix]
+    sp = rows[4]
+    assert (sp.num_gpus, sp.layout().dp_degree) == (2, 1)  # sp 2 over 2 GPUs, no data parallelism
+    # the chunked/full pair differs in the loss (and its chunk) only
+    chunked, full = rows[6], rows[7]
+    assert (chunked.model, chunked.seq_len, chunked.zero_stage, chunked.recompute) == (
+        full.model, full.seq_len, full.zero_stage, full.recompute)
+
+
+def test_gpu_offload_and_zero2_rows_pair_with_the_trainer_run():
+    """Each many-parameter layout row is trainer_runs' first run (llama-1b 8k ZeRO-3, full
+    recompute, full loss) with one setting changed."""
+    setup = configs.gpu_setup()
+    base = configs.trainer_config(setup.model, setup.trainer_seq_lens[0])
+    changed = {(3, "optimizer"): "offload", (3, "all"): "offload", (2, "none"): "zero_stage"}
+    for cfg in setup.matrix[:3]:
+        diff = [f for f in ("model", "seq_len", "zero_stage", "recompute", "loss", "offload", "micro_batch_size")
+                if getattr(cfg, f) != getattr(base, f)]
+        assert diff == [changed[(cfg.zero_stage, cfg.offload)]], cfg.key
+    # ZeRO-2's reduce bucket at its cap needs P > 500M elements; ZeRO-1's below it, P < 500M
+    assert PARAMS_BY_HAND[setup.matrix[2].model.name] > 500_000_000 > PARAMS_BY_HAND[setup.matrix[3].model.name]
+
+
+def test_gpu_layout_rows_keys_are_new_and_older_keys_unchanged():
+    """Offload, GPUs and sp enter the key only when not the default (the trace file's older keys hold)."""
+    q = configs.resolve_model("qwen2.5-0.5b")
+    assert configs.Config(q, 8192).key == "qwen2.5-0.5b|ctx=8192|z=3|rc=full|loss=full|attn=varlen|mb=1|chunk=4096"
+    keys = [c.key for c in configs.gpu_setup().matrix]
+    assert len(set(keys)) == len(keys)
+    assert keys[0].endswith("|off=optimizer") and keys[4].endswith("|gpus=2|sp=2")
+
+
+def test_term_groups_by_hand():
+    """Measured groups from the allocator's moments (GiB, by hand): baseline 1, after init 3,
+    after step 1 and 2: 5, peak 9, reserved 10, device used 11.5; so states+buffers 5 - 1 = 4,
+    moments 5 - 3 = 2, step transients 9 - 5 = 4, fragmentation 10 - 9 = 1, outside 11.5 - 10 = 1.5."""
+    measured = {
+        "outcome": "ok", "baseline_allocated_bytes": 1 * GIB, "after_init": {"allocated_bytes": 3 * GIB},
+        "steps": [{"allocated_bytes": 5 * GIB}, {"allocated_bytes": 5 * GIB}],
+        "peak_allocated_bytes": 9 * GIB, "peak_reserved_bytes": 10 * GIB, "device_used_bytes": int(11.5 * GIB),
+        "nvidia_smi_process_bytes": 11 * GIB,
+    }
+    terms = {"weights": 1 * GIB, "master_weights": 1 * GIB, "optimizer_states": 2 * GIB, "gradients": GIB // 2,
+             "gradients_fp32": 0, "zero_buffers": GIB // 2, "activations_checkpoints": GIB, "activations_layer": GIB,
+             "logits_loss": GIB, "cuda_context": GIB // 2, "comm_buffers": 0, "fragmentation": GIB // 4}
+    pred = {"terms": terms, "allocated_bytes": 8 * GIB}  # the tensor terms above: 1+1+2+0.5+0.5+1+1+1
+    g = memory_matrix.term_groups(measured, pred, persistent_buffers_bytes=GIB // 4)
+    assert g["model_states_and_buffers"] == {"predicted": 4 * GIB + GIB // 4, "measured": 4 * GIB, "error_pct": 6.25}
+    assert g["optimizer_states"] == {"predicted": 2 * GIB, "measured": 2 * GIB, "error_pct": 0.0}
+    assert g["activations_and_loss"]["predicted"] == 8 * GIB - (4 * GIB + GIB // 4)
+    assert g["activations_and_loss"]["measured"] == 4 * GIB
+    assert g["fragmentation"] == {"predicted": GIB // 4, "measured": GIB, "error_pct": -75.0}
+    assert g["outside_allocator"]["measured"] == int(1.5 * GIB) and g["outside_allocator"]["predicted"] == GIB // 2
+    assert g["outside_allocator"]["nvidia_smi_process_bytes"] == 11 * GIB
+    # on CPU (no allocator statistics) or without a run, nothing is measured
+    cpu = memory_matrix.term_groups({"outcome": "ok", "steps": [{"peak_rss_bytes": 1}]}, pred, 0)
+    assert all(cpu[k]["measured"] is None for k in ("model_states_and_buffers", "optimizer_states", "activations_and_loss"))
+
+
+def test_sp2_trace_row_holds_half_the_tokens_per_rank():
+    """The sp 2 row's trace is one rank's: seq_len / 2 tokens, whose layer checkpoints (one hidden
+    state of hidden_size bf16 per token per layer, kept under full recompute) are those of a
+    one-GPU trace at seq_len / 2."""
+    sp = configs.smoke_setup().matrix[4]
+    half = configs.Config(sp.model, sp.seq_len // 2, zero_stage=3, loss=sp.loss, loss_chunk_tokens=sp.loss_chunk_tokens)
+    t_sp, t_half = traces.trace_config(sp), traces.trace_config(half)
+    assert sp.seq_len == 512
+    layers, hidden = sp.model.num_layers, sp.model.hidden_size
+    assert t_sp["terms"]["activations_checkpoints"] >= layers * 256 * hidden * 2
+    assert t_sp["terms"]["activations_checkpoints"] == t_half["terms"]["activations_checkpoints"]
+
+
+def _smoke_matrix(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gv_smoke")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/ltune/torch_extensions"))
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_validate", "--cpu-smoke", "--only", "memory_matrix",
+                           "--out", str(out), "--budget-s", "400", "--matrix-budget-s", "360"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, json.loads((out / "results.json").read_text())["checks"]["memory_matrix"]
+
+
+@pytest.fixture(scope="module")
+def smoke_matrix(tmp_path_factory):
+    pytest.importorskip("deepspeed")
+    return _smoke_matrix(tmp_path_factory)
+
+
+def test_cpu_smoke_memory_matrix_runs_every_row_type(smoke_matrix):
+    out, check = smoke_matrix
+    setup = configs.smoke_setup()
+    rows = check["rows"]
+    assert [r["config"] for r in rows] == [c.key for c in setup.matrix]
+    by_layout = {_layout_of(c): r for c, r in zip(setup.matrix, rows)}
+    for cfg, r in zip(setup.matrix, rows):
+        m = r["measured"]
+        if cfg.trace_only:
+            assert m["outcome"] == "trace only" and "NCCL" in m["why"]
+            assert r["trace"]["peak_bytes"] > 0 and r["trace_activations"]
+            continue
+        assert m["outcome"] == "ok", (cfg.key, m.get("error"))
+        assert len(m["steps"]) == setup.matrix_steps and all(s["loss"] > 0 for s in m["steps"])
+        assert set(r["groups"]) >= {"model_states_and_buffers", "optimizer_states", "activations_and_loss",
+                                    "fragmentation", "outside_allocator", "predicted_split"}
+        # the micro-batch: micro_batch_size packed sequences of seq_len tokens
+        assert m["steps"][0]["input_ids_shape"] == [cfg.micro_batch_size, cfg.seq_len], cfg.key
+    # the layout each row claims is the one DeepSpeed ran: its optimizer, its ZeRO optimizer
+    expect = {
+        (3, "optimizer", 1, 1, "full"): ("DeepSpeedZeroOptimizer_Stage3", "DeepSpeedCPUAdam"),
+        (3, "all", 1, 1, "full"): ("DeepSpeedZeroOptimizer_Stage3", "DeepSpeedCPUAdam"),
+        (2, "none", 1, 1, "full"): ("DeepSpeedZeroOptimizer", None),
+        (1, "none", 1, 1, "chunked"): ("DeepSpeedZeroOptimizer", None),
+        (3, "none", 2, 1, "full"): ("DeepSpeedZeroOptimizer_Stage3", None),
+    }
+    for layout, (wrapper, inner) in expect.items():
+        m = by_layout[layout]["measured"]
+        assert m["optimizer_wrapper"] == wrapper, layout
+        assert (m["optimizer"] == "DeepSpeedCPUAdam") == (inner == "DeepSpeedCPUAdam"), layout
+    ds = json.loads((out / "work" / "runs" / "matrix-1" / "ds_config.json").read_text())["zero_optimization"]
+    assert ds["offload_param"]["device"] == "cpu" and ds["offload_optimizer"]["device"] == "cpu"
+    # the planner's host memory is counted for the offload rows only: 16 B/param of fp32 states on the host
+    host = {layout: by_layout[layout]["predicted_host_bytes"] for layout in expect}
+    assert host[(3, "optimizer", 1, 1, "full")] >= 16 * PARAMS_BY_HAND["tiny-smoke"] > host[(2, "none", 1, 1, "full")]

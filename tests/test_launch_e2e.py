@@ -68,3 +68,31 @@ def test_launch_tiny_cpu_examples_to_the_end(tmp_path):
     assert sorted(sp2) == sorted(sp1)
     worst = max(sp1, key=lambda step: abs(sp1[step] - sp2[step]))
     assert abs(sp1[worst] - sp2[worst]) <= 1e-4, (worst, sp1[worst], sp2[worst])
+
+
+EXAMPLE_QWEN3 = ROOT / "examples" / "tiny-cpu-qwen3" / "plan.yaml"
+
+
+@pytest.mark.distributed
+def test_launch_tiny_qwen3_trains_and_exports_a_qwen3(tmp_path):
+    """A newer family end to end: the qwen3-shaped example (q/k norms, head_dim 64 with
+    hidden 128, tied embeddings, ZeRO-3) on 2 CPU processes: one metrics line per step, the loss
+    falling, and the exported folder a Qwen3 model with its q/k norm weights."""
+    from safetensors import safe_open
+
+    run_dir = tmp_path / "run"
+    _launch(EXAMPLE_QWEN3, run_dir, tmp_path)
+    plan = load_plan(EXAMPLE_QWEN3)
+    assert plan.model.architecture.family == "qwen3"
+    losses = _losses(run_dir)
+    assert sorted(losses) == list(range(1, plan.training.max_steps + 1))
+    values = [losses[step] for step in sorted(losses)]
+    first, last = sum(values[:10]) / 10, sum(values[-10:]) / 10
+    assert last < 0.5 * first, f"loss did not fall: first 10 steps {first:.3f}, last 10 {last:.3f}"
+    exported = run_dir / "hf_model"
+    config = json.loads((exported / "config.json").read_text())
+    assert (config["model_type"], config["head_dim"], config["tie_word_embeddings"]) == ("qwen3", 64, True)
+    assert config["architectures"] == ["Qwen3ForCausalLM"]
+    with safe_open(str(exported / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+    assert {"model.layers.0.self_attn.q_norm.weight", "model.layers.3.self_attn.k_norm.weight"} <= keys

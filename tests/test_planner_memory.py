@@ -262,3 +262,75 @@ def test_usable_memory_keeps_the_margin():
     b = M.estimate_memory(load_model("llama2-7b"), A100, Layout(num_gpus=8), 4096, safety_margin=0.1)
     assert b.usable_bytes == 77_309_411_328  # 0.9 x 80 GiB
     assert b.capacity_bytes == 80 * GIB
+
+
+# ---------------------------------------------------------------- the newer families, by hand
+
+
+def _fam(family, **kw):
+    from ltune.profiles.schema import ModelProfile
+
+    base = dict(name=family, source="test", family=family, hidden_size=1024, num_layers=4, num_attention_heads=8,
+                num_kv_heads=2, intermediate_size=3072, vocab_size=4096, head_dim=128)
+    return ModelProfile(**{**base, **kw})
+
+
+def test_qwen3_qk_norm_saved_by_hand():
+    """Qwen3RMSNorm on each head of q (8 x 128) and k (2 x 128): fp32 input (4) and the
+    bf16 normalised x (2) per element, one fp32 rsqrt per head: 6 x 1280 + 4 x 10 bytes/token."""
+    s = S.Shape.of(_fam("qwen3", qk_norm=True), 1024)
+    assert A.qk_norm_saved_bytes_per_token(s) == 6 * 1280 + 40
+    base = S.Shape.of(_fam("qwen3"), 1024)
+    lay = Layout(num_gpus=1, recompute="none")
+    assert A.layer_saved_bytes_per_token(s, lay) - A.layer_saved_bytes_per_token(base, lay) == 6 * 1280 + 40
+    # fp32: the input is the q_proj output itself (4), the normalised x fp32 (4)
+    assert A.qk_norm_saved_bytes_per_token(S.Shape.of(_fam("qwen3", qk_norm=True), 1024, "fp32")) == 8 * 1280 + 40
+
+
+def test_gemma_norms_and_geglu_by_hand():
+    """Four Gemma2RMSNorms per layer, fp32 to the end: input and pre-feedforward keep fp32 x (4h),
+    fp32 normalised x (4h) and their bf16 output for the next linear (2h); post-attention and
+    post-feedforward feed the residual add (8h): 36h. GeGLU saves what SwiGLU does (4 x 2 x ffn)."""
+    m = _fam("gemma2", norms_per_layer=4, mlp_activation="gelu_tanh")
+    s = S.Shape.of(m, 1024)
+    assert A.layer_norms_saved_bytes_per_token(s) == 36 * 1024
+    assert A.mlp_saved_bytes_per_token(s) == 8 * 3072
+    # gemma3's q/k norms are Gemma3RMSNorm: fp32 input and fp32 normalised x
+    s3 = S.Shape.of(_fam("gemma3", norms_per_layer=4, qk_norm=True), 1024)
+    assert A.qk_norm_saved_bytes_per_token(s3) == 8 * 1280 + 40
+    # the norm's backward (20h fp32 + 2h) beats the MLP's (2 x (h + 2 ffn)) only for narrow MLPs
+    narrow = S.Shape.of(_fam("gemma2", norms_per_layer=4, intermediate_size=1024), 1024)
+    assert A.layer_backward_transient_bytes_per_token(narrow) == 22 * 1024
+    assert A.layer_backward_transient_bytes_per_token(narrow, recompute=True) == 18 * 1024
+
+
+def test_final_logit_softcapping_by_hand():
+    """Full loss: tanh's fp32 output (4V per token) beside the three fp32 logits-sized tensors;
+    chunked: the fp32 chunk gradient and its fp32 factor 1 - (s/c)^2 beside the accumulator."""
+    t, v, h = 1024, 4096, 1024
+    lay = Layout(num_gpus=1, loss="full")
+    capped = S.Shape.of(_fam("gemma2", final_logit_softcapping=30.0), t)
+    assert A.logits_loss_bytes(capped, lay) == 16 * v * t
+    assert A.logits_loss_bytes(S.Shape.of(_fam("gemma2"), t), lay) == 12 * v * t
+    m = A.chunked_loss_bytes(chunk_tokens=512, num_tokens=t, vocab_size=v, hidden_size=h, softcap=True)
+    assert m["backward_bytes"] == max(512 * v * 8 + v * h * 4, 512 * v * 2 + v * h * 6)
+
+
+def test_phi3_fused_qkv_by_hand():
+    """Phi3: flash saves v as a view of the fused qkv output (q + 2kv = 1536 bf16 per token
+    instead of kv = 256) and o_proj saves a contiguous copy of the head-major attention output (dq)."""
+    fused = S.Shape.of(_fam("phi3", fused_qkv=True, fused_gate_up=True), 1024)
+    base = S.Shape.of(_fam("llama"), 1024)
+    lay = Layout(num_gpus=1)
+    diff = A.attention_saved_bytes_per_token(fused, lay) - A.attention_saved_bytes_per_token(base, lay)
+    assert diff == 2 * (1536 - 256) + 2 * 1024
+    assert A.mlp_saved_bytes_per_token(fused) == A.mlp_saved_bytes_per_token(base)
+
+
+def test_local_layers_masks_and_rope():
+    """Gemma3 with local and global layers: two RoPE cos/sin pairs; eager: two S x S masks."""
+    m = _fam("gemma3", num_layers=7, norms_per_layer=4, sliding_window=512, sliding_window_pattern=6)
+    s = S.Shape.of(m, 1024)
+    assert (s.local_layers, s.local_rope) == (6, True)
+    eager = Layout(num_gpus=1, attention="eager")
+    assert A.shared_layer_inputs_bytes(s, eager) == 2 * (2 * 2 * 1024 * 128) + 2 * 2 * 1024 * 1024

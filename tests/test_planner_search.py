@@ -56,7 +56,7 @@ def test_pins_are_respected():
 
 
 def test_offload_is_tried_at_every_gpu_count():
-    """Issue 13: llama3.1-70b at 8k on H100 said "16 GPU(s) do not fit" and recommended 32,
+    """llama3.1-70b at 8k on H100 said "16 GPU(s) do not fit" and recommended 32,
     while pinning --gpus 16 found an optimizer-offload layout that fits. Unpinned, the search
     now finds it, and names the fastest layout without offload as the runner-up: 32 GPUs (at 16,
     ZeRO-3's 70.55e9 x 16 bytes of model states are 65.7 GiB per GPU before any activation)."""

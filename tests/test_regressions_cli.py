@@ -1,4 +1,4 @@
-"""Issue 14's plan-file and command-line defects, one test each: what crashed, hung or was
+"""The plan-file and command-line defects found by generated bad input, one test each: what crashed, hung or was
 accepted as nonsense, and what it gets now (exit 2 with one `error:` line naming the field)."""
 
 from __future__ import annotations

@@ -217,3 +217,49 @@ def test_cli_trace_json_and_errors(tmp_path):
     assert "sp_degree (3) must divide" in bad.output
     missing = CliRunner().invoke(app, ["trace", "--ctx", "256"])
     assert missing.exit_code == 2
+
+
+# ---------------------------------------------------------------- the newer families (qwen3, gemma2/3, phi3)
+# One tiny model per family, built by the trainer from ModelProfile.to_hf_config (Qwen3ForCausalLM,
+# Gemma2ForCausalLM, Gemma3ForCausalLM, Phi3ForCausalLM); each family's own terms (q/k norms, four
+# fp32 norms and their backward, GeGLU, logit soft-capping, fused qkv / gate_up, gemma3's local
+# RoPE) against the traced step, term by term at the traced peak.
+
+def _family(name, **kw):
+    from ltune.profiles.schema import ModelProfile
+
+    base = dict(name=name, source="test", hidden_size=256, num_layers=4, num_attention_heads=4, num_kv_heads=2,
+                intermediate_size=704, vocab_size=1024)
+    return ModelProfile(**{**base, "family": name, **kw})
+
+
+GEMMA = dict(head_dim=128, tie_word_embeddings=True, mlp_activation="gelu_tanh", norms_per_layer=4,
+             embedding_multiplier=256**0.5, query_pre_attn_scalar=128)
+FAMILIES = {
+    "qwen3": _family("qwen3", qk_norm=True, head_dim=128, tie_word_embeddings=True),
+    "gemma2": _family("gemma2", **GEMMA, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
+                      sliding_window=4096, sliding_window_pattern=2),
+    # 7 layers, pattern 6: local and global layers, each kind with its own RoPE
+    "gemma3": _family("gemma3", **{**GEMMA, "num_layers": 7}, qk_norm=True, sliding_window=512,
+                      sliding_window_pattern=6),
+    "phi3": _family("phi3", num_kv_heads=4, fused_qkv=True, fused_gate_up=True),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("recompute, loss", [("full", "full"), ("none", "full")])
+def test_family_terms_match_the_trace(family, recompute, loss):
+    from ltune.planner.memory import phase_terms
+
+    model, seq_len = FAMILIES[family], 1024
+    layout = Layout(num_gpus=1, zero_stage=0, recompute=recompute, loss=loss)
+    res = trace_memory(model, seq_len, layout, loss_chunk_tokens=256)
+    shape = Shape.of(model, seq_len, loss_chunk_tokens=256)
+    for phase in ("loss", "backward"):
+        analytic, traced = phase_terms(shape, layout, load_gpu("a100-80g"), phase), res.phase_terms[phase]
+        # the peak phase's terms; at the other phase, what bounds the peak there
+        terms = ("activations_checkpoints", "activations_layer", "logits_loss") if phase == res.peak_phase else (
+            ("activations_layer",) if phase == "backward" and recompute == "full" else ())
+        for term in terms:
+            a, t = analytic[term], traced.get(term, 0)
+            assert abs(a - t) <= 0.01 * max(t, 2**20), (family, phase, term, a, t)

@@ -15,9 +15,11 @@ rewritten after each, so a run cut short still returns what it measured):
   figure, for the planner's ``cuda_context`` term.
 - ``trainer_runs`` (trainer_runs.py): the real trainer on the ~1B llama shape at two context
   lengths, ZeRO-3, bf16, full recompute: peak memory and tokens/s/GPU beside ``check_fit``.
-- ``memory_matrix`` (memory_matrix.py): single-GPU configurations (two models, several
-  contexts, recompute on/off, loss full/chunked, ZeRO-0/3), two trainer steps each, peaks
-  beside the planner's terms and the CPU trace (``ltune.trace``).
+- ``memory_matrix`` (memory_matrix.py): single-GPU configurations, the layouts the planner
+  recommends first (ZeRO-3 with optimizer and full offload, ZeRO-2, ZeRO-1, sp 2 as a trace
+  only, micro-batch 2, chunked and full loss), then two models at several contexts, recompute
+  on/off, ZeRO-0/3; two trainer steps each, peaks and per-term-group figures beside the
+  planner's terms and the CPU trace (``ltune.trace``).
 - ``longest_context`` (longest_context.py): the longest context that trains with ltune's
   trainer and with transformers' defaults, searched by doubling then bisecting under a time
   budget, beside the planner's predicted longest context for both.

@@ -39,7 +39,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu_validate_out"), help="results folder ($OUT)")
     ap.add_argument("--work", default=None, help="scratch folder (run folders, data, caches)")
     ap.add_argument("--budget-s", type=float, default=450.0, help="wall-clock budget of the whole run")
-    ap.add_argument("--matrix-budget-s", type=float, default=110.0, help="most seconds for memory_matrix")
+    ap.add_argument("--matrix-budget-s", type=float, default=200.0, help="most seconds for memory_matrix (its rows in order: the last are cut)")
     ap.add_argument("--hf-search-share", type=float, default=0.4, help="share of the time left that the HF search may use")
     ap.add_argument("--hf-search-max-s", type=float, default=130.0, help="most seconds for the HF search")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on CPU: every code path but CUDA's")

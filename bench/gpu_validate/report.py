@@ -44,7 +44,7 @@ def _trainer_runs_lines(check: dict) -> list[str]:
 def _matrix_row_line(r: dict) -> str:
     s = r["summary"]
     if s.get("outcome") != "ok" or "peak_allocated_bytes" not in s:
-        return f"matrix: {r['label']:<42} {s.get('outcome')} {r['measured'].get('error', '')[:60]}"
+        return f"matrix: {r['label']:<42} {s.get('outcome')} {r['measured'].get('error', '')[:60]}{r['measured'].get('why', '')[:60]}"
     return (
         f"matrix: {r['label']:<42} {_gib(s['peak_allocated_bytes']):>6}/{_gib(r['predicted']['allocated_bytes']):<6} "
         f"{s['allocated_error_pct']:>+6.1f}  {_gib(s['peak_reserved_bytes']):>8}      {s['reserved_over_allocated']:.3f}    "
@@ -52,9 +52,34 @@ def _matrix_row_line(r: dict) -> str:
     )
 
 
+def _groups_line(r: dict) -> str | None:
+    """A row's term groups, measured/predicted GiB (None when nothing was measured)."""
+    g = r.get("groups") or {}
+    names = ("model_states_and_buffers", "optimizer_states", "activations_and_loss", "fragmentation", "outside_allocator")
+    if not any((g.get(n) or {}).get("measured") is not None for n in names):
+        return None
+    return "matrix:   groups meas/pred GiB: " + ", ".join(
+        f"{n} {_gib(g[n]['measured'])}/{_gib(g[n]['predicted'])}" for n in names if n in g)
+
+
+def _trace_only_line(r: dict) -> str | None:
+    """A trace-only row's per-rank activation terms, traced/predicted GiB."""
+    acts = r.get("trace_activations")
+    if not acts:
+        return None
+    return "matrix:   per-rank trace/pred GiB: " + ", ".join(
+        f"{k} {_gib(v['traced'])}/{_gib(v['predicted'])}" for k, v in acts.items())
+
+
 def _memory_matrix_lines(check: dict) -> list[str]:
     head = "matrix: config                                   alloc GiB meas/pred  err%   reserved GiB  res/alloc  trace GiB"
-    return [head] + [_matrix_row_line(r) for r in check.get("rows", [])]
+    lines = [head]
+    for r in check.get("rows", []):
+        lines.append(_matrix_row_line(r))
+        lines += [x for x in (_groups_line(r), _trace_only_line(r)) if x]
+    if check.get("estimated_s") is not None:
+        lines.append(f"matrix: {check.get('wall_s')} s (GPU estimate {check['estimated_s']} s)")
+    return lines
 
 
 def _longest_context_lines(check: dict) -> list[str]:

@@ -39,12 +39,28 @@ class Shape:
     precision: str = "bf16"
     loss_chunk_tokens: int = 4096
     doc_tokens: int | None = None  # mean packed document length; None: one document fills the sequence
+    # family features that change what a layer keeps (ModelProfile's fields of the same names)
+    num_kv_heads: int = 0  # 0: num_attention_heads (multi-head attention)
+    qk_norm: bool = False  # RMSNorm over each head of q and k (qwen3, gemma3)
+    gemma_norms: bool = False  # Gemma2RMSNorm/Gemma3RMSNorm: normalised and scaled in fp32, cast at the end
+    norms_per_layer: int = 2  # gemma2/3: 4 (two of them feed the residual add, not a linear layer)
+    fused_qkv: bool = False  # phi3: one qkv_proj output, sliced into q, k, v
+    final_logit_softcapping: bool = False  # gemma2: tanh soft-cap of the logits in the loss
+    attn_logit_softcapping: bool = False  # gemma2: tanh soft-cap of the attention scores
+    local_layers: int = 0  # sliding-window layers (transformers makes them their own mask, gemma3 its own RoPE)
+    local_rope: bool = False  # gemma3: local layers have their own RoPE cos/sin (rope_local_base_freq)
+    head_major_rope: bool = False  # phi3: RoPE's torch.cat leaves q head-major, so flash's output is too
 
     @property
     def attention_tokens(self) -> int:
         """Keys a query attends over with per-document (varlen) attention: the mean document
         length, at most the sequence."""
         return self.seq_len if self.doc_tokens is None else min(self.doc_tokens, self.seq_len)
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads (num_attention_heads when not given)."""
+        return self.num_kv_heads or self.num_attention_heads
 
     @property
     def dtype_bytes(self) -> int:
@@ -59,9 +75,22 @@ class Shape:
         if doc_tokens is not None and doc_tokens <= 0:
             raise ValueError(f"doc_tokens must be a positive number of tokens (got {doc_tokens})")
         h = model.hidden_size
-        persistent = (2 * model.num_layers + 1) * h  # RMSNorm weights
-        if model.attention_bias:
-            persistent += model.num_layers * (model.q_size + 2 * model.kv_size)
+        norms = getattr(model, "norms_per_layer", 2)
+        if hasattr(model, "persistent_params"):
+            persistent = model.persistent_params()
+        else:
+            persistent = (norms * model.num_layers + 1) * h  # RMSNorm weights
+            if model.attention_bias:
+                persistent += model.num_layers * (model.q_size + 2 * model.kv_size)
+            if getattr(model, "qk_norm", False):
+                persistent += model.num_layers * 2 * model.head_size
+        pattern = getattr(model, "sliding_window_pattern", None)
+        local = 0
+        if hasattr(model, "is_local_layer"):
+            local = sum(1 for i in range(model.num_layers) if model.is_local_layer(i))
+        elif getattr(model, "sliding_window", None) and pattern:
+            # transformers' layer_types: layer i is "sliding_attention" unless (i + 1) % pattern == 0
+            local = sum(1 for i in range(model.num_layers) if (i + 1) % pattern)
         return cls(
             params=model.num_params(),
             num_layers=model.num_layers,
@@ -79,6 +108,16 @@ class Shape:
             precision=precision,
             loss_chunk_tokens=loss_chunk_tokens,
             doc_tokens=doc_tokens,
+            num_kv_heads=model.num_kv_heads,
+            qk_norm=getattr(model, "qk_norm", False),
+            gemma_norms=model.family in ("gemma2", "gemma3"),
+            norms_per_layer=norms,
+            fused_qkv=getattr(model, "fused_qkv", False),
+            final_logit_softcapping=getattr(model, "final_logit_softcapping", None) is not None,
+            attn_logit_softcapping=getattr(model, "attn_logit_softcapping", None) is not None,
+            local_layers=local,
+            local_rope=model.family == "gemma3" and 0 < local < model.num_layers,
+            head_major_rope=model.family == "phi3",
         )
 
 

@@ -24,6 +24,7 @@ __all__ = [
     "ModelProfile",
     "ProfileError",
     "gpu_names",
+    "hf_cache_snapshot",
     "load_gpu",
     "load_model",
     "model_from_hf_config",
@@ -85,11 +86,73 @@ def load_gpu(name: str) -> GpuProfile:
 
 # ---------------------------------------------------------------- Hugging Face config.json
 
-_SUPPORTED_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "internlm2": "internlm2"}
+#: config.json model_type -> ModelProfile.family ("gemma3" reads its nested text_config)
+_SUPPORTED_TYPES = {
+    "llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "internlm2": "internlm2", "qwen3": "qwen3",
+    "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3", "phi3": "phi3",
+}
 _MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+#: keys of multi-head latent attention (DeepSeek-V2/V3 MLA), which ltune does not model
+_MLA_KEYS = ("q_lora_rank", "kv_lora_rank", "qk_rope_head_dim")
+_GEMMA = ("gemma2", "gemma3")
+#: transformers' defaults where a gemma config.json leaves a key out (Gemma2Config, Gemma3TextConfig)
+_GEMMA_DEFAULTS = {
+    "gemma2": {"sliding_window": 4096, "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0,
+               "query_pre_attn_scalar": 256, "head_dim": 256},
+    "gemma3": {"sliding_window": 4096, "final_logit_softcapping": None, "attn_logit_softcapping": None,
+               "query_pre_attn_scalar": 256, "head_dim": 256},
+}
 
 
-def model_from_hf_config(path: str | Path) -> ModelProfile:
+def _unmodelled(cfg: dict, family: str) -> str | None:
+    """The feature of this config.json that ltune does not model, named, or None."""
+    for key in _MLA_KEYS:
+        if cfg.get(key):
+            return f"multi-head latent attention ('{key}' {cfg[key]!r:.40})"
+    factor = cfg.get("partial_rotary_factor")
+    if factor is not None and factor != 1:
+        return f"partial rotary embedding ('partial_rotary_factor' {factor!r:.40})"
+    if cfg.get("mlp_bias"):
+        return f"biases on the MLP projections ('mlp_bias' {cfg['mlp_bias']!r:.40})"
+    act_key = "hidden_activation" if family in _GEMMA and cfg.get("hidden_activation") else "hidden_act"
+    act = cfg.get(act_key)
+    wanted = ("gelu_pytorch_tanh",) if family in _GEMMA else ("silu",)
+    if act is not None and act not in wanted:
+        return f"activation '{act_key}' {act!r:.40} (ltune models {wanted[0]} for {family})"
+    if family in ("qwen2", "qwen3"):
+        if cfg.get("use_sliding_window"):
+            return f"sliding-window attention ('use_sliding_window' {cfg['use_sliding_window']!r:.20}, 'sliding_window' {cfg.get('sliding_window')!r:.20})"
+    elif family not in _GEMMA:
+        window, longest = cfg.get("sliding_window"), cfg.get("max_position_embeddings") or 0
+        if isinstance(window, int) and not isinstance(window, bool) and window < longest:
+            return (f"sliding-window attention on every layer ('sliding_window' {window} < "
+                    f"'max_position_embeddings' {longest}; set it to null in a copy to plan full attention)")
+    return None
+
+
+def _window_pattern(cfg: dict, family: str, layers) -> int | None:
+    """Every how-manieth layer is global: gemma2 alternates (transformers: even layers
+    slide); gemma3 reads sliding_window_pattern; `layer_types`, where given, must agree."""
+    if family == "gemma2":
+        pattern = 2
+    else:
+        pattern = cfg.get("sliding_window_pattern", cfg.get("_sliding_window_pattern", 6))
+    types = cfg.get("layer_types")
+    if types is not None and isinstance(layers, int) and isinstance(pattern, int) and pattern > 0:
+        expected = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)]
+        if types != expected:
+            # a regular pattern other than the default: find it, else refuse
+            full = [i for i, t in enumerate(types) if t == "full_attention"] if isinstance(types, list) else []
+            step = full[0] + 1 if full else None
+            regular = step and types == ["full_attention" if (i + 1) % step == 0 else "sliding_attention"
+                                         for i in range(layers)]
+            if not regular:
+                raise ValueError(f"an irregular 'layer_types' pattern ({str(types)[:60]}...)")
+            pattern = step
+    return pattern
+
+
+def model_from_hf_config(path: str | Path, name: str | None = None) -> ModelProfile:
     """Read a Hugging Face config.json (or a folder holding one) without transformers."""
     path = Path(path)
     try:
@@ -106,6 +169,13 @@ def model_from_hf_config(path: str | Path) -> ModelProfile:
         raise ProfileError(f"{path}: missing key 'model_type'")
     if not isinstance(model_type, str):
         raise ProfileError(f"{path}: 'model_type' must be a string (got {model_type!r:.80})")
+    note = ""
+    if model_type == "gemma3":  # Gemma3ForConditionalGeneration: the language model is text_config
+        text = cfg.get("text_config")
+        if not isinstance(text, dict):
+            raise ProfileError(f"{path}: 'gemma3' config has no 'text_config' object")
+        cfg = text
+        note = "; text_config only (the vision tower is not counted)"
     for key in _MOE_KEYS:
         if cfg.get(key):
             raise ProfileError(
@@ -116,6 +186,10 @@ def model_from_hf_config(path: str | Path) -> ModelProfile:
         raise ProfileError(
             f"{path}: unsupported 'model_type' {model_type!r:.80} (supported: {', '.join(sorted(_SUPPORTED_TYPES))})"
         )
+    family = _SUPPORTED_TYPES[model_type]
+    feature = _unmodelled(cfg, family)
+    if feature:
+        raise ProfileError(f"{path}: '{model_type}' with {feature} is not modelled by ltune")
 
     def need(key: str):
         if cfg.get(key) is None:
@@ -128,24 +202,49 @@ def model_from_hf_config(path: str | Path) -> ModelProfile:
         return default if value is None else value
 
     rope = cfg.get("rope_parameters")
+    rope_scaling = cfg.get("rope_scaling")
+    if rope_scaling is None and isinstance(rope, dict) and rope.get("rope_type", "default") != "default":
+        rope_scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
     heads = need("num_attention_heads")
+    gemma = family in _GEMMA
     fields = dict(
-        name=path.resolve().parent.name or path.stem,
-        source=str(path),
-        family=_SUPPORTED_TYPES[model_type],
+        name=name or path.resolve().parent.name or path.stem,
+        source=f"{path}{note}",
+        family=family,
         hidden_size=need("hidden_size"),
         num_layers=need("num_hidden_layers"),
         num_attention_heads=heads,
         num_kv_heads=optional("num_key_value_heads", heads),
         intermediate_size=need("intermediate_size"),
         vocab_size=need("vocab_size"),
-        head_dim=cfg.get("head_dim"),
-        tie_word_embeddings=optional("tie_word_embeddings", False),
+        head_dim=cfg.get("head_dim", _GEMMA_DEFAULTS[family]["head_dim"] if gemma else None),
+        tie_word_embeddings=optional("tie_word_embeddings", gemma),
         attention_bias=optional("attention_bias", model_type == "qwen2") or optional("bias", False),
         max_position_embeddings=optional("max_position_embeddings", 4096),
         rope_theta=optional("rope_theta", rope.get("rope_theta", 10000.0) if isinstance(rope, dict) else 10000.0),
-        rms_norm_eps=optional("rms_norm_eps", 1e-5),
+        rms_norm_eps=optional("rms_norm_eps", 1e-6 if gemma else 1e-5),
+        rope_scaling=rope_scaling,
+        qk_norm=family in ("qwen3", "gemma3"),
+        fused_qkv=family == "phi3",
+        fused_gate_up=family == "phi3",
     )
+    if gemma:
+        defaults = _GEMMA_DEFAULTS[family]
+        hidden = fields["hidden_size"]
+        try:
+            pattern = _window_pattern(cfg, family, fields["num_layers"])
+        except ValueError as e:
+            raise ProfileError(f"{path}: '{model_type}' with {e} is not modelled by ltune") from None
+        fields.update(
+            mlp_activation="gelu_tanh",
+            norms_per_layer=4,
+            embedding_multiplier=hidden ** 0.5 if isinstance(hidden, int) and hidden > 0 else 1.0,
+            final_logit_softcapping=cfg.get("final_logit_softcapping", defaults["final_logit_softcapping"]),
+            attn_logit_softcapping=cfg.get("attn_logit_softcapping", defaults["attn_logit_softcapping"]),
+            query_pre_attn_scalar=cfg.get("query_pre_attn_scalar", defaults["query_pre_attn_scalar"]),
+            sliding_window=cfg.get("sliding_window", defaults["sliding_window"]),
+            sliding_window_pattern=pattern,
+        )
     try:
         return ModelProfile(**fields)
     except ValidationError as e:
@@ -174,33 +273,110 @@ MAX_GENERIC_PARAMS = 10**15
 _SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([bm])$", re.IGNORECASE)
 
 
-def generic_model(target_params: int) -> ModelProfile:
-    """A llama-shaped stand-in with about `target_params` parameters.
+#: published shapes the generic sizes copy (config.json values; Llama 3 vocabulary 128,256 for
+#: all): name, hidden, layers, heads, kv heads, head_dim, ffn, tied embeddings
+_GENERIC_SHAPES = (
+    ("Llama-3.2-1B", 2048, 16, 32, 8, 64, 8192, True),
+    ("Llama-3.2-3B", 3072, 28, 24, 8, 128, 8192, True),
+    ("Llama-3.1-8B", 4096, 32, 32, 8, 128, 14336, False),
+    ("Qwen2.5-14B", 5120, 48, 40, 8, 128, 13824, False),
+    ("Qwen2.5-32B", 5120, 64, 40, 8, 128, 27648, False),
+    ("Yi-34B", 7168, 60, 56, 8, 128, 20480, False),
+    ("Llama-3.1-70B", 8192, 80, 64, 8, 128, 28672, False),
+    ("Llama-3.1-405B", 16384, 126, 128, 8, 128, 53248, False),
+)
+GENERIC_VOCAB = 128256
+#: a size within this fraction of a published shape's count keeps that shape's layer count
+_SAME_SIZE = 0.10
 
-    Shape rules from the Llama 2 and 3 families (Touvron et al. 2023): head_dim 128,
-    hidden width a multiple of 256, gated MLP of ~8/3 h rounded up to 256, 8 KV heads
-    once there are 16 heads or more, vocabulary 32000, and about 100-160 hidden units per
-    layer; among those shapes, the one closest to the size, then to 128 units per layer.
+
+def _shape(label: str, h: int, layers: int, heads: int, kv: int, hd: int, ffn: int, tied: bool) -> ModelProfile:
+    return ModelProfile(
+        name=label, source="", family="generic", hidden_size=h, num_layers=layers, num_attention_heads=heads,
+        num_kv_heads=kv, head_dim=hd, intermediate_size=ffn, vocab_size=GENERIC_VOCAB, tie_word_embeddings=tied,
+        max_position_embeddings=131072, rope_theta=500000.0, generic=True,
+    )
+
+
+def generic_model(target_params: int) -> ModelProfile:
+    """A stand-in with about `target_params` parameters, shaped like a published model.
+
+    The published shape nearest in log size (Llama 3.2/3.1, Qwen2.5, Yi; 8 grouped-query kv heads,
+    heads a multiple of 8 from 8B up, vocabulary 128,256) is kept whole when the size is within
+    10% of it, else its width is kept and the layer count set to reach the size. Past
+    Llama-3.1-405B the width grows as the cube root of the size ratio (head_dim 128, heads a
+    multiple of 8, ffn 3.25 x hidden as in 405B) and layers fill the rest; below Llama-3.2-1B the
+    width shrinks the same way (head_dim 64), at least 2 layers.
     """
-    best: tuple[tuple[float, float], ModelProfile] | None = None
-    for h in range(512, 16385, 256):
-        heads = h // 128 if h % 128 == 0 else h // 64
-        kv = 8 if heads >= 16 and heads % 8 == 0 else heads
-        ffn = -(-int(8 * h / 3) // 256) * 256
-        probe = ModelProfile(name="probe", source="", family="generic", hidden_size=h, num_layers=1,
-                             num_attention_heads=heads, num_kv_heads=kv, intermediate_size=ffn, vocab_size=32000)
+    import math
+
+    shapes = [(_shape(*row), row) for row in _GENERIC_SHAPES]
+    model, row = min(shapes, key=lambda s: abs(math.log(s[0].num_params() / target_params)))
+    name, h, layers, heads, kv, hd, ffn, tied = row
+    biggest, smallest = shapes[-1][0], shapes[0][0]
+    if abs(model.num_params() - target_params) <= _SAME_SIZE * target_params:
+        how = f"{layers} layers as published"
+    else:
+        width = ""
+        if target_params > biggest.num_params() or target_params < smallest.num_params():
+            hd = 128 if target_params > biggest.num_params() else 64
+            scale = (target_params / model.num_params()) ** (1 / 3)
+            h = max(8 * hd, round(h * scale / (8 * hd)) * 8 * hd)  # heads a multiple of 8
+            heads = h // hd
+            ffn = -(-int(h * ffn / row[1]) // 256) * 256
+            width = f"width scaled by the cube root of the size ratio, {heads} heads, "
+        probe = _shape(name, h, 1, heads, kv, hd, ffn, tied)
         per_layer = probe.layer_params()
         layers = max(2, round((target_params - probe.num_params() + per_layer) / per_layer))
-        if not 100 <= h / layers <= 160:
+        how = f"{width}{layers} layers to reach the size"
+        model = _shape(name, h, layers, heads, kv, hd, ffn, tied)
+    size = f"{target_params / 1e9:g}B" if target_params >= 1e9 else f"{target_params / 1e6:g}M"
+    return model.model_copy(update={
+        "name": f"generic-{size.lower()}",
+        "source": f"generic, shaped like {name} ({how}; vocabulary {GENERIC_VOCAB:,}); not a real model",
+    })
+
+
+# ---------------------------------------------------------------- the local Hugging Face cache
+
+_REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def hf_cache_roots() -> list[Path]:
+    """Where huggingface_hub keeps downloads: HF_HUB_CACHE, else HF_HOME/hub, else
+    $XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub (huggingface_hub constants)."""
+    import os
+
+    if os.environ.get("HF_HUB_CACHE"):
+        return [Path(os.environ["HF_HUB_CACHE"]).expanduser()]
+    if os.environ.get("HF_HOME"):
+        return [Path(os.environ["HF_HOME"]).expanduser() / "hub"]
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return [base / "huggingface" / "hub"]
+
+
+def hf_cache_snapshot(name: str) -> Path | None:
+    """The cached snapshot folder of `org/name` holding a config.json: the revision refs/main
+    names, else the newest snapshot; None when not cached. No network, no huggingface_hub."""
+    if not _REPO_RE.match(name) or ".." in name:
+        return None
+    for root in hf_cache_roots():
+        repo = root / ("models--" + name.replace("/", "--"))
+        try:
+            snapshots = repo / "snapshots"
+            ref = repo / "refs" / "main"
+            if ref.is_file():
+                rev = ref.read_text(encoding="utf-8").strip()
+                if re.fullmatch(r"[\w.-]+", rev) and (snapshots / rev / "config.json").is_file():
+                    return snapshots / rev
+            if snapshots.is_dir():
+                found = [d for d in snapshots.iterdir() if (d / "config.json").is_file()]
+                if found:
+                    return max(found, key=lambda d: d.stat().st_mtime)
+        except OSError:
             continue
-        cand = probe.model_copy(update={"name": f"generic-{h}x{layers}", "num_layers": layers, "generic": True,
-                                        "source": "generic llama-shaped estimate (no published config)"})
-        key = (abs(cand.num_params() - target_params) / target_params, abs(h / layers - 128))
-        if best is None or key < best[0]:
-            best = (key, cand)
-    if best is None:
-        raise ProfileError(f"no llama-shaped model near {target_params / 1e9:g}B parameters")
-    return best[1]
+    return None
 
 
 def _is_dir(spec: str) -> bool:
@@ -210,8 +386,16 @@ def _is_dir(spec: str) -> bool:
         return False
 
 
+def _exists(spec: str) -> bool:
+    try:
+        return Path(spec).exists()
+    except OSError:
+        return False
+
+
 def resolve_model(spec: str) -> ModelProfile:
-    """`--model`: a profile name, a config.json path or folder, or a bare size (`7.5b`)."""
+    """`--model`: a profile name, a config.json path or folder, `org/name` from the local
+    Hugging Face cache, or a bare size (`7.5b`)."""
     m = _SIZE_RE.match(spec.strip())
     if m:
         scale = 1e9 if m.group(2).lower() == "b" else 1e6
@@ -221,6 +405,15 @@ def resolve_model(spec: str) -> ModelProfile:
         return generic_model(target)
     if spec.lower() in model_names():
         return load_model(spec)
+    if _REPO_RE.match(spec) and not spec.endswith(".json") and not _exists(spec):
+        snapshot = hf_cache_snapshot(spec)
+        if snapshot is None:
+            where = ", ".join(str(r / ("models--" + spec.replace("/", "--"))) for r in hf_cache_roots())
+            raise ProfileError(
+                f"'{spec}' is not in the local Hugging Face cache (looked in {where}); "
+                "a local model folder or a config.json path also works"
+            )
+        return model_from_hf_config(snapshot, name=spec)
     if spec.endswith(".json") or "/" in spec or _is_dir(spec):
         return model_from_hf_config(spec)
     raise _did_you_mean("model", spec, model_names())

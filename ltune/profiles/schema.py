@@ -33,7 +33,7 @@ class ModelProfile(BaseModel):
 
     name: Label
     source: str = Field(description="where the numbers come from (the config.json it copies)")
-    family: Literal["llama", "internlm2", "qwen2", "mistral", "generic"]
+    family: Literal["llama", "internlm2", "qwen2", "mistral", "generic", "qwen3", "gemma2", "gemma3", "phi3"]
     # upper bounds far above any published model: they keep arithmetic on nonsense finite
     hidden_size: int = Field(gt=0, le=2**20)
     num_layers: int = Field(gt=0, le=100_000)
@@ -48,6 +48,37 @@ class ModelProfile(BaseModel):
     rope_theta: float = Field(default=10000.0, gt=0, allow_inf_nan=False)
     rms_norm_eps: float = Field(default=1e-5, gt=0, lt=1, allow_inf_nan=False)
     generic: bool = Field(default=False, description="a llama-shaped stand-in for a bare size, not a real model")
+    qk_norm: bool = Field(default=False, description="RMSNorm over each head of q and k (qwen3, gemma3)")
+    mlp_activation: Literal["silu", "gelu_tanh"] = Field(
+        default="silu", description="gated MLP: SwiGLU, or GeGLU (gemma: gelu_pytorch_tanh)"
+    )
+    norms_per_layer: Literal[2, 4] = Field(
+        default=2, description="gemma2/3: input, post-attention, pre-feedforward, post-feedforward"
+    )
+    embedding_multiplier: float = Field(
+        default=1.0, gt=0, allow_inf_nan=False,
+        description="gemma: hidden states scaled by sqrt(hidden_size) after the embedding",
+    )
+    final_logit_softcapping: float | None = Field(
+        default=None, gt=0, allow_inf_nan=False, description="gemma2: 30.0 (tanh soft-cap of the logits)"
+    )
+    attn_logit_softcapping: float | None = Field(
+        default=None, gt=0, allow_inf_nan=False, description="gemma2: 50.0 (soft-cap of attention scores)"
+    )
+    query_pre_attn_scalar: float | None = Field(
+        default=None, gt=0, allow_inf_nan=False,
+        description="gemma: attention scale 1/sqrt(this) instead of 1/sqrt(head_dim)",
+    )
+    sliding_window: int | None = Field(default=None, gt=0, le=2**40, description="tokens a local layer attends to")
+    sliding_window_pattern: int | None = Field(
+        default=None, gt=0, le=100_000,
+        description="every Nth layer is global, the others local (gemma2: 2, gemma3: 6); None: all layers global",
+    )
+    fused_qkv: bool = Field(default=False, description="phi3: one qkv_proj tensor")
+    fused_gate_up: bool = Field(default=False, description="phi3: one gate_up_proj tensor")
+    rope_scaling: dict | None = Field(
+        default=None, description="as config.json has it (llama3, yarn, linear, ...)"
+    )
 
     @model_validator(mode="after")
     def _check_heads(self) -> "ModelProfile":
@@ -74,14 +105,34 @@ class ModelProfile(BaseModel):
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_size
 
-    def layer_params(self) -> int:
-        """Parameters of one decoder layer: attention, gated MLP, two RMSNorms."""
-        h = self.hidden_size
-        attn = h * self.q_size + 2 * h * self.kv_size + self.q_size * h
+    def attention_tensors(self) -> list[int]:
+        """Elements of each attention tensor of one layer, as transformers builds them: q/k/v
+        (one fused qkv_proj in phi3), o_proj, biases (q/k/v for qwen2; q/k/v and o_proj for the
+        other families' attention_bias), and the per-head q/k RMSNorm weights (qwen3, gemma3)."""
+        h, q, kv = self.hidden_size, self.q_size, self.kv_size
+        tensors = [h * (q + 2 * kv)] if self.fused_qkv else [h * q, h * kv, h * kv]
+        tensors.append(q * h)
         if self.attention_bias:
-            attn += self.q_size + 2 * self.kv_size
-        mlp = 3 * h * self.intermediate_size
-        return attn + mlp + 2 * h
+            tensors += [q + 2 * kv] if self.fused_qkv else [q, kv, kv]
+            if self.family != "qwen2":  # Qwen2Attention: o_proj bias=False; Llama/Qwen3/Gemma: o_proj bias=attention_bias
+                tensors.append(h)
+        if self.qk_norm:
+            tensors += [self.head_size, self.head_size]
+        return tensors
+
+    def mlp_tensors(self) -> list[int]:
+        """Elements of each gated-MLP tensor of one layer (gate_up_proj fused in phi3)."""
+        h, f = self.hidden_size, self.intermediate_size
+        return ([2 * f * h] if self.fused_gate_up else [f * h, f * h]) + [h * f]
+
+    def layer_tensors(self) -> list[int]:
+        """Elements of each parameter tensor of one decoder layer: attention, MLP and its
+        RMSNorm weights (2, or 4 in gemma2/3)."""
+        return self.attention_tensors() + self.mlp_tensors() + [self.hidden_size] * self.norms_per_layer
+
+    def layer_params(self) -> int:
+        """Parameters of one decoder layer: attention, gated MLP, RMSNorms (and q/k norms)."""
+        return sum(self.layer_tensors())
 
     def embedding_params(self) -> int:
         return self.vocab_size * self.hidden_size
@@ -99,11 +150,52 @@ class ModelProfile(BaseModel):
         )
 
     def largest_tensor_params(self) -> int:
-        """The biggest single parameter tensor (the embedding, or an MLP matrix)."""
-        return max(self.embedding_params(), self.hidden_size * self.intermediate_size)
+        """The biggest single parameter tensor (the embedding, or an MLP / fused matrix)."""
+        return max(self.embedding_params(), *self.layer_tensors())
+
+    def persistent_params(self, threshold: int = 100_000) -> int:
+        """Elements of the tensors ZeRO-3 keeps whole on every rank: those of at most
+        `threshold` elements (DeepSpeed's stage3_param_persistence_threshold, default 1e5):
+        norms, biases and q/k norm weights in any real model."""
+        small = sum(n for n in self.layer_tensors() if n <= threshold) * self.num_layers
+        whole = [self.embedding_params(), self.hidden_size, self.lm_head_params()]
+        return small + sum(n for n in whole if 0 < n <= threshold)
+
+    def is_local_layer(self, i: int) -> bool:
+        """Layer i attends to the last `sliding_window` tokens only: every layer but each
+        sliding_window_pattern-th (gemma2: `not bool(layer_idx % 2)`; gemma3:
+        `(layer_idx + 1) % sliding_window_pattern != 0`, transformers' Gemma2/3 decoder layers)."""
+        if not 0 <= i < self.num_layers:
+            raise ValueError(f"layer index {i} outside 0..{self.num_layers - 1}")
+        if self.sliding_window is None or self.sliding_window_pattern is None:
+            return False
+        return (i + 1) % self.sliding_window_pattern != 0
+
+    def trained_context(self) -> int:
+        """Tokens the model was trained (or scaled) to: max_position_embeddings, or, for a
+        yarn / linear / dynamic rope_scaling that names original_max_position_embeddings, that
+        length times the factor where longer (Qwen's documented yarn block: 32768 x 4). llama3
+        and longrope configs already give the scaled length in max_position_embeddings (Llama
+        3.2: factor 32 on 8192 original, trained to 131072), as does gemma3 (linear 8, no
+        original length)."""
+        n = self.max_position_embeddings
+        rs = self.rope_scaling or {}
+        kind = rs.get("rope_type", rs.get("type"))
+        factor, original = rs.get("factor"), rs.get("original_max_position_embeddings")
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (factor, original))
+        if kind in ("yarn", "linear", "dynamic") and numbers and factor > 1 and original > 0:
+            return max(n, int(original * factor))
+        return n
 
     def to_hf_config(self) -> dict:
-        """A transformers config dict (Llama, or Qwen2 for q/k/v biases) that builds this architecture."""
+        """A transformers config dict that builds this architecture: the family's own class
+        (transformers 5.x configuration_<family>.py), Llama for internlm2 and generic shapes.
+
+        Features a family's transformers class does not build (q/k norms on llama, fused
+        projections outside phi3, ...) are refused with the feature named, never dropped.
+        """
+        family = self.family
+        self._refuse_unbuildable()
         cfg = {
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
@@ -119,13 +211,97 @@ class ModelProfile(BaseModel):
             "max_position_embeddings": self.max_position_embeddings,
             "rope_theta": self.rope_theta,
             "rms_norm_eps": self.rms_norm_eps,
-            "hidden_act": "silu",
+            "hidden_act": "silu" if self.mlp_activation == "silu" else "gelu_pytorch_tanh",
         }
-        if self.family == "qwen2":
+        if self.rope_scaling is not None:
+            cfg["rope_scaling"] = dict(self.rope_scaling)
+        local = [self.is_local_layer(i) for i in range(self.num_layers)] if self.sliding_window else []
+        layer_types = ["sliding_attention" if is_local else "full_attention" for is_local in local] or None
+        if family == "qwen2":
             # Llama's attention_bias also puts a bias on o_proj; Qwen2 biases q/k/v only.
             cfg = {**cfg, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}
             cfg.pop("attention_bias")
+        elif family == "qwen3":
+            # Qwen3Attention: q_norm/k_norm (RMSNorm over head_dim) built in; per-layer windows via layer_types
+            cfg = {**cfg, "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+                   "use_sliding_window": bool(self.sliding_window), "sliding_window": self.sliding_window,
+                   "layer_types": layer_types}
+        elif family in ("gemma2", "gemma3"):
+            # Gemma2/Gemma3TextConfig: GeGLU (hidden_activation), four norms, sqrt(hidden) embedding
+            # scale and (gemma3) q/k norms are built in; scale, windows and soft-caps are config fields.
+            cfg.pop("hidden_act")
+            cfg = {**cfg, "hidden_activation": "gelu_pytorch_tanh",
+                   "query_pre_attn_scalar": self._int_query_pre_attn_scalar(),
+                   "sliding_window": self.sliding_window,
+                   "layer_types": layer_types or ["full_attention"] * self.num_layers,
+                   "final_logit_softcapping": self.final_logit_softcapping,
+                   "attn_logit_softcapping": self.attn_logit_softcapping}
+            if family == "gemma2":
+                cfg = {**cfg, "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2"}
+            else:  # the text model of Gemma 3 (Gemma3ForCausalLM); local layers keep RoPE theta 10000
+                cfg = {**cfg, "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text"}
+        elif family == "phi3":
+            # Phi3Attention.qkv_proj and Phi3MLP.gate_up_proj: both fused; no biases; one window for all layers
+            cfg = {**cfg, "architectures": ["Phi3ForCausalLM"], "model_type": "phi3",
+                   "sliding_window": self._one_window(local),
+                   "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
+            cfg.pop("attention_bias")
+            if self.rope_scaling is not None:
+                cfg["original_max_position_embeddings"] = self.rope_scaling.get(
+                    "original_max_position_embeddings", self.max_position_embeddings)
+        elif family == "mistral":
+            # MistralConfig: explicit head_dim (Mistral-Nemo), one window for all layers (None: full)
+            cfg = {**cfg, "architectures": ["MistralForCausalLM"], "model_type": "mistral",
+                   "sliding_window": self._one_window(local)}
+            cfg.pop("attention_bias")
+        elif self.sliding_window and any(local):
+            raise ValueError(f"{self.name}: sliding_window ({self.sliding_window}) on family {family!r}: "
+                             "only qwen3, gemma2, gemma3, phi3 and mistral build local attention layers")
         return cfg
+
+    def _refuse_unbuildable(self) -> None:
+        """ValueError naming the first feature this family's transformers class cannot build."""
+        family, name = self.family, self.name
+        gemma = family in ("gemma2", "gemma3")
+
+        def refuse(feature: str) -> None:
+            raise ValueError(f"{name}: {feature} cannot be built by the {family!r} family's transformers model")
+
+        if self.qk_norm != (family in ("qwen3", "gemma3")):
+            refuse(f"qk_norm={self.qk_norm}")
+        if (self.norms_per_layer == 4) != gemma:
+            refuse(f"norms_per_layer={self.norms_per_layer}")
+        if gemma and self.mlp_activation != "gelu_tanh":
+            refuse(f"mlp_activation={self.mlp_activation!r}")
+        expected_multiplier = self.hidden_size**0.5 if gemma else 1.0  # Gemma*TextScaledWordEmbedding
+        if abs(self.embedding_multiplier - expected_multiplier) > 1e-4 * expected_multiplier:
+            refuse(f"embedding_multiplier={self.embedding_multiplier} (builds {expected_multiplier:.6g})")
+        if self.final_logit_softcapping is not None and not gemma:
+            refuse(f"final_logit_softcapping={self.final_logit_softcapping}")
+        if self.attn_logit_softcapping is not None and family != "gemma2":
+            refuse(f"attn_logit_softcapping={self.attn_logit_softcapping}")
+        if self.query_pre_attn_scalar not in (None, float(self.head_size)) and not gemma:
+            refuse(f"query_pre_attn_scalar={self.query_pre_attn_scalar}")
+        if (self.fused_qkv, self.fused_gate_up) != ((True, True) if family == "phi3" else (False, False)):
+            refuse(f"fused_qkv={self.fused_qkv}, fused_gate_up={self.fused_gate_up}")
+        if self.attention_bias and family not in ("llama", "qwen2", "internlm2", "generic"):
+            refuse("attention_bias=True")
+
+    def _int_query_pre_attn_scalar(self) -> int:
+        """query_pre_attn_scalar as Gemma2Config/Gemma3TextConfig type it (int); head_size if unset."""
+        value = self.query_pre_attn_scalar or self.head_size
+        if value != int(value):
+            raise ValueError(f"{self.name}: query_pre_attn_scalar ({value}) must be a whole number for transformers")
+        return int(value)
+
+    def _one_window(self, local: list[bool]) -> int | None:
+        """The single sliding window of a family that applies it to every layer (mistral, phi3)."""
+        if not any(local):
+            return None
+        if not all(local):
+            raise ValueError(f"{self.name}: family {self.family!r} applies sliding_window to every layer or none "
+                             f"(got {sum(local)} local layers of {len(local)})")
+        return self.sliding_window
 
 
 class GpuProfile(BaseModel):

@@ -96,7 +96,9 @@ def _flash_kernel():
 
     from .flash import flash_varlen_memory
 
-    def kernel(q, k, v, cu_seqlens, max_seqlen, causal=True, scale=None):
+    def kernel(q, k, v, cu_seqlens, max_seqlen, causal=True, scale=None, sliding_window=None, softcap=None):
+        # a window and a soft-cap change what flash computes, not what it allocates
+        # (flash_api.cpp mha_varlen_fwd/bwd: window_size_left and softcap are kernel arguments)
         if q.shape[1] % k.shape[1]:
             raise ValueError(f"kv heads ({k.shape[1]}) must divide query heads ({q.shape[1]})")
         return flash_varlen_memory(q, k, v, cu_seqlens.shape[0] - 1)

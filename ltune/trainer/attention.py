@@ -12,12 +12,27 @@ torch_varlen | sdpa), or ``set_attention_backend(name)`` (tests):
 Two layers, kept apart so that the Ulysses sequence-parallel wrapper
 (``ltune.trainer.sequence_parallel``) can reuse the core:
 
-- ``varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, scale)``: the core, on
-  (total_tokens, heads, head_dim) tensors; documents never attend to each other.
+- ``varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, scale, sliding_window, softcap)``:
+  the core, on (total_tokens, heads, head_dim) tensors; documents never attend to each other.
 - ``hf_varlen_attention``: the transformers glue, registered with
   ``AttentionInterface`` under ``ATTN_IMPLEMENTATION``; it takes the document
   boundaries from the ``cu_seq_lens_q``/``max_length_q`` kwargs when the caller passes
   them (the trainer does, once per batch) and otherwise from ``position_ids`` restarts.
+
+Per-layer variants, as transformers passes them to a registered attention function (the
+model's attention module calls it with ``scaling=``, ``sliding_window=`` and ``softcap=``
+keywords: Gemma2Attention.forward, Qwen3Attention, MistralAttention, Phi3Attention):
+
+- ``scaling``: the softmax scale (gemma: query_pre_attn_scalar**-0.5, not head_dim**-0.5);
+- ``sliding_window`` w: a query at position i sees keys j with i - w < j <= i, w tokens itself
+  included (masking_utils.sliding_window_overlay: ``kv_idx > q_idx - sliding_window``);
+  flash-attn and PyTorch's varlen take it as ``window_size=(w - 1, 0)`` (left, right), SDPA
+  as an explicit boolean mask per document;
+- ``softcap`` c: scores s = scale * q.k become c * tanh(s / c) before the softmax (gemma2's
+  eager_attention_forward); flash-attn takes ``softcap=c``; PyTorch's varlen kernel and SDPA
+  have no soft-capping, so those layers run an explicit per-document computation (scores,
+  cap, mask, fp32 softmax), which holds heads x len x len scores per document: fine on a
+  CPU, a warning on CUDA (install flash-attn).
 
 Trap (transformers): packed sequences are only recognised when no KV cache is created,
 so models must run with ``use_cache=False``. For our registered implementation
@@ -39,6 +54,7 @@ BACKENDS = ("auto", "flash_attn", "torch_varlen", "sdpa")
 _ENV = "LTUNE_ATTENTION"
 _override: str | None = None
 _warned_no_flash = False
+_warned_softcap = False
 
 
 def set_attention_backend(name: str | None) -> None:
@@ -98,9 +114,24 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tens
     return cu, max_seqlen
 
 
-def _sdpa_per_document(q, k, v, cu_seqlens, causal, scale):
+def allowed_keys(length: int, causal: bool, sliding_window: int | None, device) -> torch.Tensor | None:
+    """(length, length) bool: query i may see key j (causal: j <= i; window w: j > i - w, the
+    rule of transformers' sliding_window_overlay); None when every key is allowed."""
+    if not causal and sliding_window is None:
+        return None
+    i = torch.arange(length, device=device).unsqueeze(1)
+    j = torch.arange(length, device=device).unsqueeze(0)
+    allowed = torch.ones(length, length, dtype=torch.bool, device=device)
+    if causal:
+        allowed &= j <= i
+    if sliding_window is not None:
+        allowed &= j > i - sliding_window
+    return allowed
+
+
+def _documents(q, k, v, cu_seqlens):
+    """Each document's (heads, len, dim) q, k, v, kv heads repeated for GQA."""
     n_rep = q.shape[1] // k.shape[1]
-    outs = []
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):
         qd = q[start:end].transpose(0, 1)  # (heads, len, dim)
@@ -109,28 +140,69 @@ def _sdpa_per_document(q, k, v, cu_seqlens, causal, scale):
         if n_rep > 1:
             kd = kd.repeat_interleave(n_rep, dim=0)
             vd = vd.repeat_interleave(n_rep, dim=0)
-        od = F.scaled_dot_product_attention(qd, kd, vd, is_causal=causal, scale=scale)
+        yield qd, kd, vd
+
+
+def _sdpa_per_document(q, k, v, cu_seqlens, causal, scale, sliding_window=None):
+    outs = []
+    for qd, kd, vd in _documents(q, k, v, cu_seqlens):
+        if sliding_window is None or sliding_window >= qd.shape[1]:  # the window covers the document
+            od = F.scaled_dot_product_attention(qd, kd, vd, is_causal=causal, scale=scale)
+        else:
+            mask = allowed_keys(qd.shape[1], causal, sliding_window, qd.device)
+            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale)
         outs.append(od.transpose(0, 1))
     return torch.cat(outs, dim=0)
 
 
-def _flash_attn(q, k, v, cu_seqlens, max_seqlen, causal, scale):
+def _softcapped_per_document(q, k, v, cu_seqlens, causal, scale, sliding_window, softcap):
+    """Scores, softcap * tanh(scores / softcap), mask, fp32 softmax, per document (gemma2's
+    eager_attention_forward, restricted to one document)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    outs = []
+    for qd, kd, vd in _documents(q, k, v, cu_seqlens):
+        scores = torch.matmul(qd, kd.transpose(1, 2)) * scale
+        scores = torch.tanh(scores / softcap) * softcap
+        mask = allowed_keys(qd.shape[1], causal, sliding_window, qd.device)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(qd.dtype)
+        outs.append(torch.matmul(probs, vd).transpose(0, 1))
+    return torch.cat(outs, dim=0)
+
+
+def _flash_window(causal: bool, sliding_window: int | None) -> tuple[int, int]:
+    """flash-attn's (left, right) window_size: w tokens, the query's own included, is (w - 1, 0)."""
+    if sliding_window is None:
+        return (-1, 0) if causal else (-1, -1)
+    return (sliding_window - 1, 0 if causal else sliding_window - 1)
+
+
+def _flash_attn(q, k, v, cu_seqlens, max_seqlen, causal, scale, sliding_window=None, softcap=None):
     from flash_attn import flash_attn_varlen_func
 
+    kwargs = {}  # only when used: flash-attn < 2.6 has no softcap argument
+    if sliding_window is not None:
+        kwargs["window_size"] = _flash_window(causal, sliding_window)
+    if softcap is not None:
+        kwargs["softcap"] = softcap
     return flash_attn_varlen_func(
-        q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p=0.0, softmax_scale=scale, causal=causal
+        q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p=0.0, softmax_scale=scale, causal=causal,
+        **kwargs,
     )
 
 
-def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale):
+def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale, sliding_window=None):
     import inspect
 
     from torch.nn.attention.varlen import varlen_attn
 
     params = inspect.signature(varlen_attn).parameters
     kwargs = {"scale": scale}
-    if "window_size" in params:  # torch >= 2.11: window (-1, 0) is causal, (-1, -1) full
-        kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
+    if "window_size" in params:  # torch >= 2.11: window (-1, 0) is causal, (-1, -1) full, (w - 1, 0) w tokens
+        kwargs["window_size"] = _flash_window(causal, sliding_window)
+    elif sliding_window is not None:  # torch 2.10 has no window: an explicit mask per document
+        return _sdpa_per_document(q, k, v, cu_seqlens, causal, scale, sliding_window)
     else:  # torch 2.10
         kwargs["is_causal"] = causal
     if q.shape[1] != k.shape[1]:
@@ -150,21 +222,36 @@ def varlen_attention(
     max_seqlen: int,
     causal: bool = True,
     scale: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention within documents of a packed batch.
 
     q: (total_tokens, heads, head_dim); k, v: (total_tokens, kv_heads, head_dim) with
     kv_heads dividing heads (GQA). cu_seqlens: int32 (num_docs + 1) boundaries.
+    sliding_window w: a query sees its own and the w - 1 previous keys of its document;
+    softcap c: scores capped to c * tanh(scores / c) before the softmax.
     Returns (total_tokens, heads, head_dim).
     """
+    global _warned_softcap
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"kv heads ({k.shape[1]}) must divide query heads ({q.shape[1]})")
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window ({sliding_window}) must be at least 1")
+    if softcap is not None and softcap <= 0:
+        raise ValueError(f"softcap ({softcap}) must be positive")
     backend = resolve_backend(q.device, q.dtype)
     if backend == "flash_attn":
-        return _flash_attn(q, k, v, cu_seqlens, max_seqlen, causal, scale)
+        return _flash_attn(q, k, v, cu_seqlens, max_seqlen, causal, scale, sliding_window, softcap)
+    if softcap is not None:  # neither PyTorch's varlen kernel nor SDPA soft-caps
+        if q.device.type == "cuda" and not _warned_softcap:
+            warnings.warn("attention soft-capping without flash-attn: explicit per-document attention, "
+                          "len x len scores per head (pip install flash-attn)")
+            _warned_softcap = True
+        return _softcapped_per_document(q, k, v, cu_seqlens, causal, scale, sliding_window, softcap)
     if backend == "torch_varlen":
-        return _torch_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale)
-    return _sdpa_per_document(q, k, v, cu_seqlens, causal, scale)
+        return _torch_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale, sliding_window)
+    return _sdpa_per_document(q, k, v, cu_seqlens, causal, scale, sliding_window)
 
 
 def hf_varlen_attention(
@@ -175,9 +262,12 @@ def hf_varlen_attention(
     attention_mask: torch.Tensor | None,
     scaling: float | None = None,
     dropout: float = 0.0,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
     **kwargs,
 ):
-    """transformers attention function: (batch, heads, seq, dim) in, (batch, seq, heads, dim) out."""
+    """transformers attention function: (batch, heads, seq, dim) in, (batch, seq, heads, dim) out;
+    the layer's own scaling, sliding_window and softcap as its attention module passes them."""
     if dropout:
         raise ValueError(f"attention dropout ({dropout}) is not supported by {ATTN_IMPLEMENTATION}")
     batch, heads, seq, dim = query.shape
@@ -191,7 +281,9 @@ def hf_varlen_attention(
     q = query.transpose(1, 2).reshape(batch * seq, heads, dim)
     k = key.transpose(1, 2).reshape(batch * seq, key.shape[1], dim)
     v = value.transpose(1, 2).reshape(batch * seq, value.shape[1], dim)
-    out = varlen_attention(q, k, v, cu_seqlens, int(max_seqlen), causal=True, scale=scaling)
+    out = varlen_attention(
+        q, k, v, cu_seqlens, int(max_seqlen), causal=True, scale=scaling, sliding_window=sliding_window, softcap=softcap
+    )
     return out.view(batch, seq, heads, dim), None
 
 

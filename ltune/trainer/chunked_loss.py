@@ -1,6 +1,6 @@
 """Chunked (tiled) causal-LM cross-entropy that never holds the full tokens x vocabulary logits.
 
-`chunked_cross_entropy(hidden, weight, labels, chunk_tokens)` returns the *sum* of the token
+`chunked_cross_entropy(hidden, weight, labels, chunk_tokens, softcap=None)` returns the *sum* of the token
 cross-entropies (fp32); the caller divides by the global count of real tokens.
 
 Why our own autograd function rather than DeepSpeed's `TiledFusedLogitsLoss`
@@ -26,6 +26,10 @@ alive anyway):
   weight-gradient product in the model dtype.
 The full loss (transformers' `ForCausalLMLoss`, which upcasts logits with `.float()`) holds
 N x V x (d + 4) for logits and their fp32 copy, and a gradient of the same size.
+
+Soft-capping (gemma2's final_logit_softcapping c): each chunk's fp32 logits z become
+s = c * tanh(z / c) in place before the log-sum-exp; backward recomputes z, and the gradient
+(softmax(s) - onehot) is multiplied by ds/dz = 1 - (s / c)^2, one more chunk x V fp32 buffer.
 
 Under ZeRO-3 the weight must be gathered where this is called, in forward and in backward, as it is
 for `F.linear`: call it inside the forward of the module that owns the weight (the trainer's
@@ -54,14 +58,23 @@ def _chunk_logits_fp32(hidden_chunk: Tensor, weight: Tensor) -> Tensor:
     return logits if logits.dtype == torch.float32 else logits.float()
 
 
+def _softcap_(logits: Tensor, softcap: float | None) -> Tensor:
+    """softcap * tanh(logits / softcap) in place (Gemma2ForCausalLM.forward); as is when None."""
+    if softcap is None:
+        return logits
+    return logits.div_(softcap).tanh_().mul_(softcap)
+
+
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, chunk_tokens: int) -> Tensor:
+    def forward(
+        ctx, hidden: Tensor, weight: Tensor, labels: Tensor, chunk_tokens: int, softcap: float | None
+    ) -> Tensor:
         num_tokens = hidden.shape[0]
         lse = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start, end in _chunk_bounds(num_tokens, chunk_tokens):
-            logits = _chunk_logits_fp32(hidden[start:end], weight)
+            logits = _softcap_(_chunk_logits_fp32(hidden[start:end], weight), softcap)
             chunk_lse = torch.logsumexp(logits, dim=-1)
             chunk_labels = labels[start:end]
             valid = chunk_labels != IGNORE_INDEX
@@ -71,6 +84,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             lse[start:end] = chunk_lse
         ctx.save_for_backward(hidden, weight, labels, lse)
         ctx.chunk_tokens = chunk_tokens
+        ctx.softcap = softcap
         return loss_sum
 
     @staticmethod
@@ -87,11 +101,16 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             chunk_labels = labels[start:end]
             valid = chunk_labels != IGNORE_INDEX
             # d(lse - logit[target]) / d logits = softmax - onehot(target), zero on ignored tokens
-            grad_logits = _chunk_logits_fp32(hidden_chunk, weight)
+            grad_logits = _softcap_(_chunk_logits_fp32(hidden_chunk, weight), ctx.softcap)
+            # d softcap*tanh(z/softcap) / dz = 1 - (capped / softcap)^2
+            dcap = None if ctx.softcap is None else (grad_logits / ctx.softcap).square_().neg_().add_(1.0)
             grad_logits.sub_(lse[start:end].unsqueeze(1)).exp_()
             rows = torch.arange(end - start, device=hidden.device)
             grad_logits[rows, torch.where(valid, chunk_labels, 0)] -= 1.0
             grad_logits.mul_((valid.to(torch.float32) * scale).unsqueeze(1))
+            if dcap is not None:
+                grad_logits.mul_(dcap)
+                del dcap
             grad_logits = grad_logits.to(hidden.dtype)
             if need_hidden:
                 grad_hidden[start:end] = grad_logits @ weight
@@ -101,16 +120,21 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         grad_weight = None
         if need_weight:
             grad_weight = grad_weight_fp32 if weight.dtype == torch.float32 else grad_weight_fp32.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None
+        return grad_hidden, grad_weight, None, None, None
 
 
-def chunked_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_tokens: int) -> Tensor:
-    """Sum over tokens of cross_entropy(hidden @ weight.T, labels), fp32, labels -100 ignored.
+def chunked_cross_entropy(
+    hidden: Tensor, weight: Tensor, labels: Tensor, chunk_tokens: int, softcap: float | None = None
+) -> Tensor:
+    """Sum over tokens of cross_entropy(hidden @ weight.T, labels), fp32, labels -100 ignored;
+    with softcap c, of cross_entropy(c * tanh(hidden @ weight.T / c), labels).
 
     hidden (N, h) and weight (V, h) in the model dtype, labels (N,) already shifted (the label of
     token i is the token at i + 1). The logits are computed chunk_tokens rows at a time and never
     held whole; backward recomputes them. Returns a 0-dim fp32 tensor.
     """
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap ({softcap}) must be positive")
     if chunk_tokens <= 0:
         raise ValueError(f"chunk_tokens ({chunk_tokens}) must be positive")
     if hidden.dim() != 2 or weight.dim() != 2 or labels.dim() != 1:
@@ -123,4 +147,4 @@ def chunked_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_
             f"shapes do not match: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, "
             f"labels {tuple(labels.shape)}"
         )
-    return _ChunkedCrossEntropy.apply(hidden, weight, labels, chunk_tokens)
+    return _ChunkedCrossEntropy.apply(hidden, weight, labels, chunk_tokens, softcap)

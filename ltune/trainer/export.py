@@ -142,6 +142,7 @@ def export_hf_model(engine, plan, run_dir: Path, tokenizer=None, max_shard_bytes
         if lm.config.pad_token_id is None and tokenizer is not None and tokenizer.pad_token_id is not None:
             lm.config.pad_token_id = tokenizer.pad_token_id
         lm.config.dtype = next(lm.parameters()).dtype
+        lm.config.architectures = [type(lm).__name__]  # as save_pretrained writes it
         lm.config.save_pretrained(str(tmp))
         lm.config.use_cache = False
         if getattr(lm, "generation_config", None) is not None and lm.can_generate():

@@ -34,6 +34,7 @@ def causal_lm_loss(
     labels: torch.Tensor,
     mode: str = "full",
     chunk_tokens: int = 4096,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(fp32 sum of token losses, number of target tokens) for shifted ``labels``.
 
@@ -41,15 +42,21 @@ def causal_lm_loss(
     transformers' ForCausalLMLoss does; holds seq x vocab logits in both dtypes).
     mode "chunked": ``ltune.trainer.chunked_loss.chunked_cross_entropy``, which
     recomputes the logits chunk by chunk and never holds them all.
+    softcap c (gemma2's final_logit_softcapping): logits become c * tanh(logits / c) before
+    the cross entropy, as Gemma2ForCausalLM.forward does; here on the fp32 logits (transformers
+    caps in the model dtype, then upcasts: the same in fp32). In "full" mode autograd keeps the
+    fp32 tanh output beside cross entropy's saved log-softmax: one more N x V fp32 tensor.
     """
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
     targets = labels.reshape(-1)
     num_tokens = (targets != IGNORE_INDEX).sum()
     if mode == "full":
         logits = F.linear(hidden, lm_head_weight).float()
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
         loss_sum = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
     elif mode == "chunked":
-        loss_sum = chunked_cross_entropy(hidden, lm_head_weight, targets, chunk_tokens)
+        loss_sum = chunked_cross_entropy(hidden, lm_head_weight, targets, chunk_tokens, softcap)
     else:
         raise ValueError(f"loss mode {mode!r} is not 'full' or 'chunked'")
     return loss_sum, num_tokens

@@ -37,11 +37,12 @@ class LossHead(nn.Linear):
 
     mode = "full"
     chunk_tokens = 4096
+    softcap = None  # the config's final_logit_softcapping (gemma2): c * tanh(logits / c)
 
     def forward(self, hidden_states, labels=None):
         if labels is None:
-            return F.linear(hidden_states, self.weight, self.bias)
-        return causal_lm_loss(hidden_states, self.weight, labels, self.mode, self.chunk_tokens)
+            return F.linear(hidden_states, self.weight, self.bias)  # the CausalLM forward caps these itself
+        return causal_lm_loss(hidden_states, self.weight, labels, self.mode, self.chunk_tokens, self.softcap)
 
 
 class TrainModel(nn.Module):
@@ -72,6 +73,8 @@ def hf_config(plan: Plan, attn_impl: str):
 
     if plan.model.path:
         config = AutoConfig.from_pretrained(plan.model.path, trust_remote_code=plan.model.trust_remote_code)
+        if plan.model.architecture.rope_scaling is not None:  # the plan's rope_scaling block wins
+            apply_rope_scaling(config, plan.model.architecture.rope_scaling)
     else:
         fields = dict(plan.model.architecture.to_hf_config())
         fields.pop("architectures", None)
@@ -80,6 +83,20 @@ def hf_config(plan: Plan, attn_impl: str):
     config.use_cache = False
     config._attn_implementation = attn_impl
     return config
+
+
+def apply_rope_scaling(config, rope_scaling: dict) -> None:
+    """Merge a config.json-style rope_scaling block into a loaded transformers 5 config's
+    rope_parameters (keeping its rope_theta); per-layer-type parameters (gemma3) scale the
+    global (full_attention) layers only, as Gemma3TextConfig.convert_rope_params_to_dict does."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    if "full_attention" in params:
+        params["full_attention"] = {**params["full_attention"], **rope_scaling}
+    else:
+        params = {**params, **rope_scaling}
+    config.rope_parameters = params
+    if hasattr(config, "validate_rope"):
+        config.validate_rope()
 
 
 def torch_dtype(precision: str) -> torch.dtype:
@@ -373,6 +390,9 @@ def build_model(plan: Plan, ds_config: dict | None = None) -> TrainModel:
     head.__class__ = LossHead
     head.mode = plan.layout.loss
     head.chunk_tokens = plan.training.loss_chunk_tokens
+    # the body (lm.model: embedding scale, GeGLU, four norms, q/k norms, windows) is the family's
+    # own transformers forward; the one step of its CausalLM forward we replace is the head's
+    head.softcap = getattr(lm.config.get_text_config(), "final_logit_softcapping", None)
     lm.train()
     return TrainModel(lm)
 
