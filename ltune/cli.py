@@ -226,9 +226,9 @@ def _report_no_fit(closest) -> None:
 def _write_plan(req, best, model_name: str, output: Path, host_mem_gib, training: dict, model_files: dict,
                 quiet: bool) -> None:
     """Write plan.yaml, with data and model paths relative to the plan file (launch's rule)."""
-    from .planner.build import build_plan, relative_to_plan
+    from .planner.build import build_plan, model_folder_for_plan, relative_to_plan
 
-    files = {k: relative_to_plan(str(v), output) for k, v in model_files.items() if v is not None}
+    files = {k: model_folder_for_plan(str(v), output) for k, v in model_files.items() if v is not None}
     training = {**training, "data": [relative_to_plan(p, output) for p in training["data"]]}
     try:
         plan_obj = build_plan(req, best, model_name, training, host_mem_gib, files)
@@ -265,7 +265,7 @@ def plan(
     lr: Annotated[float, typer.Option("--lr", help="Learning rate written to plan.yaml (> 0).")] = 2e-5,
     data: Annotated[Optional[list[str]], typer.Option("--data", help="JSONL file or folder (repeatable), written to plan.yaml.")] = None,
     tokenizer: Annotated[Optional[Path], typer.Option("--tokenizer", help="Local tokenizer folder, written to plan.yaml.")] = None,
-    model_path: Annotated[Optional[Path], typer.Option("--model-path", help="Local HF model folder (safetensors), written to plan.yaml; random init if unset.")] = None,
+    model_path: Annotated[Optional[Path], typer.Option("--model-path", help="HF model folder (safetensors), or org/name in the local Hugging Face cache, written to plan.yaml; random init if unset.")] = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write the recommended plan to this plan.yaml.")] = None,
     as_json: JsonOpt = False,
 ) -> None:

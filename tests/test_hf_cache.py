@@ -83,3 +83,48 @@ def test_lookup_imports_neither_transformers_nor_huggingface_hub(tmp_path):
     )
     env = {"HF_HUB_CACHE": str(hub), "PATH": "", "HF_HUB_OFFLINE": "1"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
+
+
+def test_a_plan_naming_a_cached_model_runs_from_its_snapshot(no_hf_env, tmp_path):
+    """model.path / model.tokenizer `org/name`: the trainer and the launcher read the cached
+    snapshot; a folder of that relative name next to the plan wins over the cache."""
+    from conftest import make_plan
+    from ltune.job.paths import resolve_plan_paths, validate_plan_paths
+
+    hub = tmp_path / "hub"
+    _cache(hub, "Qwen/Qwen3-8B", {"aaa111": "qwen3"}, main="aaa111")
+    no_hf_env.setenv("HF_HUB_CACHE", str(hub))
+    snapshot = hub / "models--Qwen--Qwen3-8B" / "snapshots" / "aaa111"
+    plans = tmp_path / "plans"
+    plans.mkdir()
+    plan = make_plan(model={"path": "Qwen/Qwen3-8B", "tokenizer": "Qwen/Qwen3-8B"})
+    resolved = resolve_plan_paths(plan, plans)
+    assert (resolved.model.path, resolved.model.tokenizer) == (str(snapshot), str(snapshot))
+    assert validate_plan_paths(plan, plans) == []
+    (plans / "Qwen" / "Qwen3-8B").mkdir(parents=True)
+    assert resolve_plan_paths(plan, plans).model.path == str(plans / "Qwen" / "Qwen3-8B")
+    no_hf_env.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    assert validate_plan_paths(make_plan(model={"path": "Org/Missing"}), plans) == [
+        f"model.path: folder {plans / 'Org' / 'Missing'} not found"]
+
+
+def test_plan_o_keeps_a_cached_name(no_hf_env, tmp_path, monkeypatch):
+    """`plan -o --model-path org/name` writes the name (found again where the job runs), while a
+    real folder is written relative to the plan."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from ltune.cli import app
+
+    hub = tmp_path / "hub"
+    _cache(hub, "Qwen/Qwen3-8B", {"aaa111": "qwen3"}, main="aaa111")
+    no_hf_env.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "out").mkdir()
+    args = ["plan", "-m", "Qwen/Qwen3-8B", "--ctx", "4096", "--gpu", "h100-80g", "--gpus", "8",
+            "--model-path", "Qwen/Qwen3-8B", "--tokenizer", "tok", "-o", "out/plan.yaml"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    model = yaml.safe_load((tmp_path / "out" / "plan.yaml").read_text())["model"]
+    assert (model["path"], model["tokenizer"]) == ("Qwen/Qwen3-8B", "../tok")

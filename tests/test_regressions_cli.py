@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from ltune.cli import app
 from ltune.launcher import LaunchError, LaunchOptions, plan_launch
-from ltune.planner.io import PlanError, dump_plan, load_plan, validate_plan_paths
+from ltune.job.paths import validate_plan_paths
+from ltune.planner.io import PlanError, dump_plan, load_plan
 from ltune.planner.search import sp_degrees
 from ltune.profiles import load_model
 

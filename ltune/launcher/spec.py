@@ -15,7 +15,8 @@ from typing import Any, Literal, Mapping
 from ..job.ds_config import build_ds_config
 from ..planner import checkpointing
 from ..planner.fit import check_fit
-from ..planner.io import short_repr, validate_plan_paths
+from ..job.paths import validate_plan_paths
+from ..planner.io import short_repr
 from ..planner.memory import SAFETY_MARGIN
 from ..planner.schema import CONTROL_CHARACTERS, Evaluation, Plan, Prediction
 from ..profiles import GIB, ProfileError, load_gpu

@@ -37,6 +37,17 @@ def relative_to_plan(path: str, plan_path: Path) -> str:
     return os.path.relpath(Path(path).resolve(), Path(plan_path).resolve().parent)
 
 
+def model_folder_for_plan(path: str, plan_path: Path) -> str:
+    """--model-path/--tokenizer as the plan keeps it: a folder relative to the plan's folder,
+    or an `org/name` that is no folder here but sits in the local Hugging Face cache, as written
+    (ltune.job.paths.resolve_model_path finds it again where the job runs)."""
+    from ..profiles import hf_cache_snapshot
+
+    if not Path(path).exists() and hf_cache_snapshot(path) is not None:
+        return path
+    return relative_to_plan(path, plan_path)
+
+
 def checkpoint_for(req: Request, ev: Evaluation, training: dict | None = None) -> CheckpointPrediction:
     """The checkpoint policy of one evaluated layout (size, save time, interval) at the default
     storage bandwidth (a plan edited to name its own is re-predicted by ltune launch)."""

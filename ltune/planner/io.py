@@ -118,35 +118,3 @@ def dump_plan(plan: Plan, path: str | Path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def _resolve(path: str, plan_dir: Path) -> Path:
-    """A plan's relative path is relative to the plan file's folder (ltune.job.paths' rule)."""
-    p = Path(path)
-    try:
-        p = p.expanduser()
-    except RuntimeError:  # ~user of a user this machine does not know: the path as written
-        pass
-    return p if p.is_absolute() else plan_dir / p
-
-
-def validate_plan_paths(plan: Plan, plan_dir: str | Path) -> list[str]:
-    """One line per path of the plan that does not exist where the plan will run:
-    model.path and model.tokenizer (folders) and each training.data entry (file or folder)."""
-    plan_dir = Path(plan_dir)
-    problems = []
-    for field, value in (("model.path", plan.model.path), ("model.tokenizer", plan.model.tokenizer)):
-        if value is not None and not _exists(_resolve(value, plan_dir), folder=True):
-            problems.append(f"{field}: folder {_resolve(value, plan_dir)} not found")
-    for entry in plan.training.data:
-        if not _exists(_resolve(entry, plan_dir)):
-            problems.append(f"training.data: {_resolve(entry, plan_dir)}: data file not found")
-    return problems
-
-
-def _exists(path: Path, folder: bool = False) -> bool:
-    """Whether a path exists (a folder, if `folder`); False for a name the system refuses (too long)."""
-    try:
-        return path.is_dir() if folder else path.exists()
-    except OSError:
-        return False
