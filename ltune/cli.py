@@ -1,6 +1,6 @@
 """ltune's command line: the only module that prints.
 
-Commands: plan, check, launch, trace, models, gpus, schema.
+Commands: plan, sweep, check, launch, report, trace, models, gpus, schema.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from .render import (
     per_count_table,
     describe_shortfall,
     gib,
+    host_memory_line,
     layout_line,
     plan_json,
     runners_up_table,
@@ -38,8 +39,17 @@ from .render import (
     trace_table,
 )
 
-console = Console(emoji=False)
-err_console = Console(stderr=True, emoji=False)
+class _Console(Console):
+    """rich's Console, but a closed pipe raises BrokenPipeError (ended with CLOSED_PIPE_EXIT by
+    _OneLineErrors) where rich would exit 1, the "does not fit" status."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError("stdout closed")
+
+
+console = _Console(emoji=False)
+err_console = _Console(stderr=True, emoji=False)
 
 
 
@@ -55,9 +65,33 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+#: exit status when the reader of stdout goes away (`ltune plan ... | head`): the shell's 128 + SIGPIPE,
+#: as `yes | head` gives; not 1 ("does not fit") nor 0 (the verdict was not read)
+CLOSED_PIPE_EXIT = 141
+
+
+def _silence_stdout() -> None:
+    """Point the stdout descriptor at /dev/null, so that Python's flush at exit cannot fail again."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no descriptor (a test runner's buffer)
+        pass
+
+
 class _OneLineErrors(TyperGroup):
     """ltune's command group: a usage error (a bad, missing or unknown option) is one line
-    `error: ...` and exit 2, not click's usage block in typer's rich box; --help is unchanged."""
+    `error: ...` and exit 2, not click's usage block in typer's rich box; --help is unchanged.
+    A closed stdout (`| head`) ends the command quietly with CLOSED_PIPE_EXIT."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            _silence_stdout()
+            raise typer.Exit(CLOSED_PIPE_EXIT) from None
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:  # typer >= 0.20 vendors click
@@ -88,6 +122,11 @@ class _OneLineErrors(TyperGroup):
             code = 1
         if not standalone_mode:
             return code
+        try:  # what print() left in the buffer
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _silence_stdout()
+            code = CLOSED_PIPE_EXIT
         sys.exit(code if isinstance(code, int) else 0)
 
 
@@ -124,7 +163,7 @@ def _option(field: str, *aliases: str, note: str = "", **limits) -> typer.models
 _PIN = "Unpinned, the search chooses."
 ModelOpt = Annotated[str, _option("model", "-m")]
 CtxOpt = Annotated[int, _option("seq_len", min=1)]
-GpuOpt = Annotated[str, _option("gpu")]
+GpuOpt = Annotated[str, _option("gpu", note="Any case; 'auto': this machine's GPU, named by nvidia-smi.")]
 GpusOpt = Annotated[Optional[int], _option("num_gpus", note="Unpinned, the search tries powers of two.", min=1)]
 MaxGpusOpt = Annotated[int, _option("max_gpus", min=1)]
 ZeroOpt = Annotated[Optional[int], _option("zero_stage", note=_PIN, min=0, max=3)]
@@ -192,11 +231,18 @@ def _print_plan(req, result, model_name: str, longest=None) -> None:
     best = result.best
     if best is not None:
         console.print(f"\n[bold green]recommended:[/] {layout_line(best.layout)}")
+        if best.layout.attention == "varlen" and not g.supports_bf16 and g.name != "cpu":
+            # bf16 came with Ampere: a GPU without it is pre-Ampere (V100), where trainer/attention.py runs SDPA
+            console.print(f"  [yellow]attention on {escape(g.display_name)}: flash-attn and PyTorch's varlen kernel "
+                          "need Ampere (sm80); the trainer runs scaled_dot_product_attention once per document "
+                          "instead, whose memory this plan counts as varlen's (not modelled)[/]", highlight=False)
         console.print(f"  {batch_line(best, req.seq_len)}")
         console.print(f"  {speed_line(best)}")
         console.print(f"  {cost_line(best)}")
         console.print(f"  {checkpoint_line(checkpoint_for(req, best))}", highlight=False)
         console.print(breakdown_table(best, "per-GPU memory"))
+        if best.layout.offload != "none" or best.memory.host_bytes_per_node > best.memory.host_capacity_bytes_per_node:
+            console.print(f"  {host_memory_line(best.memory)}", highlight=False)
     if result.no_offload is not None:
         ev = result.no_offload
         console.print(f"[bold]without offload:[/] {layout_line(ev.layout)}; {speed_line(ev)}; {cost_line(ev)}")
@@ -205,10 +251,18 @@ def _print_plan(req, result, model_name: str, longest=None) -> None:
     if result.runners_up:
         console.print(runners_up_table(result.runners_up))
     conv = result.conventional
-    if conv is not None and (best is None or conv.layout != best.layout):
+    recipe = "\n[bold]conventional (ZeRO-3, no sp, no offload, full recompute, full loss, micro-batch 1):[/]"
+    if conv is None:
+        from .planner.search import gpu_counts
+
+        counts = gpu_counts(req.pins)
+        where = f"{counts[0]:,} to {counts[-1]:,} GPUs" if len(counts) > 1 else f"{counts[0]:,} GPU{'s' if counts[0] > 1 else ''}"
+        console.print(f"{recipe} fits at no GPU count searched ({where})", highlight=False)
+    elif best is not None and conv.layout == best.layout:
+        console.print(f"{recipe} the recommended layout", highlight=False)
+    else:
         console.print(
-            f"\n[bold]constrained (ZeRO-3, no sp, no offload, full recompute, full loss, micro-batch 1):[/] "
-            f"{conv.layout.num_gpus} GPU{'s' if conv.layout.num_gpus > 1 else ''}, "
+            f"{recipe} {conv.layout.num_gpus} GPU{'s' if conv.layout.num_gpus > 1 else ''}, "
             f"{gib(conv.memory.total_bytes)} GiB, {speed_line(conv)}"
         )
     console.print(f"[dim]{result.evaluated:,} layouts evaluated in {result.seconds * 1000:.0f} ms[/]")
@@ -267,6 +321,7 @@ def plan(
     tokenizer: Annotated[Optional[Path], typer.Option("--tokenizer", help="Local tokenizer folder, written to plan.yaml.")] = None,
     model_path: Annotated[Optional[Path], typer.Option("--model-path", help="HF model folder (safetensors), or org/name in the local Hugging Face cache, written to plan.yaml; random init if unset.")] = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write the recommended plan to this plan.yaml.")] = None,
+    chart: Annotated[Optional[str], typer.Option("--chart", help="Draw the per-GPU memory of the pick and the runners-up (stacked terms against capacity and safety margin) to this .png or .svg (needs matplotlib: pip install -e \".[plot]\").")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Find the best layout at every GPU count for one global batch, recommend one, and show why.
@@ -288,6 +343,7 @@ def plan(
         check_plan_fields(training, model_files)
         if output is not None:
             output = check_output_path(output)
+        chart_fmt = _chart_format(chart, "--chart") if chart is not None else None
         seq_len = parse_ctx(ctx)
         options = layout_options(
             model=model, seq_len=seq_len or CTX_GRANULARITY, gpu=gpu, num_gpus=num_gpus, max_gpus=max_gpus,
@@ -318,12 +374,131 @@ def plan(
         print(json.dumps(plan_json(req, result, model, longest), indent=2))
     else:
         _print_plan(req, result, model, longest if longest is not None and longest.seq_len else None)
+    if chart is not None:
+        _plan_chart(req, result, model, chart, chart_fmt, quiet=as_json)
     if result.best is None:
         if result.closest is not None and not as_json:
             _report_no_fit(result.closest)
         raise typer.Exit(1)
     if output is not None:
         _write_plan(req, result.best, model, output, host_mem_gib, training, model_files, quiet=as_json)
+
+
+def _chart_format(path: str, flag: str) -> str:
+    """png or svg from the file name, with matplotlib importable; else a one-line error (exit 2)."""
+    from .charts import chart_format, require_matplotlib
+
+    fmt = chart_format(path, flag)
+    require_matplotlib(flag)
+    return fmt
+
+
+def _draw(draw, *args, path: str, quiet: bool, **kwargs) -> None:
+    """Run one chart function; an unwritable file is a one-line error (exit 2)."""
+    try:
+        draw(*args, path, **kwargs)
+    except OSError as e:
+        raise fail(f"cannot write chart {path}: {e.strerror or e}")
+    if not quiet:
+        console.print(f"wrote chart {escape(str(path))}", highlight=False)
+
+
+def _plan_chart(req, result, model_name: str, path: str, fmt: str, quiet: bool) -> None:
+    """--chart: the pick and the runners-up (the closest layout when nothing fits)."""
+    from .charts import memory_chart
+    from .render import chart_label
+
+    if result.best is not None:
+        evaluations, first = [result.best, *result.runners_up], "pick"
+    elif result.closest is not None:
+        evaluations, first = [result.closest.evaluation], "closest (does not fit)"
+    else:
+        return
+    labels = [f"{first if i == 0 else f'runner-up {i}'}\n{chart_label(ev.layout)}" for i, ev in enumerate(evaluations)]
+    title = (f"{model_name} at {req.seq_len:,} tokens on {req.gpu.display_name}: per-GPU memory "
+             f"({100 * req.safety_margin:.0f}% safety margin)")
+    _draw(memory_chart, evaluations, labels, path=path, quiet=quiet, title=title, fmt=fmt)
+
+
+# ---------------------------------------------------------------- sweep
+
+
+def _sweep_progress(total: int):
+    """A transient rich progress bar on stderr when it is a terminal; else nothing."""
+    if not err_console.is_terminal:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("sweep: {task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=err_console, transient=True)
+
+
+@app.command()
+def sweep(
+    model: ModelOpt,
+    ctx: Annotated[Optional[str], typer.Option("--ctx", help="Context lengths, comma-separated: 8k,32k,128k (k = 1,024, m = 1,048,576). Default: 4k to 1M, powers of two.")] = None,
+    gpu: Annotated[Optional[list[str]], typer.Option("--gpu", help="GPU profile (repeatable or comma-separated; see ltune gpus). Default: a100-80g, h100-80g, h200, b200.")] = None,
+    max_gpus: MaxGpusOpt = DEFAULTS["max_gpus"],
+    tokens_per_step: TokensPerStepOpt = None,
+    doc_tokens: DocTokensOpt = None,
+    offload: OffloadOpt = None,
+    attention: AttentionOpt = DEFAULTS["attention"],
+    precision: PrecisionOpt = None,
+    host_mem_gib: HostMemOpt = None,
+    safety_margin: MarginOpt = DEFAULTS["safety_margin"],
+    png: Annotated[Optional[str], typer.Option("--png", help="Draw GPUs needed vs context per GPU type to this PNG (needs matplotlib: pip install -e \".[plot]\").")] = None,
+    svg: Annotated[Optional[str], typer.Option("--svg", help="The same chart as SVG.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """For each context and GPU type: the fewest GPUs that fit, the layout, tokens/s/GPU and
+    GPU-hours per billion tokens (the search of `ltune plan --prefer fewest`, per cell).
+
+    Exit 0 when some cell fits, 1 when none does, 2 for bad input.
+    """
+    from .charts import require_matplotlib
+    from .planner.sweep import DEFAULT_CONTEXTS, DEFAULT_SWEEP_GPUS, parse_contexts, split_names, sweep as run_sweep
+    from .planner.search import DEFAULT_TOKENS_PER_STEP
+    from .planner.sweep import sweep_requests
+    from .render import sweep_json, sweep_matrix_table, sweep_table
+
+    try:
+        for flag, path in (("--png", png), ("--svg", svg)):
+            if path is not None:
+                require_matplotlib(flag)
+        contexts = parse_contexts(ctx) if ctx is not None else DEFAULT_CONTEXTS
+        gpus = split_names(gpu) if gpu else DEFAULT_SWEEP_GPUS
+        options = dict(model=model, max_gpus=max_gpus, tokens_per_step=tokens_per_step, doc_tokens=doc_tokens,
+                       offload=offload, attention=attention, precision=precision, host_mem_gib=host_mem_gib,
+                       safety_margin=safety_margin)
+        requests = sweep_requests(options, gpus, contexts)
+    except (ProfileError, ValueError) as e:
+        raise fail(_one_line(e))
+    progress = _sweep_progress(len(requests))
+    if progress is None:
+        result = run_sweep(model, requests)
+    else:
+        with progress:
+            task = progress.add_task(f"{len(requests)} cells", total=len(requests))
+
+            def advance(cell) -> None:
+                progress.update(task, advance=1, description=f"done {cell.gpu} at {cell.seq_len:,} tokens")
+
+            result = run_sweep(model, requests, on_cell=advance)
+    if as_json:
+        print(json.dumps(sweep_json(result), indent=2))
+    else:
+        console.print(sweep_matrix_table(result))
+        console.print(sweep_table(result))
+        console.print(f"[dim]{len(result.cells)} searches, {sum(c.evaluated for c in result.cells):,} layouts "
+                      f"evaluated in {result.seconds:.2f} s; {tokens_per_step or DEFAULT_TOKENS_PER_STEP:,} tokens per "
+                      f"optimizer step (in whole sequences, a power of two)[/]")
+    from .charts import sweep_chart
+
+    for path, fmt in ((png, "png"), (svg, "svg")):
+        if path is not None:
+            _draw(sweep_chart, result, path=path, quiet=as_json, fmt=fmt)
+    if not any(c.fits for c in result.cells):
+        raise typer.Exit(1)
 
 
 CHECK_FORMATS = ("text", "json", "junit", "github")
@@ -371,7 +546,7 @@ def _print_check(report, output_format: str) -> None:
     else:
         print("\n".join(text_lines(report)))
         for table in failure_tables(report):
-            console.print(table)
+            _Console(emoji=False, width=10_000).print(table)
         print(summary_line(report))
 
 
@@ -527,6 +702,8 @@ def launch(
             launcher=launcher, hostfile=str(hostfile) if hostfile else None, nnodes=nnodes, node_rank=node_rank,
             master_addr=master_addr, master_port=master_port, run_dir=str(run_dir) if run_dir else None,
             resume=resume, force=force, dry_run=dry_run,
+            # the trainer's stderr is a pipe under DeepSpeed's launcher: tell it when ours is a terminal
+            progress="tty" if err_console.is_terminal else None,
         )
         spec = plan_launch(plan_obj, plan_file, options)
     except FitRefused as e:
@@ -549,6 +726,19 @@ def launch(
 
 
 # ---------------------------------------------------------------- trace
+
+
+def _trace_ctx(text: str) -> int:
+    """trace --ctx: a token count (4096, 8k, 1m), else a one-line ValueError naming the flag."""
+    from .planner.options import parse_tokens
+
+    try:
+        tokens = parse_tokens(text)
+    except ValueError as e:
+        raise ValueError(f"Invalid value for '--ctx': {e}") from None
+    if tokens < 1:
+        raise ValueError(f"Invalid value for '--ctx': {tokens} is not in the range x>=1")
+    return tokens
 
 
 @dataclass(frozen=True)
@@ -592,7 +782,7 @@ def _search_target(options: LayoutOptions) -> TraceTarget:
 def trace(
     plan_path: Annotated[Optional[Path], typer.Option("--plan", help="Trace the layout of this plan.yaml.")] = None,
     model: Annotated[Optional[str], _option("model", "-m")] = None,
-    seq_len: Annotated[Optional[int], _option("seq_len", min=1)] = None,
+    seq_len: Annotated[Optional[str], _option("seq_len", note="Also 8k, 32k, 1m (k = 1,024).")] = None,
     gpu: GpuOpt = DEFAULTS["gpu"],
     num_gpus: GpusOpt = None,
     zero_stage: ZeroOpt = None,
@@ -621,7 +811,7 @@ def trace(
             raise ValueError("give --model and --ctx, or --plan plan.yaml")
         else:
             target = _search_target(layout_options(
-                model=model, seq_len=seq_len, gpu=gpu, num_gpus=num_gpus, zero_stage=zero_stage, sp_degree=sp_degree,
+                model=model, seq_len=_trace_ctx(seq_len), gpu=gpu, num_gpus=num_gpus, zero_stage=zero_stage, sp_degree=sp_degree,
                 offload=offload, loss=loss, recompute=recompute, micro_batch_size=micro_batch_size,
                 attention=attention, precision=precision, loss_chunk_tokens=loss_chunk_tokens,
             ))
@@ -636,10 +826,17 @@ def trace(
         raise fail(f"ltune trace needs torch and transformers (pip install 'ltune[train]'): {e}")
     from .trace import trace_memory
 
+    from .trace.tracer import PHASES
+
     layout, seq_len, prec = target.layout, target.seq_len, target.precision
     try:
-        result = trace_memory(target.model, seq_len, layout, prec, loss_chunk_tokens=target.loss_chunk_tokens,
-                              num_docs=num_docs, plan=target.plan)
+        # which phase the trace is in, on stderr (rich draws nothing when it is not a terminal)
+        with err_console.status("tracing", spinner="dots") as status:
+            def on_phase(name: str) -> None:
+                status.update(f"tracing: {PHASES.get(name, name)}")
+
+            result = trace_memory(target.model, seq_len, layout, prec, loss_chunk_tokens=target.loss_chunk_tokens,
+                                  num_docs=num_docs, plan=target.plan, on_phase=on_phase)
     except ValueError as e:
         raise fail(str(e))
     if as_json:
@@ -650,12 +847,93 @@ def trace(
     console.print(f"traced one step of {layout.micro_batch_size} x {result.tokens_per_rank:,} tokens per rank "
                   f"({result.num_docs} documents per sequence) in {result.trace_s:.1f} s, "
                   f"{result.max_rss_bytes / 1e9:.2f} GB resident")
-    console.print(trace_table(result, analytic))
+    console.print(trace_table(result, analytic, layout.recompute))
     for note in result.corrections:
         console.print(f"[dim]- {note}[/]")
 
 
+# ---------------------------------------------------------------- report
+
+
+def _ratio(measured, predicted) -> str:
+    """"xR" (measured / predicted) when the plan predicted it, else ""."""
+    return "" if not predicted or measured is None else f"x{measured / predicted:.2f}"
+
+
+def _print_report(r) -> None:
+    """The text form of a RunReport."""
+    steps = f"{r.steps_logged} steps logged ({r.first_step}..{r.last_step}"
+    steps += f" of {r.planned_steps})" if r.planned_steps else ")"
+    console.print(f"[bold]{escape(r.model)}[/] at {r.seq_len:,} tokens on {r.num_gpus} x {escape(r.gpu)}: {steps}",
+                  highlight=False)
+    real = f" ({r.loss_tokens:,} real target tokens)" if r.loss_tokens is not None else ""
+    console.print(f"tokens: {r.tokens:,} ({r.tokens_per_step:,} per step){real}; "
+                  f"loss {r.first_loss:.4f} -> {r.last_loss:.4f}", highlight=False)
+    table = Table(title="measured vs predicted (steady steps: after the first logged step)")
+    for col in ("", "measured", "predicted", "measured / predicted"):
+        table.add_column(col, justify="left" if not col else "right")
+    table.add_row("tokens/s/GPU", f"{r.tokens_per_s_per_gpu:,.0f}",
+                  "-" if r.predicted_tokens_per_s_per_gpu is None else f"{r.predicted_tokens_per_s_per_gpu:,.0f}",
+                  _ratio(r.tokens_per_s_per_gpu, r.predicted_tokens_per_s_per_gpu) or "-")
+    table.add_row("MFU", "-" if r.mfu is None else f"{100 * r.mfu:.1f}%",
+                  "-" if r.predicted_mfu is None else f"{100 * r.predicted_mfu:.1f}%", _ratio(r.mfu, r.predicted_mfu) or "-")
+    t = r.time
+    table.add_row("step time (s)", "-" if t.steady_step_s is None else f"{t.steady_step_s:.3f}",
+                  "-" if t.predicted_step_s is None else f"{t.predicted_step_s:.3f}",
+                  _ratio(t.steady_step_s, t.predicted_step_s) or "-")
+    for row in r.memory:
+        predicted = "-" if row.predicted_bytes is None else gib(row.predicted_bytes)
+        table.add_row(f"{row.name.removesuffix('_bytes').replace('_', ' ')} GiB (max over ranks)", gib(row.measured_bytes),
+                      predicted, _ratio(row.measured_bytes, row.predicted_bytes) or "-")
+        if len(row.per_rank_bytes) > 1:
+            for rank, value in enumerate(row.per_rank_bytes):
+                table.add_row(f"  rank {rank}", gib(value), predicted, _ratio(value, row.predicted_bytes) or "-")
+    console.print(table)
+    where = [f"{t.step_s:,.1f} s in steps (first step {t.first_step_s:,.2f} s"
+             + ("" if t.steady_step_s is None else f", then {t.steady_step_s:,.3f} s each") + ")"]
+    if t.wall_s is not None:
+        where.append(f"{t.outside_steps_s:,.1f} s outside them (checkpoints, logging) of {t.wall_s:,.1f} s")
+    if t.predicted_compute_s is not None:
+        where.append(f"plan: {t.predicted_compute_s:.3f} s compute + {t.predicted_exposed_comm_s:.3f} s exposed "
+                     f"communication per step")
+    console.print("time: " + "; ".join(where), highlight=False, soft_wrap=True)
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder (its plan.yaml and metrics.jsonl).")],
+    as_json: JsonOpt = False,
+    png: Annotated[Optional[str], typer.Option("--png", help="Also draw the loss and the measured vs predicted "
+                                               "peak memory to this .png (or .svg) file (needs matplotlib).")] = None,
+) -> None:
+    """Summarise a run: steps, tokens, tokens/s and MFU, peak memory per rank, against the plan."""
+    from .charts import ChartError
+    from .report import ReportError, report_run
+
+    try:
+        fmt = _chart_format(png, "--png") if png is not None else None
+        result = report_run(run_dir)
+    except (ReportError, ChartError) as e:
+        raise fail(_one_line(e), 2)
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        _print_report(result)
+    if png is not None:
+        from .charts import report_chart
+
+        _draw(report_chart, result, path=png, quiet=as_json, fmt=fmt)
+
+
 # ---------------------------------------------------------------- models, gpus
+
+
+def _print_table(table: Table) -> None:
+    """A listing: wrapped to the terminal, else (a pipe, a file) at its full width, nothing cut."""
+    if console.is_terminal:
+        console.print(table)
+    else:
+        _Console(emoji=False, width=10_000).print(table)
 
 
 @app.command()
@@ -676,16 +954,23 @@ def models() -> None:
             str(m.vocab_size),
             "yes" if m.tie_word_embeddings else "no",
         )
-    console.print(table)
+    _print_table(table)
 
 
 @app.command()
-def gpus() -> None:
+def gpus(
+    show_all: Annotated[bool, typer.Option("--all", help="Also list the cpu test target (one process is one device).")] = False,
+) -> None:
     """List the GPU profiles (memory as the CUDA runtime reports it)."""
+    from .planner.schema import CPU_TARGET
+
     table = Table(title="GPU profiles")
     for col in ("name", "device", "memory GiB", "bf16 TFLOPS", "fp16 TFLOPS", "fp32 TFLOPS", "HBM TB/s", "per node"):
-        table.add_column(col, justify="left" if col in ("name", "device") else "right")
+        table.add_column(col, justify="left" if col in ("name", "device") else "right",
+                         no_wrap=col == "name")
     for name in gpu_names():
+        if name == CPU_TARGET and not show_all:
+            continue
         g = load_gpu(name)
         table.add_row(
             name,
@@ -697,7 +982,7 @@ def gpus() -> None:
             f"{g.hbm_bandwidth_bytes_per_s / 1e12:.2f}",
             str(g.gpus_per_node),
         )
-    console.print(table)
+    _print_table(table)
 
 
 @app.command()

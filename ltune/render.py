@@ -19,6 +19,34 @@ def layout_line(lay) -> str:
     )
 
 
+def term_label(name: str, recompute: str | None) -> str:
+    """A memory term as the tables name it. With --recompute none the planner's
+    `activations_checkpoints` holds every tensor each layer saves for backward, not layer-input
+    checkpoints: shown as `activations_saved` (the JSON and the plan keep the planner's name)."""
+    if name == "activations_checkpoints" and recompute == "none":
+        return "activations_saved"
+    return name
+
+
+def host_memory_line(mem) -> str:
+    """Host memory per node (offloaded states, pinned buffers) against the node's capacity."""
+    share = 100 * mem.host_bytes_per_node / mem.host_capacity_bytes_per_node if mem.host_capacity_bytes_per_node else 0
+    verdict = "fits" if mem.fits_host else "does not fit"
+    return (f"host memory per node {gib(mem.host_bytes_per_node)} of {gib(mem.host_capacity_bytes_per_node)} GiB "
+            f"({share:.0f}%, {verdict}; --host-mem-gib sets the capacity)")
+
+
+def trace_pct(analytic_bytes: int, traced_bytes: int) -> str:
+    """analytic - traced in % of traced; a dash when both show as 0.00 GiB, words when one side is zero."""
+    if round(analytic_bytes / GIB, 2) == 0 and round(traced_bytes / GIB, 2) == 0:
+        return "—"
+    if not analytic_bytes:
+        return "none predicted"
+    if not traced_bytes:
+        return "none traced"
+    return f"{100 * (analytic_bytes - traced_bytes) / traced_bytes:+.1f}"
+
+
 def speed_line(ev) -> str:
     th = ev.throughput
     return (
@@ -80,7 +108,7 @@ def breakdown_table(ev, title: str, limits: bool = False) -> Table:
     table.add_column("% of GPU", justify="right", footer=f"{100 * mem.total_bytes / mem.capacity_bytes:.1f}")
     for name, size in mem.terms.items():
         if size:
-            table.add_row(name, gib(size), f"{100 * size / mem.capacity_bytes:.1f}")
+            table.add_row(term_label(name, ev.layout.recompute), gib(size), f"{100 * size / mem.capacity_bytes:.1f}")
     if limits:
         table.add_section()
         table.add_row("usable (capacity less margin)", gib(mem.usable_bytes), f"{100 * mem.usable_bytes / mem.capacity_bytes:.1f}")
@@ -113,8 +141,8 @@ def evaluation_json(ev) -> dict:
     }
 
 
-def trace_table(result, analytic) -> Table:
-    """Analytic vs traced memory per term, with the difference."""
+def trace_table(result, analytic, recompute: str | None = None) -> Table:
+    """Analytic vs traced memory per term, with the difference (`recompute`: the layout's, for term_label)."""
     from .trace import UNTRACED_TERMS, comparable_totals, compare
 
     table = Table(title="per-GPU memory: analytic vs traced (GiB)", show_footer=True)
@@ -129,11 +157,11 @@ def trace_table(result, analytic) -> Table:
         a, t = row["analytic_bytes"], row["traced_bytes"]
         if not a and (t or 0) < 2**20:
             continue  # below 1 MiB on both sides (inputs, buffers)
+        label = term_label(row["term"], recompute)
         if t is None:
-            table.add_row(row["term"], gib(a), "[dim]not traced[/]", "", "")
+            table.add_row(label, gib(a), "[dim]not traced[/]", "", "")
             continue
-        pct = f"{100 * (a - t) / t:+.1f}" if t else ""
-        table.add_row(row["term"], gib(a), gib(t), f"{(a - t) / GIB:+,.3f}", pct)
+        table.add_row(label, gib(a), gib(t), f"{(a - t) / GIB:+,.3f}", trace_pct(a, t))
     table.caption = (
         f"peak: analytic at '{analytic.peak_phase}', traced at '{result.peak_phase}'; "
         f"not traced: {', '.join(UNTRACED_TERMS)}"
@@ -146,7 +174,8 @@ def describe_shortfall(sf) -> str:
     host = f"host memory over by {sf.host_over_bytes / GIB:.1f} GiB per node"
     if sf.over_bytes <= 0:
         return host
-    gpu = f"over by {sf.over_bytes / GIB:.1f} GiB; largest term {sf.largest_term} {sf.largest_term_bytes / GIB:.1f} GiB"
+    term = term_label(sf.largest_term, sf.layout.recompute)
+    gpu = f"over by {sf.over_bytes / GIB:.1f} GiB; largest term {term} {sf.largest_term_bytes / GIB:.1f} GiB"
     return f"{gpu}; {host}" if sf.host_over_bytes > 0 else gpu
 
 
@@ -207,3 +236,76 @@ def trace_json(name, gpu_profile, seq_len, prec, layout, analytic, result) -> di
         "comparable": {"analytic_bytes": a_total, "traced_bytes": t_total,
                        "error_pct": 100 * (a_total - t_total) / t_total if t_total else 0.0},
     }
+
+
+def _ctx_label(n: int) -> str:
+    """4096 -> 4k, 1048576 -> 1M (exact multiples only), else the number."""
+    if n % 2**20 == 0:
+        return f"{n // 2**20}M"
+    return f"{n // 2**10}k" if n % 2**10 == 0 else f"{n:,}"
+
+
+def sweep_matrix_table(result) -> Table:
+    """GPUs needed: one row per context, one column per GPU type."""
+    table = Table(title=f"{result.model}: fewest GPUs that fit (tokens/s/GPU)")
+    table.add_column("context", justify="right")
+    for gpu in result.gpus:
+        table.add_column(gpu, justify="right")
+    for ctx in result.contexts:
+        row = [f"{_ctx_label(ctx)} ({ctx:,})"]
+        for gpu in result.gpus:
+            c = result.cell(gpu, ctx)
+            row.append(f"{c.num_gpus} ({c.tokens_per_s_per_gpu:,.0f})" if c.fits else f"[red]> {result.max_gpus}[/]")
+        table.add_row(*row)
+    return table
+
+
+def sweep_table(result) -> Table:
+    """Every cell of the sweep: GPU count, layout, tokens/s/GPU and GPU-hours per billion tokens."""
+    table = Table(title="per cell: the fastest layout at the fewest GPUs that fit")
+    for col in ("GPU", "ctx", "GPUs", "layout", "tok/s/GPU", "MFU%", "GPU-h/Btok"):
+        table.add_column(col, justify="left" if col in ("GPU", "layout") else "right", ratio=1 if col == "layout" else None)
+    for i, gpu in enumerate(result.gpus):
+        if i:
+            table.add_section()
+        for c in result.series(gpu):
+            if c.fits:
+                lay = c.best.layout
+                layout = (f"ZeRO-{lay.zero_stage} sp {lay.sp_degree} mb {lay.micro_batch_size}; offload {lay.offload}; "
+                          f"recompute {lay.recompute}; loss {lay.loss}")
+                table.add_row(gpu, _ctx_label(c.seq_len), str(c.num_gpus), layout, f"{c.tokens_per_s_per_gpu:,.0f}",
+                              f"{100 * c.best.throughput.mfu:.1f}", f"{c.gpu_hours_per_billion_tokens:,.1f}")
+            else:
+                why = f"; closest {describe_shortfall(c.closest)}" if c.closest is not None else ""
+                table.add_row(gpu, _ctx_label(c.seq_len), f"> {result.max_gpus}", f"[red]no layout fits[/]{why}",
+                              "", "", "")
+    return table
+
+
+def sweep_json(result) -> dict:
+    """`ltune sweep --json`: one object per cell, GPU types in order, contexts ascending."""
+    cells = []
+    for c in result.cells:
+        ev = c.best
+        cells.append({
+            "gpu": c.gpu, "seq_len": c.seq_len, "fits": c.fits, "num_gpus": c.num_gpus,
+            "layout": ev.layout.model_dump() if ev else None,
+            "global_batch": c.global_batch,
+            "gradient_accumulation_steps": ev.gradient_accumulation_steps if ev else None,
+            "tokens_per_s_per_gpu": c.tokens_per_s_per_gpu,
+            "gpu_hours_per_billion_tokens": c.gpu_hours_per_billion_tokens,
+            "mfu": ev.throughput.mfu if ev else None,
+            "step_time_s": ev.throughput.step_time_s if ev else None,
+            "memory_total_bytes": ev.memory.total_bytes if ev else None,
+            "usable_bytes": ev.memory.usable_bytes if ev else None,
+            "closest": c.closest.model_dump() if c.closest is not None else None,
+            "layouts_evaluated": c.evaluated,
+        })
+    return {"model": result.model, "gpus": list(result.gpus), "contexts": list(result.contexts),
+            "max_gpus": result.max_gpus, "prefer": "fewest", "seconds": result.seconds, "cells": cells}
+
+
+def chart_label(lay) -> str:
+    """A layout in three short lines, for a chart's axis."""
+    return (f"{lay.num_gpus} GPU{'s' if lay.num_gpus > 1 else ''}, ZeRO-{lay.zero_stage}, sp {lay.sp_degree}\n"
+            f"mb {lay.micro_batch_size}, offload {lay.offload}\nrecompute {lay.recompute}, loss {lay.loss}")

@@ -265,7 +265,9 @@ def test_a_missing_model_path_is_refused_at_launch(workdir):
     path = _write(workdir, _plan_dict(model={"path": "no-such-model"}))
     plan = load_plan(path)
     assert validate_plan_paths(plan, workdir) == [f"model.path: folder {workdir / 'no-such-model'} not found"]
-    assert f"model.path: folder {workdir / 'no-such-model'} not found" in _error(["launch", "plan.yaml", "--dry-run"])
+    assert f"model.path: folder {workdir / 'no-such-model'} not found" in _error(["launch", "plan.yaml"])
+    dry = runner.invoke(app, ["launch", "plan.yaml", "--dry-run"])  # a dry run warns (issue 15)
+    assert dry.exit_code == 0 and f"warning: model.path: folder {workdir / 'no-such-model'} not found" in dry.stderr
     (workdir / "no-such-model").mkdir()
     assert validate_plan_paths(plan, workdir) == []
 
@@ -281,7 +283,7 @@ def test_validate_plan_paths_names_each_missing_path(workdir):
 def test_a_home_folder_of_an_unknown_user(workdir):
     """`~nosuchuser/x` was a RuntimeError traceback in the launcher's path resolution."""
     path = _write(workdir, _plan_dict(model={"path": "~no-such-user-ltune/m"}))
-    assert "model.path" in _error(["launch", str(path), "--dry-run"])
+    assert "model.path" in _error(["launch", str(path)])  # a dry run only warns (issue 15)
     with pytest.raises(LaunchError):
         plan_launch(load_plan(path), path, LaunchOptions(dry_run=True, run_dir="~no-such-user-ltune/r"))
 

@@ -57,6 +57,7 @@ class LaunchOptions:
     resume: bool = False
     force: bool = False
     dry_run: bool = False
+    progress: str | None = None  # LTUNE_PROGRESS for the trainer: "tty" when ltune's output is a terminal
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,7 @@ def job_env(
     cpu_count: int | None = None,
     environ: Mapping[str, str] | None = None,
     local: bool = True,
+    progress: str | None = None,
 ) -> dict[str, str]:
     """Variables added to the job's environment.
 
@@ -148,6 +150,8 @@ def job_env(
     thread, which torchrun sets when the variable is unset (torch/distributed/run.py). A value
     already in the environment is kept for a local launch (a slurm job always gets the computed one).
     On the cpu target: DS_ACCELERATOR=cpu (DeepSpeed's CPU accelerator, gloo).
+    LTUNE_PROGRESS = ``progress`` ("tty": the trainer draws one live progress line, as its own
+    stderr is a pipe under the DeepSpeed launcher) for a local launch, unless already set.
     """
     environ = os.environ if environ is None else environ
     env = {"PYTHONUNBUFFERED": "1"}
@@ -155,6 +159,8 @@ def job_env(
         env["DS_ACCELERATOR"] = "cpu"
     if not (local and "OMP_NUM_THREADS" in environ):
         env["OMP_NUM_THREADS"] = str(max(1, node_cores(plan, nodes, cpu_count, local) // nodes.nproc_per_node))
+    if progress is not None and local and "LTUNE_PROGRESS" not in environ:
+        env["LTUNE_PROGRESS"] = progress
     return env
 
 
@@ -207,22 +213,31 @@ def _plan_launch(
     hostfile = _checked_hostfile(options, nodes)
     _check_master_port_range(options.master_port)
     problems = validate_plan_paths(plan, plan_dir)
-    if problems:
+    if problems and not options.dry_run:
         raise LaunchError(problems[0])
-    validate_plan_data(resolved)
+    try:
+        validate_plan_data(resolved)
+    except (LaunchError, OSError) as e:  # a dry run shows what a real launch would refuse
+        if not options.dry_run:
+            raise
+        text = str(e) if isinstance(e, LaunchError) else f"cannot read the data: {e.strerror or e}"
+        if not any(p in text or text in p for p in problems):
+            problems.append(text)
     evaluation, forced = _fit_or_refuse(plan, options.force)
     resolved = _with_prediction(resolved, evaluation, nodes)
     checkpoint = resolved.prediction.checkpoint
     _check_run_dir(run_dir, resolved, options.resume)
     master_port = _master_port(plan, options, nodes)
-    env = job_env(plan, nodes, cpu_count=cpu_count, environ=environ, local=options.launcher != "slurm")
+    env = job_env(plan, nodes, cpu_count=cpu_count, environ=environ, local=options.launcher != "slurm",
+                  progress=options.progress)
     ds_config = build_ds_config(resolved)
     argv, sbatch_text = _launch_argv(
         plan, options, run_dir, nodes, master_port,
         env=env, cwd=cwd, hostfile=hostfile, python=python, environ=environ, checkpoint=checkpoint,
         step_time_s=evaluation.throughput.step_time_s,
     )
-    warnings = stop_warnings(options.launcher, evaluation.throughput.step_time_s, checkpoint)
+    warnings = [f"{p} (a real launch refuses this plan until it is fixed)" for p in problems]  # dry run only
+    warnings += stop_warnings(options.launcher, evaluation.throughput.step_time_s, checkpoint)
     extra_files: dict[str, str] = {}
     if hostfile is not None:
         env[dsenv.DS_ENV_FILE_VAR] = str(run_dir / dsenv.ENV_FILE)

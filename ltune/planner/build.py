@@ -43,7 +43,11 @@ def model_folder_for_plan(path: str, plan_path: Path) -> str:
     (ltune.job.paths.resolve_model_path finds it again where the job runs)."""
     from ..profiles import hf_cache_snapshot
 
-    if not Path(path).exists() and hf_cache_snapshot(path) is not None:
+    try:
+        here = Path(path).exists()
+    except OSError:  # a name the file system refuses (too long): not a folder here
+        here = False
+    if not here and hf_cache_snapshot(path) is not None:
         return path
     return relative_to_plan(path, plan_path)
 

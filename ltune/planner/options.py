@@ -7,7 +7,7 @@ from typing import Literal, get_args, get_origin
 
 from pydantic import Field, ValidationError
 
-from ..profiles import GIB, load_gpu, resolve_model
+from ..profiles import GIB, load_gpu_option, resolve_model
 from ..profiles.schema import Label
 from .memory import SAFETY_MARGIN
 from .schema import (
@@ -138,7 +138,7 @@ def request_from_options(opts: LayoutOptions) -> Request:
     """Check the options against the model and GPU (ValueError/ProfileError with the key
     and numbers) and turn them into a search request."""
     arch = resolve_model(opts.model)
-    gpu_profile = load_gpu(opts.gpu)
+    gpu_profile = load_gpu_option(opts.gpu)
     precision = opts.precision
     if precision is None:
         precision = "bf16" if gpu_profile.supports_bf16 else "fp16"
@@ -173,16 +173,27 @@ def request_from_options(opts: LayoutOptions) -> Request:
                    pins=pins)
 
 
+def parse_tokens(text: str) -> int:
+    """A token count as people write it: an integer, or with a k (x 1,024) or m (x 1,048,576)
+    suffix, any case (`8k`, `32K`, `1m`); else a one-line ValueError."""
+    s = str(text).strip().lower().replace("_", "").replace(",", "")
+    scale = {"k": 1024, "m": 1024 * 1024}.get(s[-1:], 1)
+    digits = s[:-1] if scale > 1 else s
+    if not (digits.isascii() and digits.isdigit()):
+        raise ValueError(f"{short_repr(text)} is not a token count (an integer, or with k = 1,024 or m = 1,048,576: 8k, 1m)")
+    return int(digits) * scale
+
+
 def parse_ctx(text: str) -> int | None:
-    """--ctx: a number of tokens (as click reads an integer; its upper bound is LayoutOptions'),
+    """--ctx: a number of tokens (parse_tokens: 4096, 8k, 1m; its upper bound is LayoutOptions'),
     or `max` (None: find the longest context that fits, in multiples of CTX_GRANULARITY tokens);
     else a one-line ValueError."""
     if text.strip().lower() == "max":
         return None
     try:
-        tokens = int(text)
-    except ValueError:
-        raise ValueError(f"Invalid value for '--ctx': {short_repr(text)} is not a valid integer or 'max'") from None
+        tokens = parse_tokens(text)
+    except ValueError as e:
+        raise ValueError(f"Invalid value for '--ctx': {e}, or 'max'") from None
     if tokens < 1:
         raise ValueError(f"Invalid value for '--ctx': {tokens} is not in the range x>=1")
     return tokens

@@ -23,7 +23,10 @@ __all__ = [
     "GpuProfile",
     "ModelProfile",
     "ProfileError",
+    "detect_gpu",
     "gpu_names",
+    "gpu_profile_for",
+    "load_gpu_option",
     "hf_cache_snapshot",
     "load_gpu",
     "load_model",
@@ -82,6 +85,81 @@ def load_gpu(name: str) -> GpuProfile:
     if key not in gpu_names():
         raise _did_you_mean("GPU", name, gpu_names())
     return GpuProfile(**_load_json(_GPUS / f"{key}.json"))
+
+
+# ---------------------------------------------------------------- --gpu auto
+
+#: nvidia-smi's name of a GPU -> its profile, most specific pattern first (lower case; a
+#: minimum memory in MiB where the name alone does not say, as "NVIDIA A100-PCIE" does not)
+GPU_NAME_PATTERNS = (
+    (r"h100.*(pcie|pci-e)", 0, "h100-pcie"),
+    (r"h100", 0, "h100-80g"),
+    (r"h200", 0, "h200"),
+    (r"h800", 0, "h800"),
+    (r"\bh20\b", 0, "h20"),
+    (r"b200", 0, "b200"),
+    (r"a100.*80\s*g", 0, "a100-80g"),
+    (r"a100.*40\s*g", 0, "a100-40g"),
+    (r"a100", 60_000, "a100-80g"),
+    (r"a100", 0, "a100-40g"),
+    (r"a800", 0, "a800-80g"),
+    (r"\ba10\b", 0, "a10"),
+    (r"l40s", 0, "l40s"),
+    (r"\bl20\b", 0, "l20"),
+    (r"\b3090\b", 0, "rtx3090"),
+    (r"\b4090\b", 0, "rtx4090"),
+    (r"v100.*32\s*g", 0, "v100-32g"),
+    (r"v100", 30_000, "v100-32g"),
+)
+_SMI_QUERY = ("nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits")
+
+
+def gpu_profile_for(device_name: str, memory_mib: float = 0) -> str | None:
+    """The profile of a GPU nvidia-smi names (`NVIDIA H100 80GB HBM3` -> h100-80g): the first
+    of GPU_NAME_PATTERNS that matches; None when none does."""
+    name = device_name.strip().lower()
+    for pattern, min_mib, profile in GPU_NAME_PATTERNS:
+        if re.search(pattern, name) and memory_mib >= min_mib:
+            return profile
+    return None
+
+
+def detect_gpu() -> str:
+    """`--gpu auto`: the profile of this machine's GPU, from nvidia-smi; a one-line
+    ProfileError when nvidia-smi is absent or fails, or the GPU has no profile."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        raise ProfileError("--gpu auto: nvidia-smi not found on PATH; give a profile name (ltune gpus)")
+    try:
+        out = subprocess.run(_SMI_QUERY, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise ProfileError(f"--gpu auto: nvidia-smi failed ({e}); give a profile name (ltune gpus)") from None
+    lines = [line.strip() for line in out.stdout.splitlines() if line.strip()]
+    if out.returncode or not lines:
+        why = (out.stderr.strip().splitlines() or [f"exit {out.returncode}, no GPU listed"])[0]
+        raise ProfileError(f"--gpu auto: nvidia-smi: {why[:120]}; give a profile name (ltune gpus)")
+    found = set()
+    for line in lines:
+        name, _, memory = line.rpartition(",") if "," in line else (line, "", "")
+        try:
+            mib = float(memory.strip().split()[0]) if memory.strip() else 0.0
+        except ValueError:
+            mib = 0.0
+        profile = gpu_profile_for(name, mib)
+        if profile is None:
+            raise ProfileError(f"--gpu auto: no profile for {name.strip()[:80]!r}; give the closest profile name "
+                               "(ltune gpus)")
+        found.add(profile)
+    if len(found) > 1:
+        raise ProfileError(f"--gpu auto: this machine has several GPU kinds ({', '.join(sorted(found))}); give one")
+    return found.pop()
+
+
+def load_gpu_option(name: str) -> GpuProfile:
+    """`--gpu`: a profile name in any case, or `auto` (detect_gpu)."""
+    return load_gpu(detect_gpu() if name.strip().lower() == "auto" else name.strip())
 
 
 # ---------------------------------------------------------------- Hugging Face config.json

@@ -24,15 +24,21 @@ def trace_memory(
     loss_chunk_tokens: int = 4096,
     num_docs: int | None = None,
     plan: Plan | None = None,
+    on_phase=None,
 ) -> TraceResult:
-    """Trace one training step of `layout` and return the per-GPU peak by term (bytes)."""
+    """Trace one training step of `layout` and return the per-GPU peak by term (bytes).
+
+    ``on_phase(name)``: told each phase as it starts (``tracer.PHASES``, in that order)."""
     from .tracer import DEFAULT_NUM_DOCS, trace_step
 
     tokens = seq_len // max(layout.sp_degree, 1)
     docs = num_docs if num_docs is not None else max(1, min(DEFAULT_NUM_DOCS, tokens))
     raw = trace_step(
-        model, seq_len, layout, precision, num_docs=docs, loss_chunk_tokens=loss_chunk_tokens, plan=plan
+        model, seq_len, layout, precision, num_docs=docs, loss_chunk_tokens=loss_chunk_tokens, plan=plan,
+        on_phase=on_phase,
     )
+    if on_phase is not None:
+        on_phase("shard")
     return shard(raw, model.name, seq_len, layout, precision)
 
 

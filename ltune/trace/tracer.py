@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 
 from ..planner.schema import Hardware, Layout, ModelSpec, Plan, Training, check_sp_degree
 from ..profiles.schema import ModelProfile
@@ -41,6 +42,20 @@ from .types import RawTrace, Timeline
 
 CUDA_BLOCK_BYTES = 512  # c10/cuda/CUDACachingAllocator.cpp kMinBlockSize
 DEFAULT_NUM_DOCS = 4
+#: the phases of a trace, in order, as ``on_phase`` is told them (the last in ltune.trace.trace_memory)
+PHASES = {
+    "model": "building the model on fake tensors",
+    "optimizer": "initialising the optimizer states",
+    "forward": "forward",
+    "backward": "backward",
+    "step": "optimizer step",
+    "shard": "partitioning (ZeRO, sequence parallel)",
+}
+PhaseCallback = Callable[[str], None]
+
+
+def _no_phase(name: str) -> None:
+    """The default ``on_phase``: nothing."""
 
 
 def validate(model: ModelProfile, seq_len: int, layout: Layout, num_docs: int) -> int:
@@ -171,20 +186,26 @@ def trace_step(
     loss_chunk_tokens: int = 4096,
     plan: Plan | None = None,
     inventory: bool | str = False,
+    on_phase: PhaseCallback | None = None,
 ) -> RawTrace:
-    """Run one fake training step of one rank's micro-batch under MemTracker; return the timeline."""
+    """Run one fake training step of one rank's micro-batch under MemTracker; return the timeline.
+
+    ``on_phase(name)`` is called as each phase starts (PHASES: model, optimizer, forward, backward, step)."""
     import resource
 
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from .tracker import make_tracker
 
+    on_phase = on_phase or _no_phase
     tokens = validate(model, seq_len, layout, num_docs)
     start = time.perf_counter()
     plan = plan or trace_plan(model, seq_len, layout, precision, loss_chunk_tokens)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    on_phase("model")
     train_model = build_fake_model(plan, fake_mode)
     params = [p for p in train_model.parameters() if p.requires_grad]
+    on_phase("optimizer")
     opt, masters = _make_optimizer(params, fake_mode)
     timeline = Timeline()
     tracker = make_tracker(timeline, with_inventory=inventory)
@@ -198,7 +219,7 @@ def trace_step(
             tracker.mark("start")
             # the batch stays referenced here, alive to the end of the step as a real loop's is
             batch = _packed_batch(layout.micro_batch_size, lengths)
-            _run_step(train_model, opt, tracker, batch, max(lengths))
+            _run_step(train_model, opt, tracker, batch, max(lengths), on_phase)
     return RawTrace(
         timeline=timeline,
         num_params=sum(p.numel() for p in params),
@@ -226,17 +247,20 @@ def _packed_batch(micro_batch_size: int, lengths: list[int]):
     return input_ids, position_ids, labels, cu_seqlens
 
 
-def _run_step(train_model, opt, tracker, batch, max_doc_len: int) -> None:
+def _run_step(train_model, opt, tracker, batch, max_doc_len: int, on_phase: PhaseCallback = _no_phase) -> None:
     """Forward, backward, optimizer step, zero_grad, inside the fake mode and the tracker; marks
     after_forward, after_backward, after_step and end on the timeline."""
     input_ids, position_ids, labels, cu_seqlens = batch
     tracker.started_model = True
+    on_phase("forward")
     loss_sum, num_tokens = train_model(input_ids, position_ids, labels, cu_seqlens, max_doc_len)
     loss = loss_sum / num_tokens
     tracker.mark("after_forward")
+    on_phase("backward")
     loss.backward()
     del loss, loss_sum, num_tokens
     tracker.mark("after_backward")
+    on_phase("step")
     opt.step()
     tracker.mark("after_step")
     train_model.zero_grad(set_to_none=True)

@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -48,7 +49,8 @@ from .packing import PackedDataset, collate, shard_indices
 from .errors import TrainerInputError
 from .loss import shift_labels
 from .metrics import (
-    MetricsWriter, flops_per_token, peak_flops_per_gpu, peak_memory, predicted, step_throughput, truncate_metrics,
+    PROGRESS_ENV, MetricsWriter, flops_per_token, peak_flops_per_gpu, peak_memory, predicted, progress_mode,
+    progress_status, step_throughput, truncate_metrics,
 )
 from .model import build_model
 
@@ -112,7 +114,7 @@ class Trainer:
         # open_logs (rank 0 only)
         self.metrics: MetricsWriter | None = None
         self.console = None
-        self.progress = None
+        self.progress = None  # the live progress line ("tty" mode only)
         self.task = None
 
     # ------------------------------------------------------------ table of contents
@@ -263,11 +265,17 @@ class Trainer:
                 self.say(f"resume: metrics.jsonl: dropped {dropped} unreadable line(s) (a write cut short)")
         self.metrics = MetricsWriter(path, append=self.resume)
         from rich.console import Console
+
+        # under the DeepSpeed launcher our stderr is a pipe: `ltune launch` says (LTUNE_PROGRESS)
+        # whether its own output is a terminal; "plain" prints a log line every log_every steps
+        if progress_mode(os.environ.get(PROGRESS_ENV), sys.stderr.isatty()) == "plain":
+            self.console = Console(stderr=True)
+            return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self.console = Console(stderr=True)
-        self.progress = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        self.console = Console(stderr=True, force_terminal=True)
+        self.progress = Progress(  # one line within 80 columns: the launcher's width is not known here
+            BarColumn(bar_width=8), MofNCompleteColumn(), TextColumn("eta"), TimeRemainingColumn(),
             TextColumn("{task.fields[status]}"), console=self.console, transient=False,
         )
         self.progress.start()
@@ -342,15 +350,22 @@ class Trainer:
         }
 
     def log_step(self, record: dict) -> None:
-        memory = {k: int(self._all_reduce(float(v), op=dist.ReduceOp.MAX)) for k, v in peak_memory().items()}
-        record.update(memory)
+        peaks = peak_memory()
+        per_rank = self._all_gather([float(v) for v in peaks.values()])  # one row per rank
+        for i, key in enumerate(peaks):
+            column = [int(row[i]) for row in per_rank]
+            record[key] = max(column)
+            record[f"{key}_per_rank"] = column
         record.update(self.prediction)
+        record["unix_time_s"] = time.time()
         if self.rank != 0:
             return
         self.metrics.write(record)
-        status = f"loss {record['loss']:.4f}"
-        self.progress.update(self.task, completed=self.step, status=status)
-        if self.step % self.plan.training.log_every == 0 or self.step == self.total_steps:
+        if self.progress is not None:  # one live line; only the last step's log line stays
+            self.progress.update(self.task, completed=self.step, status=progress_status(record))
+            if self.step == self.total_steps:
+                self.console.print(self._format(record), highlight=False, soft_wrap=True)
+        elif self.step % self.plan.training.log_every == 0 or self.step == self.total_steps:
             self.console.print(self._format(record), highlight=False, soft_wrap=True)
 
     # ------------------------------------------------------------ checkpoints, stop, export
@@ -395,7 +410,7 @@ class Trainer:
 
     def say(self, message: str) -> None:
         if _rank() == 0:
-            if self.progress is not None:
+            if self.console is not None:
                 self.console.print(message, highlight=False, soft_wrap=True)
             else:
                 print(f"ltune.trainer: {message}", flush=True)
@@ -418,6 +433,13 @@ class Trainer:
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=op)
         return float(t.item())
+
+    def _all_gather(self, values: list[float]) -> list[list[float]]:
+        """``values`` of every rank, in rank order."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        rows = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(rows, t)
+        return [row.tolist() for row in rows]
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

@@ -79,6 +79,36 @@ def predicted(plan: Plan) -> dict:
     }
 
 
+#: set by `ltune launch` in the job's environment: "tty" when its output is a terminal
+PROGRESS_ENV = "LTUNE_PROGRESS"
+PROGRESS_MODES = ("tty", "plain")
+
+
+def progress_mode(value: str | None, isatty: bool) -> str:
+    """"tty" (one live progress line) or "plain" (a log line every log_every steps): the
+    launcher's LTUNE_PROGRESS when set to one of them, else whether our own stream is a terminal."""
+    if value is not None and value.strip().lower() in PROGRESS_MODES:
+        return value.strip().lower()
+    return "tty" if isatty else "plain"
+
+
+def progress_status(record: dict) -> str:
+    """The live line's fields after bar, step and ETA: loss, tokens/s/GPU, peak memory beside the
+    plan's ("peak measured/planned GiB"); short, as the trainer cannot read the launcher's
+    terminal width (rich assumes 80 columns)."""
+    parts = [f"loss {record['loss']:.4f}", f"{record['tokens_per_s_per_gpu']:.0f} tok/s/gpu"]
+    for key in ("peak_allocated_bytes", "peak_rss_bytes"):
+        if key in record:
+            peak = f"peak {record[key] / 2**30:.2f}"
+            if record.get("predicted_peak_bytes"):
+                peak += f"/{record['predicted_peak_bytes'] / 2**30:.2f} GiB"
+            else:
+                peak += " GiB"
+            parts.append(peak)
+            break
+    return "  ".join(parts)
+
+
 def truncate_metrics(path: Path, last_step: int) -> int:
     """Keep the lines of metrics.jsonl up to ``last_step`` (a resume replays the rest); the
     number of unreadable lines dropped (a line torn by a kill mid-write), written back atomically."""
