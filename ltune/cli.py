@@ -235,7 +235,7 @@ def _print_plan(req, result, model_name: str, longest=None) -> None:
             # bf16 came with Ampere: a GPU without it is pre-Ampere (V100), where trainer/attention.py runs SDPA
             console.print(f"  [yellow]attention on {escape(g.display_name)}: flash-attn and PyTorch's varlen kernel "
                           "need Ampere (sm80); the trainer runs scaled_dot_product_attention once per document "
-                          "instead, whose memory this plan counts as varlen's (not modelled)[/]", highlight=False)
+                          "instead (PyTorch's math backend on 3-D inputs); this plan counts its fp32 probabilities per document[/]", highlight=False)
         console.print(f"  {batch_line(best, req.seq_len)}")
         console.print(f"  {speed_line(best)}")
         console.print(f"  {cost_line(best)}")

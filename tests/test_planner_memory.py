@@ -8,6 +8,8 @@ from ltune.planner import activations as A
 from ltune.planner import memory as M
 from ltune.planner import shape as S
 from ltune.planner.schema import Layout
+from ltune.planner.search import Request
+from ltune.planner.search import _shape as search_shape
 from ltune.profiles import GIB, load_gpu, load_model
 
 A100 = load_gpu("a100-80g")
@@ -334,3 +336,64 @@ def test_local_layers_masks_and_rope():
     assert (s.local_layers, s.local_rope) == (6, True)
     eager = Layout(num_gpus=1, attention="eager")
     assert A.shared_layer_inputs_bytes(s, eager) == 2 * (2 * 2 * 1024 * 128) + 2 * 2 * 1024 * 1024
+
+
+# ---------------------------------------------------------------- pre-Ampere: SDPA per document
+
+
+def test_sdpa_math_term_by_hand_and_by_trace():
+    """V100 (no bf16): varlen attention is SDPA's math backend per document. Llama-2-7B, 4096 tokens
+    in documents of 1024, 32 heads of 128: saved fp32 q, k, v and probabilities
+    32 x 4096 x 4 x (3 x 128 + 1024) = 738,197,504 bytes; one document's softmax backward
+    32 x 2 x 4 x 1024^2 = 268,435,456. And the trainer's own `_sdpa_per_document` (CPU, bf16, GQA),
+    its saved tensors counted by autograd's pack hook, saves what the formula says."""
+    req = Request(model=load_model("llama2-7b"), gpu=load_gpu("v100-32g"), seq_len=4096, doc_tokens=1024)
+    s = search_shape(req)
+    assert s.sdpa_math
+    lay = Layout(num_gpus=1, recompute="none")
+    assert A.sdpa_math_bytes_per_layer(s, lay) == {"saved_bytes": 738_197_504, "backward_temp_bytes": 268_435_456}
+    assert A.sdpa_math_bytes_per_layer(s, Layout(num_gpus=1, recompute="none", attention="eager"))["saved_bytes"] == 0
+
+    torch = pytest.importorskip("torch")
+    from ltune.trainer.attention import _sdpa_per_document
+
+    heads, kv_heads, head_dim, doc, docs = 4, 2, 8, 16, 3
+    q, k, v = (torch.randn(doc * docs, h, head_dim, dtype=torch.bfloat16, requires_grad=True)
+               for h in (heads, kv_heads, kv_heads))
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _sdpa_per_document(q, k, v, torch.tensor([0, 16, 32, 48], dtype=torch.int32), True, None)
+    assert sum(saved.values()) == 4 * 16 * 3 * 4 * (3 * 8 + 16) == A.sdpa_math_attention_bytes(
+        heads=heads, num_tokens=doc * docs, doc_tokens=doc, head_dim=head_dim)["saved_bytes"]
+
+
+def test_varlen_on_v100_counts_the_sdpa_term_beyond_a100():
+    """The same varlen layout: a V100 plan's checkpointed activations exceed an A100 plan's by the
+    SDPA term over the 32 layers, less flash's saved q, k, v and logsumexp it replaces (both keep the output, which o_proj saves):
+    4096 tokens x (3 x 2 x 4096 + 4 x 32) bytes (fp16; llama2-7b has no GQA)."""
+    model = load_model("llama2-7b")
+    shapes = [search_shape(Request(model=model, gpu=load_gpu(g), seq_len=4096, doc_tokens=1024))
+              for g in ("v100-32g", "a100-80g")]
+    lay = Layout(num_gpus=1, recompute="none")
+    v100, a100 = (A.activation_checkpoints_bytes(s, lay) for s in shapes)
+    assert v100 - a100 == 32 * (738_197_504 - 4096 * (3 * 2 * 4096 + 4 * 32))
+    full = Layout(num_gpus=1, recompute="full")
+    working = A.activation_working_bytes(shapes[0], full) - A.activation_working_bytes(shapes[1], full)
+    # full recompute: the recomputed layer grows by the same difference, and its backward peak moves
+    # from the MLP's gradients (2 x 4096 x (4096 + 2 x 11008)) to one document's SDPA backward
+    assert working == 738_197_504 - 4096 * (3 * 2 * 4096 + 4 * 32) + 268_435_456 - 2 * 4096 * (4096 + 2 * 11008)
+
+
+def test_pre_ampere_plan_line_says_what_runs():
+    from typer.testing import CliRunner
+
+    from ltune.cli import app
+
+    out = CliRunner().invoke(app, ["plan", "-m", "llama2-7b", "--ctx", "8k", "--gpu", "v100-32g"],
+                             env={"COLUMNS": "300"}).stdout
+    assert "the trainer runs scaled_dot_product_attention once per document" in out, out

@@ -63,11 +63,44 @@ def attention_saved_bytes_per_token(s: Shape, lay: Layout) -> int:
     fused_v = d * (s.q_size + s.kv_size) if s.fused_qkv else 0
     if lay.attention == "eager":
         return d * 4 * s.q_size + (fused_v if s.kv_heads == s.num_attention_heads else 0)
+    if s.sdpa_math:  # only the concatenated output, which o_proj saves: the rest is sdpa_math_bytes_per_layer
+        return d * s.q_size
     # Phi3's apply_rotary_pos_emb (modeling_phi3.py) ends in torch.cat, whose q is laid out
     # head-major; flash's output (empty_like(q), flash_api.cpp mha_varlen_fwd) is too, and
     # Phi3Attention.forward's `.contiguous()` before o_proj copies it (dq, saved by o_proj).
     out_copy = d * s.q_size if s.head_major_rope else 0
     return d * (2 * s.q_size + 2 * s.kv_size) + FP32 * s.num_attention_heads + fused_v + out_copy
+
+
+def sdpa_math_attention_bytes(*, heads: int, num_tokens: int, doc_tokens: int, head_dim: int) -> dict[str, int]:
+    """SDPA's math backend per document (torch attention.cpp `_scaled_dot_product_attention_math`).
+
+    Pre-Ampere, ltune/trainer/attention.py `_sdpa_per_document` calls scaled_dot_product_attention
+    on 3-D (heads, len, head_dim) tensors, kv heads repeated to all query heads; every fused
+    kernel needs 4-D inputs (ATen sdp_utils_cpp.h `check_tensor_shapes`), so the math backend
+    runs, and it upcasts 16-bit inputs to fp32 (torch.backends.cuda
+    .fp16_bf16_reduction_math_sdp_allowed() is False by default). For num_tokens tokens in
+    documents of doc_tokens L, per head:
+    - saved_bytes: the fp32 scaled q, scaled k and v (3 x 4 x D per token) and the fp32 softmax
+      probabilities (4 x L per token: L x L per document), kept until backward;
+    - backward_temp_bytes: one document's softmax backward, the fp32 gradient of the
+      probabilities and the fp32 gradient of the scores (2 x 4 x L x L), beside the saved ones.
+    """
+    return {
+        "saved_bytes": heads * num_tokens * FP32 * (3 * head_dim + doc_tokens),
+        "backward_temp_bytes": heads * 2 * FP32 * doc_tokens * doc_tokens,
+    }
+
+
+def sdpa_math_bytes_per_layer(s: Shape, lay: Layout) -> dict[str, int]:
+    """`sdpa_math_attention_bytes` of one layer on this rank (Ulysses: all of the micro-batch's
+    tokens, its share of the heads); zero unless varlen attention runs SDPA (pre-Ampere GPUs)."""
+    if lay.attention != "varlen" or not s.sdpa_math:
+        return {"saved_bytes": 0, "backward_temp_bytes": 0}
+    return sdpa_math_attention_bytes(
+        heads=s.num_attention_heads // lay.sp_degree, num_tokens=lay.micro_batch_size * s.seq_len,
+        doc_tokens=s.attention_tokens, head_dim=s.q_size // s.num_attention_heads,
+    )
 
 
 def mlp_saved_bytes_per_token(s: Shape) -> int:
@@ -149,7 +182,7 @@ def activation_checkpoints_bytes(s: Shape, lay: Layout) -> int:
     if lay.recompute == "full":
         return s.num_layers * s.dtype_bytes * s.hidden_size * t
     per_layer = layer_saved_bytes_per_token(s, lay) * t + eager_attention_bytes_per_layer(s, lay)
-    return s.num_layers * per_layer
+    return s.num_layers * (per_layer + sdpa_math_bytes_per_layer(s, lay)["saved_bytes"])
 
 
 def eager_backward_bytes_per_layer(s: Shape, lay: Layout) -> int:
@@ -180,12 +213,14 @@ def embedding_backward_bytes(s: Shape) -> int:
 def activation_working_bytes(s: Shape, lay: Layout) -> int:
     """One layer's working set in backward: its recomputed activations (with full
     recompute) and the gradients in flight, at the larger of the MLP's and (eager)
-    attention's backward peaks."""
+    attention's backward peaks (eager, or SDPA's math backend per document on pre-Ampere GPUs)."""
     t = tokens_per_rank(s, lay)
-    work = layer_backward_transient_bytes_per_token(s, lay.recompute == "full") * t
+    sdpa = sdpa_math_bytes_per_layer(s, lay)
+    recomputed = 0
     if lay.recompute == "full":
-        work += layer_saved_bytes_per_token(s, lay) * t + eager_attention_bytes_per_layer(s, lay)
-    return max(work, eager_backward_bytes_per_layer(s, lay))
+        recomputed = layer_saved_bytes_per_token(s, lay) * t + eager_attention_bytes_per_layer(s, lay) + sdpa["saved_bytes"]
+    work = layer_backward_transient_bytes_per_token(s, lay.recompute == "full") * t + recomputed
+    return max(work, eager_backward_bytes_per_layer(s, lay), recomputed + sdpa["backward_temp_bytes"])
 
 
 def final_norm_bytes(s: Shape, lay: Layout) -> int:

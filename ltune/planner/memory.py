@@ -285,7 +285,7 @@ def estimate_memory(
     shape: Shape | None = None,
 ) -> MemoryBreakdown:
     """The per-GPU breakdown at the step's peak moment, and the host check."""
-    s = shape or Shape.of(model, seq_len, precision, loss_chunk_tokens)
+    s = shape or Shape.of(model, seq_len, precision, loss_chunk_tokens, sdpa_math=not gpu.supports_bf16)
     phase, terms = peak_terms(s, layout, gpu)
     return MemoryBreakdown(
         terms=terms,

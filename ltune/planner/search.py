@@ -335,7 +335,10 @@ def grad_accum_for(global_batch: int, micro_batch_size: int, dp_degree: int) -> 
 
 
 def _shape(req: Request) -> Shape:
-    return Shape.of(req.model, req.seq_len, req.precision, req.loss_chunk_tokens, doc_tokens=req.doc_tokens)
+    # bf16 came with Ampere: without it (V100) flash-attn and torch's varlen kernel cannot run and
+    # the trainer's varlen attention is SDPA per document (trainer/attention.py resolve_backend)
+    return Shape.of(req.model, req.seq_len, req.precision, req.loss_chunk_tokens, doc_tokens=req.doc_tokens,
+                    sdpa_math=not req.gpu.supports_bf16)
 
 
 def _layout(c: Candidate) -> Layout:

@@ -50,6 +50,8 @@ class Shape:
     local_layers: int = 0  # sliding-window layers (transformers makes them their own mask, gemma3 its own RoPE)
     local_rope: bool = False  # gemma3: local layers have their own RoPE cos/sin (rope_local_base_freq)
     head_major_rope: bool = False  # phi3: RoPE's torch.cat leaves q head-major, so flash's output is too
+    # pre-Ampere GPU: varlen attention runs SDPA's math backend once per document (trainer/attention.py)
+    sdpa_math: bool = False
 
     @property
     def attention_tokens(self) -> int:
@@ -70,7 +72,7 @@ class Shape:
     @classmethod
     def of(
         cls, model: ModelProfile, seq_len: int, precision: str = "bf16", loss_chunk_tokens: int = 4096,
-        *, doc_tokens: int | None = None,
+        *, doc_tokens: int | None = None, sdpa_math: bool = False,
     ) -> "Shape":
         if doc_tokens is not None and doc_tokens <= 0:
             raise ValueError(f"doc_tokens must be a positive number of tokens (got {doc_tokens})")
@@ -118,6 +120,7 @@ class Shape:
             local_layers=local,
             local_rope=model.family == "gemma3" and 0 < local < model.num_layers,
             head_major_rope=model.family == "phi3",
+            sdpa_math=sdpa_math,
         )
 
 

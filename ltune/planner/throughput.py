@@ -10,9 +10,10 @@
   gradient and parameter collectives, Ulysses all-to-alls and offload exposed;
   NVLink inside a node, the profile's per-GPU NIC across nodes.
 
-The three constants are fitted on published runs (planner/calibration_data.py FITTED_RUNS) by
-least squares on the log error; bench/calibration.py prints the fit, every run's error and each
-source's error when it is left out of the fit. MFU keeps the PaLM convention
+Two of the three constants (MATMUL_EFFICIENCY, ZERO3_OVERLAP) are fitted on published runs
+(planner/calibration_data.py FITTED_RUNS; ATTENTION_EFFICIENCY stays 1.0) by least squares
+on the log error; bench/calibration.py prints the fit, every run's error and each source's error
+when it is left out of the fit. MFU keeps the PaLM convention
 (model_flops_per_token: 6N + 12*L*H*Q*T, no causal halving), as published MFU figures do.
 """
 
