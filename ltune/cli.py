@@ -19,7 +19,7 @@ from typer.core import TyperGroup
 
 from .planner.check import DEFAULT_DRIFT_PCT
 from .planner.io import PlanError, dump_plan, load_plan
-from .planner.options import CLI_FLAGS, DEFAULTS, LayoutOptions, choices, layout_options, request_from_options
+from .planner.options import CLI_FLAGS, DEFAULTS, LayoutOptions, choices, layout_options, parse_ctx, request_from_options
 from .planner.schema import CONTROL_CHARACTERS, Layout, Plan, Precision
 from .profiles import ProfileError, gpu_names, load_gpu, load_model, model_names
 from .profiles.schema import GpuProfile, ModelProfile
@@ -334,7 +334,6 @@ def plan(
     """
     from .planner.build import check_plan_fields
     from .planner.io import check_output_path
-    from .planner.options import parse_ctx
     from .planner.search import CTX_GRANULARITY, longest_context, search
 
     training = {"max_steps": steps, "learning_rate": lr, "data": data or []}
@@ -728,19 +727,6 @@ def launch(
 # ---------------------------------------------------------------- trace
 
 
-def _trace_ctx(text: str) -> int:
-    """trace --ctx: a token count (4096, 8k, 1m), else a one-line ValueError naming the flag."""
-    from .planner.options import parse_tokens
-
-    try:
-        tokens = parse_tokens(text)
-    except ValueError as e:
-        raise ValueError(f"Invalid value for '--ctx': {e}") from None
-    if tokens < 1:
-        raise ValueError(f"Invalid value for '--ctx': {tokens} is not in the range x>=1")
-    return tokens
-
-
 @dataclass(frozen=True)
 class TraceTarget:
     """What `ltune trace` traces: a plan's layout, or the one `ltune plan` picks."""
@@ -811,7 +797,7 @@ def trace(
             raise ValueError("give --model and --ctx, or --plan plan.yaml")
         else:
             target = _search_target(layout_options(
-                model=model, seq_len=_trace_ctx(seq_len), gpu=gpu, num_gpus=num_gpus, zero_stage=zero_stage, sp_degree=sp_degree,
+                model=model, seq_len=parse_ctx(seq_len, allow_max=False), gpu=gpu, num_gpus=num_gpus, zero_stage=zero_stage, sp_degree=sp_degree,
                 offload=offload, loss=loss, recompute=recompute, micro_batch_size=micro_batch_size,
                 attention=attention, precision=precision, loss_chunk_tokens=loss_chunk_tokens,
             ))

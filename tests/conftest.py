@@ -67,6 +67,25 @@ def plan_factory():
     return make_plan
 
 
+def fake_checkpoint(run_dir, step: int, world_size: int = 2, *, marker: bool = True):
+    """checkpoints/step_<step> as the trainer leaves it: a 100-byte model file, one state file
+    per rank and, unless `marker` is False, the completion marker
+    (ltune.trainer.checkpoint._write_marker writes exactly ``checkpoints.manifest``)."""
+    import json
+    from pathlib import Path
+
+    from ltune.job import checkpoints
+
+    path = Path(run_dir) / "checkpoints" / f"step_{step}"
+    path.mkdir(parents=True)
+    (path / "mp_rank_00_model_states.pt").write_bytes(b"x" * 100)
+    for rank in range(world_size):
+        checkpoints.rank_state_file(path, rank).write_text("{}")
+    if marker:
+        (path / checkpoints.MARKER).write_text(json.dumps(checkpoints.manifest(path, step, world_size)))
+    return path
+
+
 def free_port() -> int:
     """A free TCP port for a test's rendezvous: the launcher's own rule (ltune.launcher.ports).
 

@@ -10,14 +10,13 @@ the reference did. The choice of checkpoint is also tested on its own, on folder
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from _launch import REPO, env, read_metrics, tiny_plan_dict, write_plan
-from conftest import free_port
+from conftest import fake_checkpoint, free_port
 
 from ltune.job import checkpoints
 from ltune.trainer import checkpoint
@@ -73,22 +72,11 @@ def test_kill_during_save_resumes_exactly(tmp_path, reference, point):
 # ---------------------------------------------------------------- choosing, on folders
 
 
-def _fake_checkpoint(root: Path, step: int, world_size: int = 2, *, marker: bool = True) -> Path:
-    path = root / "checkpoints" / f"step_{step}"
-    path.mkdir(parents=True)
-    (path / "model_states.pt").write_bytes(b"x" * 100)
-    for rank in range(world_size):
-        checkpoints.rank_state_file(path, rank).write_text("{}")
-    if marker:
-        checkpoint._write_marker(path, step, world_size)
-    return path
-
-
 def test_choose_skips_torn_checkpoints_newest_first(tmp_path):
-    _fake_checkpoint(tmp_path, 2)
-    truncated = _fake_checkpoint(tmp_path, 4)
-    _fake_checkpoint(tmp_path, 6, marker=False)
-    (truncated / "model_states.pt").write_bytes(b"x" * 10)
+    fake_checkpoint(tmp_path, 2)
+    truncated = fake_checkpoint(tmp_path, 4)
+    fake_checkpoint(tmp_path, 6, marker=False)
+    (truncated / "mp_rank_00_model_states.pt").write_bytes(b"x" * 10)
     (tmp_path / "checkpoints" / "latest").write_text("step_6")  # resume does not trust it
     tag, skipped = checkpoints.choose(tmp_path, 2)
     assert tag == "step_2"
@@ -101,11 +89,11 @@ def test_choose_skips_torn_checkpoints_newest_first(tmp_path):
     (lambda p: (p / checkpoints.MARKER).write_text("{not json"), "unreadable"),
 ])
 def test_incomplete_reasons(tmp_path, damage, reason):
-    path = _fake_checkpoint(tmp_path, 2)
+    path = fake_checkpoint(tmp_path, 2)
     assert checkpoints.incomplete_reason(path, 2) is None
     damage(path)
     assert reason in checkpoints.incomplete_reason(path, 2)
-    assert "saved by 2 processes, this job has 4" in checkpoints.incomplete_reason(_fake_checkpoint(tmp_path, 8), 4)
+    assert "saved by 2 processes, this job has 4" in checkpoints.incomplete_reason(fake_checkpoint(tmp_path, 8), 4)
 
 
 def test_rank_state_is_json_and_restores_rng(tmp_path):

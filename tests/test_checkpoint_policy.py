@@ -14,11 +14,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from _launch import REPO, env, read_metrics, tiny_plan_dict, write_plan
-from conftest import free_port, make_plan
+from conftest import fake_checkpoint, free_port, make_plan
 
 from ltune.job import checkpoints
 from ltune.planner import checkpointing as ck
@@ -88,21 +87,11 @@ def test_trainer_interval_comes_from_the_plan():
 # ---------------------------------------------------------------- keep_last, on folders
 
 
-def _fake(root: Path, step: int, world_size: int = 2, *, marker: bool = True) -> None:
-    path = root / "checkpoints" / f"step_{step}"
-    path.mkdir(parents=True)
-    (path / "mp_rank_00_model_states.pt").write_bytes(b"x" * 32)
-    for rank in range(world_size):
-        checkpoints.rank_state_file(path, rank).write_text("{}")
-    if marker:
-        (path / checkpoints.MARKER).write_text(json.dumps(checkpoints.manifest(path, step, world_size)))
-
-
 def test_prunable_counts_only_complete_checkpoints(tmp_path):
     for step in (2, 4, 6, 10):
-        _fake(tmp_path, step)
-    _fake(tmp_path, 8, marker=False)  # torn, between complete ones
-    _fake(tmp_path, 12, marker=False)  # torn, the newest
+        fake_checkpoint(tmp_path, step)
+    fake_checkpoint(tmp_path, 8, marker=False)  # torn, between complete ones
+    fake_checkpoint(tmp_path, 12, marker=False)  # torn, the newest
     assert checkpoints.prunable(tmp_path, 2, keep_last=2) == ["step_4", "step_2"]  # keeps 10 and 6
     assert checkpoints.prunable(tmp_path, 2, keep_last=1) == ["step_6", "step_4", "step_2"]
     assert checkpoints.prunable(tmp_path, 2, keep_last=0) == []  # 0 keeps all

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import make_plan
+from conftest import fake_checkpoint, make_plan
 from ltune.cli import app
 from ltune.launcher import FitRefused, LaunchError, LaunchOptions, plan_launch, start, write_spec
 from ltune.launcher import spec as spec_module
@@ -631,21 +631,6 @@ def test_start_waits_for_every_process_of_the_job(workdir, tmp_path):
 
 
 # ---------------------------------------------------------------- resume only a run that ran
-
-
-def fake_checkpoint(run: Path, step: int, world_size: int, *, marker: bool = True) -> Path:
-    """checkpoints/step_<step> as the trainer leaves it: a model file, rank states, the marker
-    (ltune.trainer.checkpoint._write_marker writes exactly ``checkpoints.manifest``)."""
-    from ltune.job import checkpoints
-
-    path = run / "checkpoints" / f"step_{step}"
-    path.mkdir(parents=True)
-    (path / "mp_rank_00_model_states.pt").write_bytes(b"x" * 64)
-    for rank in range(world_size):
-        checkpoints.rank_state_file(path, rank).write_text("{}")
-    if marker:
-        (path / checkpoints.MARKER).write_text(json.dumps(checkpoints.manifest(path, step, world_size)))
-    return path
 
 
 def test_resume_needs_a_complete_checkpoint(workdir):

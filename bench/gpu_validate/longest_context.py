@@ -24,7 +24,9 @@ from pathlib import Path
 from bench.gpu_validate.common import EXIT_OOM, read_result, summarise_metrics, worker_argv, write_result
 from bench.gpu_validate.configs import Config, longest_context_config
 from bench.gpu_validate.prediction import predicted_longest, prediction
-from bench.gpu_validate.worker import cuda_memory, error_text, fake_oom_check, oom_text, release_memory, single_rank_env, sync
+from bench.gpu_validate.worker import (
+    cuda_memory, error_text, fake_oom_check, oom_text, release_memory, single_rank_env, sync, trainer_with_data,
+)
 
 KINDS = ("hf", "ltune")  # hf first: ltune's search then spends whatever time is left
 HF_DEFAULTS = ("DeepSpeed ZeRO-3 engine as ltune's; AutoModelForCausalLM(sdpa), no checkpointing, "
@@ -176,26 +178,13 @@ class LtuneProbe:
     STEP_KEYS = ("step", "loss", "step_time_s", "tokens_per_s_per_gpu", "mfu")
 
     def __init__(self, run_dir: Path):
-        self.first = self._trainer(run_dir)
-        self.first.build_engine()
-
-    @staticmethod
-    def _trainer(run_dir: Path):
-        """A Trainer up to its data (no engine)."""
-        from ltune.trainer.loop import Trainer
-
-        t = Trainer(run_dir)
-        t.read_run_dir()
-        t.check_inputs()
-        t.join_process_group()
-        t.prepare_data()
-        return t
+        self.first = trainer_with_data(run_dir, engine=True)
 
     def run(self, run_dir: Path) -> list[dict]:
         """The run folder's steps with the first context's engine."""
         from ltune.trainer.metrics import flops_per_token, predicted
 
-        t = self._trainer(run_dir)
+        t = trainer_with_data(run_dir)
         for name in ("engine", "grad_divisor", "peak_flops"):
             setattr(t, name, getattr(self.first, name))
         t.flops_per_token = flops_per_token(t.plan.model.architecture, t.plan.training.seq_len)

@@ -23,7 +23,9 @@ from bench.gpu_validate.common import MIB, RESERVE_TERMS, median, nvidia_smi, wo
 from bench.gpu_validate.configs import Config
 from bench.gpu_validate.prediction import prediction
 from bench.gpu_validate.traces import trace_for
-from bench.gpu_validate.worker import cuda_memory, error_text, fake_oom_check, oom_text, release_memory, single_rank_env
+from bench.gpu_validate.worker import (
+    cuda_memory, error_text, fake_oom_check, oom_text, release_memory, single_rank_env, trainer_with_data,
+)
 
 STEP_KEYS = ("step", "loss", "step_time_s", "tokens_per_s_per_gpu", "loss_tokens")
 
@@ -41,19 +43,6 @@ PERSISTENT_STATE_TERMS = ("weights", "master_weights", "optimizer_states")  # li
 ACTIVATION_TERMS = ("activations_checkpoints", "activations_layer", "logits_loss")
 
 # ---------------------------------------------------------------- worker
-
-
-def _built_trainer(run_dir: str):
-    """The trainer of a run folder up to its engine, by its own methods."""
-    from ltune.trainer.loop import Trainer
-
-    trainer = Trainer(run_dir)
-    trainer.read_run_dir()
-    trainer.check_inputs()
-    trainer.join_process_group()
-    trainer.prepare_data()
-    trainer.build_engine()
-    return trainer
 
 
 def _train_steps(trainer, steps: int) -> list[dict]:
@@ -109,7 +98,7 @@ def _measure_row(job: dict, cuda: bool) -> dict:
         if cuda:
             row["baseline_allocated_bytes"] = torch.cuda.memory_allocated()
             row["baseline_reserved_bytes"] = torch.cuda.memory_reserved()
-        trainer = _built_trainer(job["run_dir"])
+        trainer = trainer_with_data(job["run_dir"], engine=True)
         row["after_init"] = cuda_memory()
         row.update(_optimizer_classes(trainer))
         row["steps"] = _train_steps(trainer, job["steps"])

@@ -81,3 +81,17 @@ def error_text(e: BaseException, limit: int = 400) -> str:
 def oom_text(e: BaseException) -> str:
     """An OutOfMemoryError's first line (its message lists the allocator's whole state after)."""
     return (str(e).splitlines() or [""])[0][:400]
+
+
+def trainer_with_data(run_dir, *, engine: bool = False):
+    """The trainer of a run folder, by its own setup methods, up to its data (and its engine)."""
+    from ltune.trainer.loop import Trainer
+
+    trainer = Trainer(run_dir)
+    trainer.read_run_dir()
+    trainer.check_inputs()
+    trainer.join_process_group()
+    trainer.prepare_data()
+    if engine:
+        trainer.build_engine()
+    return trainer

@@ -184,16 +184,16 @@ def parse_tokens(text: str) -> int:
     return int(digits) * scale
 
 
-def parse_ctx(text: str) -> int | None:
+def parse_ctx(text: str, *, allow_max: bool = True) -> int | None:
     """--ctx: a number of tokens (parse_tokens: 4096, 8k, 1m; its upper bound is LayoutOptions'),
-    or `max` (None: find the longest context that fits, in multiples of CTX_GRANULARITY tokens);
-    else a one-line ValueError."""
-    if text.strip().lower() == "max":
+    or, with allow_max, `max` (None: find the longest context that fits, in multiples of
+    CTX_GRANULARITY tokens); else a one-line ValueError."""
+    if allow_max and text.strip().lower() == "max":
         return None
     try:
         tokens = parse_tokens(text)
     except ValueError as e:
-        raise ValueError(f"Invalid value for '--ctx': {e}, or 'max'") from None
+        raise ValueError(f"Invalid value for '--ctx': {e}{', or ' + repr('max') if allow_max else ''}") from None
     if tokens < 1:
         raise ValueError(f"Invalid value for '--ctx': {tokens} is not in the range x>=1")
     return tokens

@@ -76,27 +76,11 @@ class Shape:
     ) -> "Shape":
         if doc_tokens is not None and doc_tokens <= 0:
             raise ValueError(f"doc_tokens must be a positive number of tokens (got {doc_tokens})")
-        h = model.hidden_size
-        norms = getattr(model, "norms_per_layer", 2)
-        if hasattr(model, "persistent_params"):
-            persistent = model.persistent_params()
-        else:
-            persistent = (norms * model.num_layers + 1) * h  # RMSNorm weights
-            if model.attention_bias:
-                persistent += model.num_layers * (model.q_size + 2 * model.kv_size)
-            if getattr(model, "qk_norm", False):
-                persistent += model.num_layers * 2 * model.head_size
-        pattern = getattr(model, "sliding_window_pattern", None)
-        local = 0
-        if hasattr(model, "is_local_layer"):
-            local = sum(1 for i in range(model.num_layers) if model.is_local_layer(i))
-        elif getattr(model, "sliding_window", None) and pattern:
-            # transformers' layer_types: layer i is "sliding_attention" unless (i + 1) % pattern == 0
-            local = sum(1 for i in range(model.num_layers) if (i + 1) % pattern)
+        local = sum(1 for i in range(model.num_layers) if model.is_local_layer(i))
         return cls(
             params=model.num_params(),
             num_layers=model.num_layers,
-            hidden_size=h,
+            hidden_size=model.hidden_size,
             q_size=model.q_size,
             kv_size=model.kv_size,
             num_attention_heads=model.num_attention_heads,
@@ -105,18 +89,18 @@ class Shape:
             tie_word_embeddings=model.tie_word_embeddings,
             largest_leaf_params=model.largest_tensor_params(),
             layer_params=model.layer_params(),
-            persistent_params=persistent,
+            persistent_params=model.persistent_params(),
             seq_len=seq_len,
             precision=precision,
             loss_chunk_tokens=loss_chunk_tokens,
             doc_tokens=doc_tokens,
             num_kv_heads=model.num_kv_heads,
-            qk_norm=getattr(model, "qk_norm", False),
+            qk_norm=model.qk_norm,
             gemma_norms=model.family in ("gemma2", "gemma3"),
-            norms_per_layer=norms,
-            fused_qkv=getattr(model, "fused_qkv", False),
-            final_logit_softcapping=getattr(model, "final_logit_softcapping", None) is not None,
-            attn_logit_softcapping=getattr(model, "attn_logit_softcapping", None) is not None,
+            norms_per_layer=model.norms_per_layer,
+            fused_qkv=model.fused_qkv,
+            final_logit_softcapping=model.final_logit_softcapping is not None,
+            attn_logit_softcapping=model.attn_logit_softcapping is not None,
             local_layers=local,
             local_rope=model.family == "gemma3" and 0 < local < model.num_layers,
             head_major_rope=model.family == "phi3",
