@@ -256,6 +256,51 @@ class Training(_Frozen):
         return self
 
 
+MethodKind = Literal["full", "lora", "qlora"]
+QuantType = Literal["nf4", "fp4"]
+QuantStorage = Literal["uint8", "bf16"]
+#: a linear layer's module name inside a decoder layer (q_proj, gate_up_proj, ...)
+ModuleName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+
+
+class Method(_Frozen):
+    """What is trained: every parameter, or low-rank adapters beside frozen weights (LoRA, Hu et
+    al. 2021), the frozen weights stored in 4 bits (QLoRA, Dettmers et al. 2023)."""
+
+    kind: MethodKind = Field(
+        default="full",
+        description="full: every parameter trains (AdamW on all); lora: rank-r adapters (peft) on frozen "
+        "weights in the model dtype; qlora: the same adapters on weights frozen in 4 bits (bitsandbytes, CUDA only)",
+    )
+    lora_rank: int = Field(default=16, gt=0, le=2**16, description="LoRA rank r: each adapter adds r x (in + out) parameters")
+    lora_alpha: float = Field(default=32, gt=0, le=2**20, description="LoRA alpha: the adapter's output is scaled by alpha / r")
+    lora_dropout: float = Field(
+        default=0.0, ge=0, lt=1, description="dropout on each adapter's input (0: none, and no saved mask)"
+    )
+    lora_targets: tuple[ModuleName, ...] | None = Field(
+        default=None, max_length=64,
+        description="linear layers of each decoder layer that get an adapter, by module name (q_proj, v_proj, ...); "
+        "unset: every one of them",
+    )
+    quant_type: QuantType = Field(default="nf4", description="qlora: 4-bit data type of the frozen weights")
+    double_quant: bool = Field(
+        default=True, description="qlora: quantize the quantization constants too (0.127 instead of 0.5 bits per weight)"
+    )
+    quant_storage: QuantStorage = Field(
+        default="uint8", description="qlora: dtype of the tensors that hold the packed 4-bit values (same bytes)"
+    )
+    export_merged: bool = Field(
+        default=False,
+        description="lora/qlora: the export writes the base model with the adapters merged into it, beside the "
+        "adapter folder",
+    )
+
+    @property
+    def adapters(self) -> bool:
+        """LoRA or QLoRA: frozen base weights, trainable adapters."""
+        return self.kind != "full"
+
+
 class CheckpointPrediction(_Frozen):
     """What one checkpoint costs and how often the job saves (ltune/planner/checkpointing.py)."""
 
@@ -283,11 +328,13 @@ class Plan(_Frozen):
     hardware: Hardware
     layout: Layout
     training: Training
+    method: Method = Field(default_factory=Method, description="what is trained: all weights, or LoRA/QLoRA adapters")
     prediction: Prediction | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "Plan":
         check_sp_degree(self.layout.sp_degree, self.model.architecture)
+        check_method(self.method, self.model.architecture, self.layout.zero_stage)
         if self.hardware.gpu == CPU_TARGET:
             check_cpu_processes(self.layout.num_gpus, "layout.num_gpus")
         return self
@@ -312,3 +359,16 @@ def check_sp_degree(sp_degree: int, arch: ModelProfile) -> None:
         raise ValueError(
             f"sp_degree ({sp_degree}) must divide num_kv_heads ({kv}) or be a multiple of it"
         )
+
+
+def check_method(method: Method, arch: ModelProfile, zero_stage: int | None = None) -> None:
+    """The adapters' targets name linear layers of this model's decoder; QLoRA runs at ZeRO 0-2
+    (bitsandbytes' 4-bit tensors are not partitioned by ZeRO-3 in ltune's trainer)."""
+    from .lora import target_modules
+
+    if not method.adapters:
+        return
+    target_modules(arch, method)
+    if method.kind == "qlora" and zero_stage == 3:
+        raise ValueError("method qlora needs zero_stage 0, 1 or 2 (got 3): ltune keeps the 4-bit weights whole on "
+                         "every GPU and shards only the adapters' optimizer states")

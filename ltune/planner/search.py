@@ -34,11 +34,13 @@ from .schema import (
     Evaluation,
     Layout,
     LossMode,
+    Method,
     Offload,
     Precision,
     Recompute,
     ZeroStage,
     _Frozen,
+    check_method,
     check_sp_degree,
 )
 from .throughput import estimate_throughput
@@ -125,11 +127,13 @@ class Request(_Frozen):
         default=None, gt=0, le=MAX_SEQ_LEN, description="mean packed document length (varlen attention); None: the sequence"
     )
     pins: Pins = Pins()
+    method: Method = Method()
 
     @model_validator(mode="after")
     def _one_batch(self) -> "Request":
         if self.global_batch is not None and self.tokens_per_step is not None:
             raise ValueError("give a global batch or tokens per step, not both")
+        check_method(self.method, self.model, self.pins.zero_stage)
         return self
 
     @property
@@ -307,6 +311,7 @@ def candidates(req: Request, counts: Iterable[int] | None = None, micro_batches:
         (z, o)
         for z, o in ZERO_OFFLOAD
         if (p.zero_stage is None or z == p.zero_stage) and (p.offload is None or o == p.offload)
+        and not (req.method.kind == "qlora" and z == 3)  # schema.check_method: qlora at ZeRO 0-2
     ]
     mbs = _choices(p.micro_batch_size, micro_batches)
     for n in gpu_counts(p) if counts is None else counts:
@@ -338,7 +343,7 @@ def _shape(req: Request) -> Shape:
     # bf16 came with Ampere: without it (V100) flash-attn and torch's varlen kernel cannot run and
     # the trainer's varlen attention is SDPA per document (trainer/attention.py resolve_backend)
     return Shape.of(req.model, req.seq_len, req.precision, req.loss_chunk_tokens, doc_tokens=req.doc_tokens,
-                    sdpa_math=not req.gpu.supports_bf16)
+                    sdpa_math=not req.gpu.supports_bf16, method=req.method)
 
 
 def _layout(c: Candidate) -> Layout:

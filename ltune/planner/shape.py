@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..profiles.schema import ModelProfile
-from .schema import Layout
+from . import lora
+from .schema import Layout, Method
 
 FP32 = 4  # bytes of an fp32 element
 #: bytes of one element of the model dtype (parameters, their gradients, activations)
@@ -52,6 +53,26 @@ class Shape:
     head_major_rope: bool = False  # phi3: RoPE's torch.cat leaves q head-major, so flash's output is too
     # pre-Ampere GPU: varlen attention runs SDPA's math backend once per document (trainer/attention.py)
     sdpa_math: bool = False
+    # what trains (planner/lora.py): "full", or adapters on frozen weights ("lora", "qlora")
+    method: str = "full"
+    trainable_params: int = 0  # parameters the optimizer updates (all of them for full)
+    lora_rank: int = 0
+    lora_dropout: bool = False  # a dropout before each adapter (saves its mask and output)
+    #: (in_features, out_features) of each adapted linear layer of one decoder layer
+    adapter_modules: tuple[tuple[int, int], ...] = ()
+    quantized_params: int = 0  # base weights stored in 4 bits (qlora)
+    quantized_bytes: int = 0  # those weights with their quantization constants
+    largest_quantized_params: int = 0  # the biggest 4-bit weight (dequantized whole while its layer computes)
+
+    @property
+    def adapters(self) -> bool:
+        """LoRA or QLoRA: frozen base weights, trainable adapters."""
+        return self.method != "full"
+
+    @property
+    def frozen_params(self) -> int:
+        """Parameters that never change (all but the adapters' under lora/qlora; none for full)."""
+        return self.params if self.adapters else 0
 
     @property
     def attention_tokens(self) -> int:
@@ -72,11 +93,13 @@ class Shape:
     @classmethod
     def of(
         cls, model: ModelProfile, seq_len: int, precision: str = "bf16", loss_chunk_tokens: int = 4096,
-        *, doc_tokens: int | None = None, sdpa_math: bool = False,
+        *, doc_tokens: int | None = None, sdpa_math: bool = False, method: Method | None = None,
     ) -> "Shape":
         if doc_tokens is not None and doc_tokens <= 0:
             raise ValueError(f"doc_tokens must be a positive number of tokens (got {doc_tokens})")
         local = sum(1 for i in range(model.num_layers) if model.is_local_layer(i))
+        method = method or Method()
+        quantized = lora.quantized_tensors_per_layer(model, method)
         return cls(
             params=model.num_params(),
             num_layers=model.num_layers,
@@ -105,6 +128,14 @@ class Shape:
             local_rope=model.family == "gemma3" and 0 < local < model.num_layers,
             head_major_rope=model.family == "phi3",
             sdpa_math=sdpa_math,
+            method=method.kind,
+            trainable_params=lora.trainable_params(model, method),
+            lora_rank=method.lora_rank if method.adapters else 0,
+            lora_dropout=method.adapters and method.lora_dropout > 0,
+            adapter_modules=tuple(lora.target_modules(model, method).values()) if method.adapters else (),
+            quantized_params=lora.quantized_params(model, method),
+            quantized_bytes=lora.quantized_bytes(model, method),
+            largest_quantized_params=max(quantized, default=0),
         )
 
 

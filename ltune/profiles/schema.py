@@ -120,6 +120,17 @@ class ModelProfile(BaseModel):
             tensors += [self.head_size, self.head_size]
         return tensors
 
+    def linear_modules(self) -> dict[str, tuple[int, int]]:
+        """One decoder layer's linear layers by their transformers module name: (in_features,
+        out_features). Llama, Qwen, Mistral and Gemma name them q/k/v/o_proj and gate/up/down_proj
+        (modeling_llama.py `LlamaAttention`, `LlamaMLP`); Phi-3 fuses qkv_proj and gate_up_proj
+        (modeling_phi3.py); internlm2 and generic shapes are built as Llama."""
+        h, q, kv, f = self.hidden_size, self.q_size, self.kv_size, self.intermediate_size
+        attention = {"qkv_proj": (h, q + 2 * kv)} if self.fused_qkv else {
+            "q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv)}
+        mlp = {"gate_up_proj": (h, 2 * f)} if self.fused_gate_up else {"gate_proj": (h, f), "up_proj": (h, f)}
+        return {**attention, "o_proj": (q, h), **mlp, "down_proj": (f, h)}
+
     def mlp_tensors(self) -> list[int]:
         """Elements of each gated-MLP tensor of one layer (gate_up_proj fused in phi3)."""
         h, f = self.hidden_size, self.intermediate_size

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from ..planner.schema import Plan
 from . import attention
 from .errors import TrainerInputError
+from .lora import apply_adapters
 from .loss import causal_lm_loss
 
 
@@ -376,6 +377,7 @@ def build_model(plan: Plan, ds_config: dict | None = None) -> TrainModel:
         lm = _build_zero3(plan, config, ds_config)
     else:
         lm = _build_local(plan, config)
+    lm = apply_adapters(lm, plan)
     lm.config.use_cache = False
     lm.config._attn_implementation = impl
     if plan.layout.recompute == "full":
