@@ -23,7 +23,8 @@ import sys
 import time
 
 from ltune.planner.memory import estimate_memory
-from ltune.planner.schema import Layout
+from ltune.planner.schema import Layout, Method
+from ltune.planner.shape import Shape
 from ltune.profiles import load_gpu, resolve_model
 from ltune.trace import UNTRACED_TERMS, comparable_totals, trace_memory
 
@@ -63,6 +64,14 @@ MATRIX = [
     ("phi-3-mini", 4096, 8, 3, 1, "full", "chunked", 1, "varlen"),
     ("phi-3-mini", 2048, 8, 3, 1, "none", "full", 1, "varlen"),
     ("gemma-2-9b", 4096, 8, 3, 1, "full", "chunked", 1, "varlen"),
+    # adapters (LoRA, QLoRA): frozen base, peft adapters; QLoRA's 4-bit layers traced by
+    # ltune/trace/quant4.py (bitsandbytes Linear4bit's memory)
+    ("llama3.2-1b", 8192, 1, 0, 1, "full", "chunked", 1, "varlen", "bf16", {"kind": "lora"}),
+    ("llama3.2-1b", 4096, 2, 2, 1, "none", "chunked", 1, "varlen", "bf16", {"kind": "lora"}),
+    ("qwen3-0.6b", 4096, 1, 0, 1, "none", "full", 1, "varlen", "bf16",
+     {"kind": "lora", "lora_targets": ("q_proj", "v_proj"), "lora_dropout": 0.05}),
+    ("qwen2.5-0.5b", 8192, 2, 1, 2, "full", "chunked", 1, "varlen", "bf16", {"kind": "qlora"}),
+    ("qwen2.5-0.5b", 4096, 1, 0, 1, "none", "full", 1, "varlen", "bf16", {"kind": "qlora", "double_quant": False}),
 ]
 QUICK = [0, 1, 5, 12]
 
@@ -89,14 +98,20 @@ def bench_model(name: str):
 
 
 def run_one(cfg) -> dict:
-    name, ctx, gpus, zero, sp, recompute, loss, mb, attn, precision = (*cfg, "bf16")[:10]
+    name, ctx, gpus, zero, sp, recompute, loss, mb, attn, precision, method = (*cfg, "bf16", None)[:11] if len(cfg) == 9 else (*cfg, None)[:11]
     model = bench_model(name)
     layout = Layout(
         num_gpus=gpus, zero_stage=zero, sp_degree=sp, recompute=recompute, loss=loss,
         micro_batch_size=mb, attention=attn,
     )
-    analytic = estimate_memory(model, load_gpu(GPU), layout, ctx, precision=precision)
-    traced = trace_memory(model, ctx, layout, precision)
+    if method is None:  # full fine-tuning: as before adapters existed
+        analytic = estimate_memory(model, load_gpu(GPU), layout, ctx, precision=precision)
+        traced = trace_memory(model, ctx, layout, precision)
+    else:
+        method = Method(**method)
+        shape = Shape.of(model, ctx, precision, method=method)
+        analytic = estimate_memory(model, load_gpu(GPU), layout, ctx, precision=precision, shape=shape)
+        traced = trace_memory(model, ctx, layout, precision, method=method)
     a_total, t_total = comparable_totals(traced, analytic.terms)
     terms = {}
     for term in list(analytic.terms) + [k for k in traced.terms if k not in analytic.terms]:
@@ -105,7 +120,8 @@ def run_one(cfg) -> dict:
         terms[term] = {"analytic_bytes": analytic.terms.get(term, 0), "traced_bytes": traced.terms.get(term, 0)}
     return {
         "config": f"{name} ctx={ctx} gpus={gpus} zero={zero} sp={sp} rc={recompute} loss={loss} mb={mb} attn={attn}"
-                  + (f" {precision}" if precision != "bf16" else ""),
+                  + (f" {precision}" if precision != "bf16" else "")
+                  + (f" {method_label(method)}" if method is not None else ""),
         "analytic_bytes": a_total,
         "traced_bytes": t_total,
         "error_pct": 100.0 * (a_total - t_total) / t_total,
@@ -114,6 +130,18 @@ def run_one(cfg) -> dict:
         "terms": terms,
         "trace_s": traced.trace_s,
     }
+
+
+def method_label(method) -> str:
+    """lora r16, qlora r16 nf4 dq, targets and dropout when set."""
+    label = f"{method.kind} r{method.lora_rank}"
+    if method.kind == "qlora":
+        label += f" {method.quant_type}" + (" dq" if method.double_quant else "")
+    if method.lora_targets:
+        label += " " + ",".join(method.lora_targets)
+    if method.lora_dropout:
+        label += f" drop{method.lora_dropout}"
+    return label
 
 
 ACTIVATION_TERMS = ("activations_checkpoints", "activations_layer", "logits_loss")
@@ -138,12 +166,12 @@ def main(argv: list[str] | None = None) -> int:
         matrix = [c for c in matrix if any(part in c[0] for part in args.only.split(","))]
     start = time.perf_counter()
     results = []
-    print(f"{'configuration':<84} {'analytic MiB':>12} {'traced MiB':>11} {'error %':>8}  phase a/t")
+    print(f"{'configuration':<110} {'analytic MiB':>12} {'traced MiB':>11} {'error %':>8}  phase a/t")
     for cfg in matrix:
         r = run_one(cfg)
         results.append(r)
         print(
-            f"{r['config']:<84} {r['analytic_bytes'] / MIB:>12.1f} {r['traced_bytes'] / MIB:>11.1f} "
+            f"{r['config']:<110} {r['analytic_bytes'] / MIB:>12.1f} {r['traced_bytes'] / MIB:>11.1f} "
             f"{r['error_pct']:>+8.2f}  {r['analytic_phase']}/{r['traced_phase']}",
             flush=True,
         )

@@ -19,8 +19,10 @@ from typer.core import TyperGroup
 
 from .planner.check import DEFAULT_DRIFT_PCT
 from .planner.io import PlanError, dump_plan, load_plan
-from .planner.options import CLI_FLAGS, DEFAULTS, LayoutOptions, choices, layout_options, parse_ctx, request_from_options
-from .planner.schema import CONTROL_CHARACTERS, Layout, Plan, Precision
+from .planner.options import (
+    CLI_FLAGS, DEFAULTS, LayoutOptions, choices, layout_options, parse_ctx, parse_targets, request_from_options,
+)
+from .planner.schema import CONTROL_CHARACTERS, Layout, Method, Plan, Precision
 from .profiles import ProfileError, gpu_names, load_gpu, load_model, model_names
 from .profiles.schema import GpuProfile, ModelProfile
 from .render import (
@@ -32,6 +34,8 @@ from .render import (
     gib,
     host_memory_line,
     layout_line,
+    method_json,
+    method_line,
     plan_json,
     runners_up_table,
     speed_line,
@@ -185,6 +189,24 @@ GlobalBatchOpt = Annotated[Optional[int], _option("global_batch", min=1)]
 TokensPerStepOpt = Annotated[Optional[int], _option("tokens_per_step", min=1)]
 PreferOpt = Annotated[str, _option("prefer", note="Default fewest.")]
 DocTokensOpt = Annotated[Optional[int], _option("doc_tokens", min=1)]
+MethodOpt = Annotated[str, _option("method", note="Default full.")]
+LoraRankOpt = Annotated[Optional[int], _option("lora_rank")]
+LoraAlphaOpt = Annotated[Optional[float], _option("lora_alpha")]
+LoraDropoutOpt = Annotated[Optional[float], _option("lora_dropout")]
+LoraTargetsOpt = Annotated[Optional[str], _option("lora_targets")]
+QuantTypeOpt = Annotated[Optional[str], _option("quant_type")]
+DoubleQuantOpt = Annotated[Optional[bool], _option("double_quant")]
+QuantStorageOpt = Annotated[Optional[str], _option("quant_storage")]
+ExportMergedOpt = Annotated[bool, _option("export_merged")]
+
+
+def _method_options(method: str, lora_rank, lora_alpha, lora_dropout, lora_targets, quant_type, double_quant,
+                    quant_storage, export_merged: bool = False) -> dict:
+    """The method flags as LayoutOptions fields (--lora-targets split at commas; --export-merged
+    only when given); ValueError naming the flag for a bad value."""
+    return dict(method=method, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                lora_targets=parse_targets(lora_targets), quant_type=quant_type, double_quant=double_quant,
+                quant_storage=quant_storage, export_merged=export_merged or None)
 
 def _one_line(e: Exception) -> str:
     """A pydantic error as its first field path and message; others as they are."""
@@ -211,6 +233,7 @@ def _print_plan(req, result, model_name: str, longest=None) -> None:
         f"{m.hidden_size}){generic} at {req.seq_len:,} tokens, {req.precision}, on {g.display_name} "
         f"({gib(g.hbm_bytes)} GiB; plans keep a {100 * req.safety_margin:.0f}% safety margin)"
     )
+    console.print(method_line(req.model, req.method, req.precision), highlight=False)
     if longest is not None:
         console.print(
             f"[bold]longest context:[/] {longest.seq_len:,} tokens (a multiple of {longest.granularity:,}; "
@@ -315,6 +338,15 @@ def plan(
     host_mem_gib: HostMemOpt = None,
     safety_margin: MarginOpt = DEFAULTS["safety_margin"],
     loss_chunk_tokens: ChunkOpt = DEFAULTS["loss_chunk_tokens"],
+    method: MethodOpt = DEFAULTS["method"],
+    lora_rank: LoraRankOpt = None,
+    lora_alpha: LoraAlphaOpt = None,
+    lora_dropout: LoraDropoutOpt = None,
+    lora_targets: LoraTargetsOpt = None,
+    quant_type: QuantTypeOpt = None,
+    double_quant: DoubleQuantOpt = None,
+    quant_storage: QuantStorageOpt = None,
+    export_merged: ExportMergedOpt = False,
     steps: Annotated[int, typer.Option("--steps", help="Training steps written to plan.yaml.", min=1)] = 1000,
     lr: Annotated[float, typer.Option("--lr", help="Learning rate written to plan.yaml (> 0).")] = 2e-5,
     data: Annotated[Optional[list[str]], typer.Option("--data", help="JSONL file or folder (repeatable), written to plan.yaml.")] = None,
@@ -328,7 +360,8 @@ def plan(
 
     Every layout runs the same global batch (default 4Mi tokens per step; --global-batch or
     --tokens-per-step); offload is tried at every GPU count; --prefer picks fewest GPUs (default),
-    fastest or cheapest. --ctx max finds the longest context that fits.
+    fastest or cheapest. --ctx max finds the longest context that fits. --method lora or qlora
+    plans adapter fine-tuning (frozen base weights; qlora: in 4 bits, CUDA, ZeRO 0-2).
 
     Exit 0 when a layout fits, 1 when none does, 2 for bad input.
     """
@@ -350,6 +383,8 @@ def plan(
             micro_batch_size=micro_batch_size, attention=attention, precision=precision, host_mem_gib=host_mem_gib,
             safety_margin=safety_margin, loss_chunk_tokens=loss_chunk_tokens, global_batch=global_batch,
             tokens_per_step=tokens_per_step, prefer=prefer, doc_tokens=doc_tokens,
+            **_method_options(method, lora_rank, lora_alpha, lora_dropout, lora_targets, quant_type, double_quant,
+                              quant_storage, export_merged),
         )
         req = request_from_options(options)
     except (ProfileError, ValueError) as e:
@@ -445,6 +480,14 @@ def sweep(
     precision: PrecisionOpt = None,
     host_mem_gib: HostMemOpt = None,
     safety_margin: MarginOpt = DEFAULTS["safety_margin"],
+    method: MethodOpt = DEFAULTS["method"],
+    lora_rank: LoraRankOpt = None,
+    lora_alpha: LoraAlphaOpt = None,
+    lora_dropout: LoraDropoutOpt = None,
+    lora_targets: LoraTargetsOpt = None,
+    quant_type: QuantTypeOpt = None,
+    double_quant: DoubleQuantOpt = None,
+    quant_storage: QuantStorageOpt = None,
     png: Annotated[Optional[str], typer.Option("--png", help="Draw GPUs needed vs context per GPU type to this PNG (needs matplotlib: pip install -e \".[plot]\").")] = None,
     svg: Annotated[Optional[str], typer.Option("--svg", help="The same chart as SVG.")] = None,
     as_json: JsonOpt = False,
@@ -468,7 +511,9 @@ def sweep(
         gpus = split_names(gpu) if gpu else DEFAULT_SWEEP_GPUS
         options = dict(model=model, max_gpus=max_gpus, tokens_per_step=tokens_per_step, doc_tokens=doc_tokens,
                        offload=offload, attention=attention, precision=precision, host_mem_gib=host_mem_gib,
-                       safety_margin=safety_margin)
+                       safety_margin=safety_margin,
+                       **_method_options(method, lora_rank, lora_alpha, lora_dropout, lora_targets, quant_type,
+                                         double_quant, quant_storage))
         requests = sweep_requests(options, gpus, contexts)
     except (ProfileError, ValueError) as e:
         raise fail(_one_line(e))
@@ -486,6 +531,9 @@ def sweep(
     if as_json:
         print(json.dumps(sweep_json(result), indent=2))
     else:
+        if requests:
+            r0 = requests[0]
+            console.print(method_line(r0.model, r0.method, r0.precision), highlight=False)
         console.print(sweep_matrix_table(result))
         console.print(sweep_table(result))
         console.print(f"[dim]{len(result.cells)} searches, {sum(c.evaluated for c in result.cells):,} layouts "
@@ -697,6 +745,9 @@ def launch(
 
     try:
         plan_obj = load_plan(plan_file)
+        from .job.methods import refuse_unrunnable_method  # qlora without CUDA: refused before anything starts
+
+        refuse_unrunnable_method(plan_obj, local=launcher != "slurm" and hostfile is None)
         options = LaunchOptions(
             launcher=launcher, hostfile=str(hostfile) if hostfile else None, nnodes=nnodes, node_rank=node_rank,
             master_addr=master_addr, master_port=master_port, run_dir=str(run_dir) if run_dir else None,
@@ -739,13 +790,14 @@ class TraceTarget:
     precision: Precision
     loss_chunk_tokens: int
     plan: Plan | None = None  # when tracing a plan
+    method: Method = Method()  # what trains: the plan's, or --method's
 
 
 def _plan_target(plan_path: Path) -> TraceTarget:
     p = load_plan(plan_path)
     return TraceTarget(name=p.model.name, model=p.model.architecture, gpu=load_gpu(p.hardware.gpu), layout=p.layout,
                        seq_len=p.training.seq_len, precision=p.training.precision,
-                       loss_chunk_tokens=p.training.loss_chunk_tokens, plan=p)
+                       loss_chunk_tokens=p.training.loss_chunk_tokens, plan=p, method=p.method)
 
 
 def _search_target(options: LayoutOptions) -> TraceTarget:
@@ -761,7 +813,7 @@ def _search_target(options: LayoutOptions) -> TraceTarget:
     else:
         raise ValueError("no layout matches these options")
     return TraceTarget(name=options.model, model=req.model, gpu=req.gpu, layout=layout, seq_len=req.seq_len,
-                       precision=req.precision, loss_chunk_tokens=req.loss_chunk_tokens)
+                       precision=req.precision, loss_chunk_tokens=req.loss_chunk_tokens, method=req.method)
 
 
 @app.command()
@@ -781,6 +833,14 @@ def trace(
     precision: PrecisionOpt = None,
     loss_chunk_tokens: ChunkOpt = DEFAULTS["loss_chunk_tokens"],
     num_docs: Annotated[Optional[int], typer.Option("--num-docs", help="Documents packed in each traced sequence (default 4).", min=1)] = None,
+    method: MethodOpt = DEFAULTS["method"],
+    lora_rank: LoraRankOpt = None,
+    lora_alpha: LoraAlphaOpt = None,
+    lora_dropout: LoraDropoutOpt = None,
+    lora_targets: LoraTargetsOpt = None,
+    quant_type: QuantTypeOpt = None,
+    double_quant: DoubleQuantOpt = None,
+    quant_storage: QuantStorageOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Trace one training step on fake CPU tensors (exact, no GPU) and compare with the plan's breakdown.
@@ -788,9 +848,16 @@ def trace(
     Unpinned layout options are chosen as `ltune plan` would. Needs torch and transformers.
     """
     from .planner.memory import estimate_memory
+    from .planner.shape import Shape
 
     try:
         if plan_path is not None:
+            given = [CLI_FLAGS[k] for k, v in (("method", None if method == "full" else method), ("lora_rank", lora_rank),
+                     ("lora_alpha", lora_alpha), ("lora_dropout", lora_dropout), ("lora_targets", lora_targets),
+                     ("quant_type", quant_type), ("double_quant", double_quant), ("quant_storage", quant_storage))
+                     if v is not None]
+            if given:
+                raise ValueError(f"{given[0]}: a plan brings its own method (its `method` block); give one or the other")
             target = _plan_target(plan_path)
             _warn_about_plan(target.plan)
         elif model is None or seq_len is None:
@@ -800,9 +867,13 @@ def trace(
                 model=model, seq_len=parse_ctx(seq_len, allow_max=False), gpu=gpu, num_gpus=num_gpus, zero_stage=zero_stage, sp_degree=sp_degree,
                 offload=offload, loss=loss, recompute=recompute, micro_batch_size=micro_batch_size,
                 attention=attention, precision=precision, loss_chunk_tokens=loss_chunk_tokens,
+                **_method_options(method, lora_rank, lora_alpha, lora_dropout, lora_targets, quant_type, double_quant,
+                                  quant_storage),
             ))
+        shape = Shape.of(target.model, target.seq_len, target.precision, target.loss_chunk_tokens,
+                         sdpa_math=not target.gpu.supports_bf16, method=target.method)
         analytic = estimate_memory(target.model, target.gpu, target.layout, target.seq_len,
-                                   precision=target.precision, loss_chunk_tokens=target.loss_chunk_tokens)
+                                   precision=target.precision, loss_chunk_tokens=target.loss_chunk_tokens, shape=shape)
     except (PlanError, ProfileError, ValueError) as e:
         raise fail(_one_line(e))
     try:
@@ -822,14 +893,16 @@ def trace(
                 status.update(f"tracing: {PHASES.get(name, name)}")
 
             result = trace_memory(target.model, seq_len, layout, prec, loss_chunk_tokens=target.loss_chunk_tokens,
-                                  num_docs=num_docs, plan=target.plan, on_phase=on_phase)
+                                  num_docs=num_docs, plan=target.plan, on_phase=on_phase, method=target.method)
     except ValueError as e:
         raise fail(str(e))
     if as_json:
-        print(json.dumps(trace_json(target.name, target.gpu, seq_len, prec, layout, analytic, result), indent=2))
+        out = trace_json(target.name, target.gpu, seq_len, prec, layout, analytic, result)
+        print(json.dumps({**out, **method_json(target.model, target.method)}, indent=2))
         return
     console.print(f"[bold]{escape(target.name)}[/] ({target.model.num_params() / 1e9:.2f}B params) at {seq_len:,} tokens, "
                   f"{prec}, on {target.gpu.display_name}: {layout_line(layout)}")
+    console.print(method_line(target.model, target.method, prec), highlight=False)
     console.print(f"traced one step of {layout.micro_batch_size} x {result.tokens_per_rank:,} tokens per rank "
                   f"({result.num_docs} documents per sequence) in {result.trace_s:.1f} s, "
                   f"{result.max_rss_bytes / 1e9:.2f} GB resident")

@@ -127,8 +127,41 @@ def runners_up_table(evaluations) -> Table:
     return table
 
 
-def evaluation_json(ev) -> dict:
+def method_line(model, method, precision: str) -> str:
+    """What trains: the method, its trainable parameters and, for QLoRA, the 4-bit weights' bytes."""
+    from .planner import lora
+
+    total = model.num_params()
+    if not method.adapters:
+        return f"method: full fine-tuning, every parameter trains ({total:,})"
+    targets = lora.target_modules(model, method)
+    which = "every linear layer" if method.lora_targets is None else "of its linear layers"
+    trainable = lora.trainable_params(model, method)
+    name = "LoRA" if method.kind == "lora" else "QLoRA"
+    line = (f"method: {name} rank {method.lora_rank}, alpha {method.lora_alpha:g}"
+            f"{f', dropout {method.lora_dropout:g}' if method.lora_dropout else ''} on {', '.join(targets)} ({which}): "
+            f"{trainable:,} trainable parameters ({100 * trainable / total:.2f}% of {total / 1e9:.2f}B)")
+    if method.kind == "lora":
+        return f"{line}; base weights frozen in {precision}"
+    scheme = f"{method.quant_type}{', double quant' if method.double_quant else ''}"
+    return (f"{line}; base linear weights frozen in 4 bits ({scheme}): {gib(lora.quantized_bytes(model, method))} GiB "
+            f"for {lora.quantized_params(model, method) / 1e9:.2f}B weights; embedding, norms and output head in "
+            f"{precision}")
+
+
+def method_json(model, method) -> dict:
+    """The method's fields of the JSON outputs: kind, all and trainable parameters, the 4-bit bytes (qlora)."""
+    from .planner import lora
+
+    return {"method": method.kind, "params": model.num_params(),
+            "trainable_params": lora.trainable_params(model, method),
+            "quantized_bytes": lora.quantized_bytes(model, method)}
+
+
+def evaluation_json(ev, method: dict | None = None) -> dict:
+    """One evaluated layout; `method` (method_json) adds what trains."""
     return {
+        **(method or {}),
         "fits": ev.fits,
         "layout": ev.layout.model_dump(),
         "global_batch": ev.global_batch,
@@ -193,21 +226,23 @@ def plan_json(req, result, model_name: str, longest=None) -> dict:
     """`ltune plan --json`: the chosen (or closest) layout and the rest of the search."""
     closest = result.closest
     chosen = result.best or (closest.evaluation if closest else None)
-    out = evaluation_json(chosen) if chosen else {"fits": False}
+    method = method_json(req.model, req.method)
+    out = evaluation_json(chosen, method) if chosen else {"fits": False, **method}
     out.update(
         model=model_name, gpu=req.gpu.name, seq_len=req.seq_len, precision=req.precision,
         safety_margin=req.safety_margin, prefer=result.prefer,
+        method_config=req.method.model_dump(mode="json"),
         global_batch=result.global_batch, tokens_per_step=result.tokens_per_step,
-        runners_up=[evaluation_json(ev) for ev in result.runners_up],
-        no_offload=evaluation_json(result.no_offload) if result.no_offload else None,
+        runners_up=[evaluation_json(ev, method) for ev in result.runners_up],
+        no_offload=evaluation_json(result.no_offload, method) if result.no_offload else None,
         per_count=[
             {"num_gpus": pc.num_gpus, "fits": pc.fits, "layouts": pc.layouts, "note": pc.note,
-             "best": evaluation_json(pc.best) if pc.best else None,
+             "best": evaluation_json(pc.best, method) if pc.best else None,
              "shortfall": pc.shortfall.model_dump() if pc.shortfall else None}
             for pc in result.per_count
         ],
         shortfalls=[sf.model_dump() for sf in result.shortfalls],
-        conventional=evaluation_json(result.conventional) if result.conventional else None,
+        conventional=evaluation_json(result.conventional, method) if result.conventional else None,
         layouts_evaluated=result.evaluated,
     )
     if longest is not None:
@@ -289,6 +324,7 @@ def sweep_json(result) -> dict:
         ev = c.best
         cells.append({
             "gpu": c.gpu, "seq_len": c.seq_len, "fits": c.fits, "num_gpus": c.num_gpus,
+            "method": result.method.kind, "trainable_params": result.trainable_params,
             "layout": ev.layout.model_dump() if ev else None,
             "global_batch": c.global_batch,
             "gradient_accumulation_steps": ev.gradient_accumulation_steps if ev else None,
@@ -302,7 +338,9 @@ def sweep_json(result) -> dict:
             "layouts_evaluated": c.evaluated,
         })
     return {"model": result.model, "gpus": list(result.gpus), "contexts": list(result.contexts),
-            "max_gpus": result.max_gpus, "prefer": "fewest", "seconds": result.seconds, "cells": cells}
+            "max_gpus": result.max_gpus, "prefer": "fewest", "method": result.method.kind,
+            "method_config": result.method.model_dump(mode="json"), "params": result.params,
+            "trainable_params": result.trainable_params, "seconds": result.seconds, "cells": cells}
 
 
 def chart_label(lay) -> str:

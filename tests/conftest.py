@@ -93,7 +93,22 @@ def free_port() -> int:
     """
     from ltune.launcher.ports import free_port as launcher_free_port
 
-    return launcher_free_port()
+    port = launcher_free_port()
+    _PORTS_GIVEN.append(port)
+    return port
+
+
+#: the rendezvous ports free_port gave: the DeepSpeed jobs started outside `ltune launch` leave
+#: their CPU all-reduce buffers in /dev/shm, removed at the end of the session
+_PORTS_GIVEN: list[int] = []
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _PORTS_GIVEN:
+        from ltune.launcher.process import remove_shm_buffers
+
+        for port in _PORTS_GIVEN:
+            remove_shm_buffers(port)
 
 
 def pytest_terminal_summary(terminalreporter):

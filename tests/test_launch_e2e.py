@@ -49,6 +49,10 @@ def test_launch_tiny_cpu_examples_to_the_end(tmp_path):
     command = json.loads((run_dir / "command.json").read_text())
     assert command["argv"][1:4] == ["-m", "deepspeed.launcher.runner", "--num_gpus"]
     assert command["env"]["DS_ACCELERATOR"] == "cpu"
+    # DeepSpeed's CPU all-reduce buffers (64 MiB of host memory per rank) are gone with the job
+    port = command["argv"][command["argv"].index("--master_port") + 1]
+    leftover = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
+    assert not leftover, leftover
 
     max_steps = load_plan(EXAMPLE).training.max_steps
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]

@@ -344,3 +344,10 @@ def test_trust_remote_code_is_warned_about_by_trace(workdir, monkeypatch):
     result = runner.invoke(app, ["trace", "--plan", "plan.yaml"])
     assert "warning: model.trust_remote_code is true" in result.stderr
     assert "error: stub: not traced" in result.stderr
+
+
+def test_denormal_storage_bandwidth_is_refused(workdir):
+    """hardware.storage_write_bytes_per_s 5e-324 (positive, denormal) made the save time infinite and
+    `ltune launch --dry-run` crashed converting it to whole seconds; a bandwidth is now at least 1 byte/s."""
+    plan = _write(workdir, _plan_dict(hardware={"storage_write_bytes_per_s": 5e-324}))
+    assert "storage_write_bytes_per_s" in _error(["launch", str(plan), "--dry-run"])

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 from . import rundir
 from .errors import LaunchError
@@ -33,6 +34,35 @@ def write_spec(spec: LaunchSpec) -> None:
         tmp.replace(path)
 
 
+#: where DeepSpeed's CPU all-reduce maps its per-rank buffers (POSIX shared memory)
+SHM_DIR = Path("/dev/shm")
+#: their names (deepspeed/ops/csrc/cpu/comm/shm.cpp SHM_BUFFER_NAME, `shm_initialize`):
+#: deepspeed_allreduce_buffer_{uid}_{master addr}_{master port}_{rank}
+SHM_BUFFER_PREFIX = "deepspeed_allreduce_buffer"
+
+
+def remove_shm_buffers(master_port: int, shm_dir: Path = SHM_DIR) -> list[Path]:
+    """Remove the all-reduce buffers of the job that used `master_port` (this user's only).
+
+    DeepSpeed's CPU accelerator maps one shared-memory file per rank (64 MiB each, in host
+    memory) and never unlinks it (shm.cpp `shared_close` is not called for it), so each CPU run
+    would leave world_size x 64 MiB behind in /dev/shm. Called once every process of the job
+    is gone. Returns what was removed."""
+    pattern = f"{SHM_BUFFER_PREFIX}_{os.getuid()}_*_{master_port}_*"
+    removed = []
+    try:
+        found = sorted(shm_dir.glob(pattern))
+    except OSError:
+        return removed
+    for path in found:
+        try:
+            path.unlink()
+            removed.append(path)
+        except OSError:  # another user's, or gone already
+            pass
+    return removed
+
+
 def start(spec: LaunchSpec) -> int:
     """Run ``spec.argv`` (no shell) with the spec's environment; return its exit code.
 
@@ -40,7 +70,8 @@ def start(spec: LaunchSpec) -> int:
     not captured). SIGINT, SIGTERM and SIGUSR1 sent to ltune are forwarded to the whole group -
     the launcher and every rank, as a terminal's Ctrl-C would - so the trainer can
     checkpoint; a third signal kills the group. Once the launcher process exits, the rest of
-    the group gets ``spec.grace_s`` to end. A child killed by signal N gives 128 + N.
+    the group gets ``spec.grace_s`` to end, then its all-reduce buffers are removed
+    (``remove_shm_buffers``). A child killed by signal N gives 128 + N.
     """
     env = {**os.environ, **spec.env}
     try:
@@ -66,6 +97,8 @@ def start(spec: LaunchSpec) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    if spec.launcher != "slurm":  # this node's ranks are gone: their shared memory too
+        remove_shm_buffers(spec.master_port)
     return 128 - code if code < 0 else code
 
 

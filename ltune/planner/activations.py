@@ -261,13 +261,14 @@ def logits_loss_bytes(s: Shape, lay: Layout) -> int:
         hidden_size=s.hidden_size,
         dtype_bytes=s.dtype_bytes,
         softcap=s.final_logit_softcapping,
+        weight_grad=not s.adapters,
     )
     return m["lse_bytes"] + max(m["forward_bytes"], m["backward_bytes"] + s.dtype_bytes * t * s.hidden_size)
 
 
 def chunked_loss_bytes(
     *, chunk_tokens: int, num_tokens: int, vocab_size: int, hidden_size: int, dtype_bytes: int = 2,
-    softcap: bool = False,
+    softcap: bool = False, weight_grad: bool = True,
 ) -> dict[str, int]:
     """Memory of ltune's chunked cross-entropy (ltune/trainer/chunked_loss.py) beyond its inputs
     and the two gradients it returns, by term (bytes); c = min(chunk_tokens, N), d the model
@@ -286,6 +287,9 @@ def chunked_loss_bytes(
       1 - (s / c)^2 and the accumulator, c x V x 8 + V x h x 4, before the cast;
     - peak_bytes: lse_bytes + max(forward_bytes, backward_bytes).
 
+    With a frozen output layer (`weight_grad` False: LoRA, QLoRA) its backward makes no
+    weight-gradient accumulator (chunked_loss.py: `need_weight`): c x V x (4 + u) only.
+
     Measured on an H200 (tests/test_chunked_loss.py, N 16384, V 128256, h 2048, c 4096, bf16):
     4.008 GiB peak allocated against 3.914 GiB peak_bytes + 0.0625 GiB for the hidden gradient;
     the full loss peaked at 23.48 GiB.
@@ -294,6 +298,8 @@ def chunked_loss_bytes(
     weight_elems = vocab_size * hidden_size
     d, u = dtype_bytes, upcast_copy_bytes(dtype_bytes)
     forward = chunk_logits * max(u + FP32, 2 * FP32)
+    if not weight_grad:
+        weight_elems = 0
     backward = max(chunk_logits * (FP32 + u) + weight_elems * FP32, chunk_logits * d + weight_elems * (FP32 + d))
     if softcap:  # the in-place capped gradient and the new fp32 dcap (chunked_loss.py backward)
         backward = max(backward, chunk_logits * 2 * FP32 + weight_elems * FP32)
@@ -306,3 +312,124 @@ def tied_output_grad_bytes(s: Shape) -> int:
     whole layers' backward, for the embedding's backward to add its own (autograd sums
     the two uses of one leaf before AccumulateGrad, so ZeRO's hooks see it only then)."""
     return s.dtype_bytes * s.vocab_size * s.hidden_size if s.tie_word_embeddings else 0
+
+
+# ---------------------------------------------------------------- LoRA / QLoRA adapters
+# Frozen base weights change what autograd keeps: mm/addmm (torch autograd derivatives.yaml,
+# `mm`: self needs mat2, mat2 needs self) save an operand only when the other one requires a
+# gradient, so a frozen linear layer saves nothing of its input, a norm's `weight * x` does not
+# keep x, and the first layer, whose input (a frozen embedding's output) needs no gradient, saves
+# nothing before its first adapter (measured with `ltune trace`, tests/test_lora_activations.py).
+
+ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj", "qkv_proj")
+MLP_INPUTS = ("gate_proj", "up_proj", "gate_up_proj")
+
+
+def adapter_inputs_saved_bytes_per_token(s: Shape, names: set[str], in_features: int, input_grad: bool) -> int:
+    """What the adapters reading one input keep of it (peft lora/layer.py `Linear.forward`:
+    lora_B(lora_A(dropout(x)))): without dropout (nn.Identity) the input itself, once, however
+    many lora_A share it (d x in); with dropout each adapter's dropped copy (d x in) and, when the
+    input requires a gradient, dropout's bool mask (1 x in, CUDA `native_dropout`)."""
+    if not names:
+        return 0
+    if not s.lora_dropout:
+        return s.dtype_bytes * in_features
+    return len(names) * (s.dtype_bytes + (1 if input_grad else 0)) * in_features
+
+
+def lora_layer_saved_bytes_per_token(s: Shape, lay: Layout, first_layer: bool = False) -> int:
+    """Everything one decoder layer saves for backward under LoRA/QLoRA, per token (no recompute).
+
+    Frozen norms keep their fp32 input (4h, for the rsqrt product) and not the normalised x;
+    their output only where an adapter reads it; q, k, v, the attention output and lse as the
+    kernel keeps them (it saves its inputs whatever their requires_grad); the gated MLP its gate,
+    act(gate) and up (each only when its partner needs a gradient) and act(gate)*up where down_proj
+    has an adapter; each adapter's low-rank lora_A output (r, saved by lora_B). `first_layer`: the
+    input needs no gradient (frozen embedding) until the first adapter."""
+    d, h, f = s.dtype_bytes, s.hidden_size, s.intermediate_size
+    names = set(s.adapter_names)
+    attn_in, mlp_in = names & set(ATTENTION_INPUTS), names & set(MLP_INPUTS)
+    g_in = not first_layer
+    saved = (FP32 * h if g_in else 0) + adapter_inputs_saved_bytes_per_token(s, attn_in, h, g_in)
+    if s.qk_norm:
+        q_grad = g_in or bool({"q_proj", "qkv_proj"} & names)
+        k_grad = g_in or bool({"k_proj", "qkv_proj"} & names)
+        saved += FP32 * (s.q_size + s.num_attention_heads) * q_grad + FP32 * (s.kv_size + s.kv_heads) * k_grad
+    saved += attention_saved_bytes_per_token(s, lay)
+    attn_grad = g_in or bool(attn_in)
+    if s.lora_dropout and "o_proj" in names:  # the attention output itself counts above
+        saved += adapter_inputs_saved_bytes_per_token(s, {"o_proj"}, s.q_size, attn_grad)
+    o_grad = attn_grad or "o_proj" in names
+    mid_grad = g_in or o_grad
+    if s.norms_per_layer == 4:  # gemma's post-attention norm (on o_proj's output) and pre-feedforward norm
+        saved += FP32 * h * o_grad + FP32 * h * mid_grad
+    else:
+        saved += FP32 * h * mid_grad
+    saved += adapter_inputs_saved_bytes_per_token(s, mlp_in, h, mid_grad)
+    gate_grad = mid_grad or bool({"gate_proj", "gate_up_proj"} & names)
+    up_grad = mid_grad or bool({"up_proj", "gate_up_proj"} & names)
+    saved += d * f * (gate_grad + up_grad + gate_grad)  # gate (act), act(gate) (mul, for up), up (mul, for act)
+    if "down_proj" in names:
+        saved += adapter_inputs_saved_bytes_per_token(s, {"down_proj"}, f, gate_grad or up_grad)
+    if s.norms_per_layer == 4:  # post-feedforward norm, on down_proj's output
+        saved += FP32 * h * (gate_grad or up_grad or "down_proj" in names)
+    return saved + d * s.lora_rank * len(names)
+
+
+def lora_checkpoints_bytes(s: Shape, lay: Layout) -> int:
+    """Adapters: full recompute keeps each layer's input as for full fine-tuning; without it the
+    first layer keeps less than the others (`lora_layer_saved_bytes_per_token`)."""
+    t = tokens_per_rank(s, lay)
+    if lay.recompute == "full":
+        return s.num_layers * s.dtype_bytes * s.hidden_size * t
+    layers = (s.num_layers - 1) * lora_layer_saved_bytes_per_token(s, lay) + lora_layer_saved_bytes_per_token(s, lay, True)
+    per_layer_extra = eager_attention_bytes_per_layer(s, lay) + sdpa_math_bytes_per_layer(s, lay)["saved_bytes"]
+    return layers * t + s.num_layers * per_layer_extra
+
+
+def lora_backward_transient_bytes_per_token(s: Shape) -> int:
+    """Gradients in flight at a layer's backward peak under adapters, in the MLP: the incoming
+    hidden gradient (h) and three ffn-sized gradients (through down_proj's frozen weight and its
+    adapter, and their sum; or those of act(gate)*up, act(gate) and up), less act(gate)*up and
+    down_proj's lora_A output, released by then, where down_proj has an adapter (`ltune trace`)."""
+    d, f = s.dtype_bytes, s.intermediate_size
+    released = d * (f + s.lora_rank) if "down_proj" in s.adapter_names else 0
+    return d * (s.hidden_size + 3 * f) - released
+
+
+def dequantized_weight_bytes(s: Shape) -> int:
+    """QLoRA: the largest 4-bit weight dequantized whole to the compute dtype while its layer
+    computes, forward and backward (bitsandbytes autograd/_functions.py `MatMul4Bit`,
+    functional.py `dequantize_4bit`)."""
+    return s.dtype_bytes * s.largest_quantized_params if s.method == "qlora" else 0
+
+
+def lora_working_bytes(s: Shape, lay: Layout) -> int:
+    """One layer's working set in backward under adapters: its recomputed tensors (full
+    recompute) and the gradients in flight, at the larger of the MLP's peak and QLoRA's
+    dequantized weight beside the incoming hidden gradient and two ffn-sized gradients (down_proj's
+    backward: its adapter's input gradient, made first, and the one the frozen weight makes; by
+    then act(gate)*up and down_proj's lora_A output are released, as in
+    `lora_backward_transient_bytes_per_token`; `ltune trace`, tests/test_lora_activations.py)."""
+    t = tokens_per_rank(s, lay)
+    sdpa = sdpa_math_bytes_per_layer(s, lay)
+    recomputed = 0
+    if lay.recompute == "full":
+        recomputed = lora_layer_saved_bytes_per_token(s, lay) * t + eager_attention_bytes_per_layer(s, lay) + sdpa["saved_bytes"]
+    transient = lora_backward_transient_bytes_per_token(s) * t
+    if s.gemma_norms:
+        transient = max(transient, layer_backward_transient_bytes_per_token(s, lay.recompute == "full") * t)
+    if s.method == "qlora":
+        released = s.dtype_bytes * (s.intermediate_size + s.lora_rank) if "down_proj" in s.adapter_names else 0
+        qlora = dequantized_weight_bytes(s) + (s.dtype_bytes * (s.hidden_size + 2 * s.intermediate_size) - released) * t
+        transient = max(transient, qlora)
+    work = recomputed + transient
+    return max(work, eager_backward_bytes_per_layer(s, lay), recomputed + sdpa["backward_temp_bytes"])
+
+
+def lora_final_norm_bytes(s: Shape, lay: Layout) -> int:
+    """The final norm under adapters: its fp32 input (its weight is frozen: the normalised x is not
+    kept); its output only where the chunked loss saves it (chunked_loss.py saves its hidden input
+    whatever needs a gradient; the full loss's frozen output layer keeps nothing of it)."""
+    output = s.dtype_bytes if lay.loss == "chunked" else 0
+    return (FP32 + output) * s.hidden_size * tokens_per_rank(s, lay)

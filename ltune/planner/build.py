@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from .checkpointing import predict_checkpoint
+from .checkpointing import predict_checkpoint, saved_states
 from .io import describe_error
 from .schema import CheckpointPrediction, Evaluation, Hardware, ModelSpec, Plan, Prediction, Training
 from .search import Request
@@ -58,6 +58,7 @@ def checkpoint_for(req: Request, ev: Evaluation, training: dict | None = None) -
     training = training or {}
     return predict_checkpoint(
         req.model.num_params(), ev.layout, req.precision, req.gpu.gpus_per_node, ev.throughput.step_time_s,
+        **saved_states(req.model, req.method),
         checkpoint_every=training.get("checkpoint_every"),
         checkpoint_minutes=training.get("checkpoint_minutes", Training.model_fields["checkpoint_minutes"].default),
     )
@@ -71,7 +72,7 @@ def prediction_for(req: Request, ev: Evaluation, training: dict) -> Prediction:
 
 def build_plan(req: Request, ev: Evaluation, model_name: str, training: dict, host_mem_gib: float | None,
                model_files: dict | None = None) -> Plan:
-    """The plan for one evaluated layout: model, hardware, layout, training, prediction.
+    """The plan for one evaluated layout: model, hardware, layout, training, method, prediction.
     `model_files` may hold `path` (local HF weights) and `tokenizer` folders."""
     per_node = req.gpu.gpus_per_node
     nodes = -(-ev.layout.num_gpus // per_node)
@@ -90,5 +91,6 @@ def build_plan(req: Request, ev: Evaluation, model_name: str, training: dict, ho
             loss_chunk_tokens=req.loss_chunk_tokens,
             **{"gradient_accumulation_steps": ev.gradient_accumulation_steps, **training},
         ),
+        method=req.method,
         prediction=prediction_for(req, ev, training),
     )

@@ -25,7 +25,7 @@ from typing import Literal, Sequence
 from pydantic import Field, computed_field
 
 from ..profiles import load_gpu
-from .fit import check_fit, request_for
+from .fit import request_for
 from .io import load_plan
 from .memory import SAFETY_MARGIN
 from .schema import Layout, MemoryBreakdown, Plan, _Frozen
@@ -190,12 +190,12 @@ def check_target(plan: Plan, path: str, gpu_name: str, own: bool, options: Check
             if problem:
                 return TargetCheck(verdict="invalid", error=problem, **base)
             plan = _on_target(plan, gpu.name)
-        if options.safety_margin is None:
-            evaluation = check_fit(plan)
+        request = request_for(plan)
+        if options.safety_margin is None:  # fit.check_fit's judgement, with the plan's method
+            evaluation = evaluate(request, plan.layout)
             margin = plan.prediction.safety_margin if plan.prediction else SAFETY_MARGIN
         else:
-            request = request_for(plan).model_copy(update={"safety_margin": options.safety_margin})
-            evaluation = evaluate(request, plan.layout)
+            evaluation = evaluate(request.model_copy(update={"safety_margin": options.safety_margin}), plan.layout)
             margin = options.safety_margin
     except (ValueError, ArithmeticError) as e:
         return TargetCheck(verdict="invalid", error=_reason(e, path), **base)

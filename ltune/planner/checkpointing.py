@@ -14,6 +14,16 @@ checked against the files a 2-process CPU run writes at every stage (tests/test_
 - ZeRO-3: every rank writes its 1/N of the fp32 master copy and the moments, and a model-states
   file whose weights are empty placeholders (a few KB): the 16-bit weights are not saved.
 
+Adapter runs (LoRA, QLoRA) are saved with ``exclude_frozen_parameters=True``
+(engine.py ``module_state_dict`` drops every ``requires_grad=False`` entry of
+``named_parameters()``; ``_save_checkpoint``: ``save_frozen_param`` False, so no frozen fragments
+either): the module file holds the trainable parameters, the optimizer files the states of the
+trainable parameters (the only ones the optimizer owns). So every count above is of the trainable
+parameters T instead of P. QLoRA adds what ``module_state_dict`` does not drop because it is not a
+parameter: each 4-bit layer's quantization constants, which bitsandbytes'
+``Linear4bit._save_to_state_dict`` writes beside its weight (``quant_state.as_dict(packed=True)``:
+absmax and, with double quantization, the nested absmax); written by rank 0 with the module.
+
 N is every rank: under Ulysses the ZeRO partitions span the sequence-parallel ranks too
 (engine.py ``groups._get_sequence_data_parallel_rank``). ltune's own files (the rank state, the
 marker) are a few KB. Offloading changes where the states live, not what is saved.
@@ -26,7 +36,9 @@ from __future__ import annotations
 
 import math
 
-from .schema import CheckpointPrediction, Layout, Precision
+from ..profiles.schema import ModelProfile
+from . import lora
+from .schema import CheckpointPrediction, Layout, Method, Precision
 
 FP32_BYTES = 4
 ADAM_MOMENTS = 2  # exp_avg, exp_avg_sq (Kingma & Ba 2015, Algorithm 1)
@@ -116,6 +128,25 @@ def slurm_signal_s(step_time_s: float, save_s: float) -> int:
     return min(MAX_SLURM_SIGNAL_S, max(MIN_SLURM_SIGNAL_S, stop_time_s(step_time_s, save_s)))
 
 
+def quantization_state_bytes(quantized_params: int, quantized_bytes: int) -> int:
+    """QLoRA's quantization constants that a checkpoint keeps although the 4-bit weights are
+    frozen: the 4-bit weights' bytes less their packed values (two per byte; bitsandbytes
+    `Linear4bit._save_to_state_dict`). Each layer's 16-entry quant_map, 256-entry nested map and
+    packed quant-state header (about 1.3 KB a layer) are not counted."""
+    return quantized_bytes - -(-quantized_params // 2)
+
+
+def saved_states(model: ModelProfile, method: Method) -> dict[str, int]:
+    """predict_checkpoint's keywords for what an adapter run saves (its adapters, their optimizer
+    states, QLoRA's quantization constants); none for full fine-tuning."""
+    if not method.adapters:
+        return {}
+    return dict(
+        trainable_params=lora.trainable_params(model, method),
+        frozen_state_bytes=quantization_state_bytes(lora.quantized_params(model, method), lora.quantized_bytes(model, method)),
+    )
+
+
 def predict_checkpoint(
     num_params: int,
     layout: Layout,
@@ -123,18 +154,23 @@ def predict_checkpoint(
     procs_per_node: int,
     step_time_s: float,
     *,
+    trainable_params: int | None = None,
+    frozen_state_bytes: int = 0,
     checkpoint_every: int | None = None,
     checkpoint_minutes: float = 30,
     storage_write_bytes_per_s: float | None = None,
 ) -> CheckpointPrediction:
-    """The checkpoint terms of one layout (sizes, save time, interval, stop grace)."""
+    """The checkpoint terms of one layout (sizes, save time, interval, stop grace). Adapter runs
+    pass `trainable_params` (None: all num_params train) and, under QLoRA, `frozen_state_bytes`
+    (quantization_state_bytes: rank 0's module file keeps them; not at ZeRO-3, which QLoRA does not run)."""
     bandwidth = storage_write_bytes_per_s or DEFAULT_STORAGE_WRITE_BYTES_PER_S
     n, stage = layout.num_gpus, layout.zero_stage
-    node = busiest_node_bytes(num_params, stage, precision, n, procs_per_node)
+    saved = num_params if trainable_params is None else trainable_params
+    node = busiest_node_bytes(saved, stage, precision, n, procs_per_node) + frozen_state_bytes
     save_s = save_time_s(node, bandwidth)
     return CheckpointPrediction(
-        total_bytes=checkpoint_total_bytes(num_params, stage, precision),
-        max_rank_bytes=rank_bytes(num_params, stage, precision, n, 0),
+        total_bytes=checkpoint_total_bytes(saved, stage, precision) + frozen_state_bytes,
+        max_rank_bytes=rank_bytes(saved, stage, precision, n, 0) + frozen_state_bytes,
         max_node_bytes=node,
         storage_write_bytes_per_s=bandwidth,
         save_time_s=save_s,

@@ -9,7 +9,7 @@ from .search import Request, evaluate
 
 
 def request_for(plan: Plan) -> Request:
-    """The search request a plan stands for (its model, GPU, context and precision)."""
+    """The search request a plan stands for (its model, GPU, context, precision and method)."""
     gpu = load_gpu(plan.hardware.gpu)
     if plan.training.precision == "bf16" and not gpu.supports_bf16:
         raise PlanError(f"training.precision: {gpu.name} has no bf16 (got 'bf16'); use fp16")
@@ -23,6 +23,7 @@ def request_for(plan: Plan) -> Request:
         precision=plan.training.precision,
         loss_chunk_tokens=plan.training.loss_chunk_tokens,
         host_mem_bytes_per_node=host_mem_bytes_per_node,
+        method=plan.method,
     )
     if margin is not None:
         fields["safety_margin"] = margin

@@ -23,6 +23,9 @@ from .activations import (
     embedding_backward_bytes,
     final_norm_bytes,
     logits_loss_bytes,
+    lora_checkpoints_bytes,
+    lora_final_norm_bytes,
+    lora_working_bytes,
     shared_layer_inputs_bytes,
     tied_output_grad_bytes,
 )
@@ -53,34 +56,36 @@ SAFETY_MARGIN = 0.05
 
 
 def model_states(s: Shape, lay: Layout, phase: str) -> dict[str, int]:
-    """The five model-state terms of one rank in `phase` (zero.model_state_bytes on the Shape)."""
+    """The five model-state terms of one rank in `phase` (zero.model_state_bytes on the Shape;
+    adapters and 4-bit weights as zero.py's docstring cites DeepSpeed, peft and bitsandbytes)."""
     return model_state_bytes(ParamPartition.of_shape(s, lay.num_gpus), s.dtype_bytes, lay, s.precision, phase)
 
 
 def weights_bytes(s: Shape, lay: Layout) -> int:
-    """Parameters in the model dtype: whole under ZeRO 0-2, a 1/N partition under ZeRO-3 (stage3.py)."""
+    """Parameters in the model dtype, frozen ones too: whole under ZeRO 0-2, a 1/N partition under
+    ZeRO-3 (stage3.py); plus QLoRA's 4-bit weights and constants, whole (bitsandbytes quantize_4bit)."""
     return model_states(s, lay, "backward")["weights"]
 
 
 def gradients_bytes(s: Shape, lay: Layout) -> int:
-    """Gradients in the model dtype: whole for ZeRO 0-1, a 1/N partition for ZeRO 2-3 (in host
-    memory when offloaded)."""
+    """Gradients in the model dtype, of trainable parameters only: whole for ZeRO 0-1, a 1/N
+    partition for ZeRO 2-3 (in host memory when offloaded)."""
     return model_states(s, lay, "backward")["gradients"]
 
 
 def gradients_fp32_bytes(s: Shape, lay: Layout, phase: str) -> int:
-    """fp32 gradients for the optimizer, made at the step (none for plain fp32 at ZeRO-0)."""
+    """fp32 gradients of the trainable parameters, made at the step (none for plain fp32 at ZeRO-0)."""
     return model_states(s, lay, phase)["gradients_fp32"]
 
 
 def master_weights_bytes(s: Shape, lay: Layout) -> int:
-    """fp32 master copy: partitioned for ZeRO >= 1, whole for ZeRO-0 in 16-bit, none for
-    plain fp32 at ZeRO-0; host memory when offloaded."""
+    """fp32 master copy of the trainable parameters: partitioned for ZeRO >= 1, whole for ZeRO-0
+    in 16-bit, none for plain fp32 at ZeRO-0; host memory when offloaded."""
     return model_states(s, lay, "backward")["master_weights"]
 
 
 def optimizer_states_bytes(s: Shape, lay: Layout) -> int:
-    """AdamW's two fp32 moments, partitioned for ZeRO >= 1, whole at ZeRO-0."""
+    """AdamW's two fp32 moments of the trainable parameters, partitioned for ZeRO >= 1, whole at ZeRO-0."""
     return model_states(s, lay, "backward")["optimizer_states"]
 
 
@@ -91,34 +96,42 @@ def zero_buffers_bytes(s: Shape, lay: Layout, phase: str) -> int:
     """DeepSpeed's working buffers at its defaults.
 
     ZeRO 1-2: the contiguous reduce (ipg) bucket of reduce_bucket_size elements (model dtype),
-    during backward (stage_1_and_2.py). ZeRO-3: the ipg bucket allocated at init
-    (stage3.py), plus, outside the step, the gathered parameters of the module in use and
-    the prefetched next one (capped by stage3_max_live_parameters) and that module's
-    whole gradient before its reduce-scatter (cf. DeepSpeed's
+    during backward (stage_1_and_2.py `setup_buckets`: `torch.empty(reduce_bucket_size)` however
+    few parameters train, so an adapter run holds all of it; full fine-tuning keeps the older
+    min(bucket, P), which differs below 500M parameters only). ZeRO-3: the ipg bucket allocated
+    at init (stage3.py `_setup_for_real_optimizer`, reduce_bucket_size whatever trains), plus,
+    outside the step, the gathered parameters of the module in use and the prefetched next one
+    (frozen weights are gathered too; capped by stage3_max_live_parameters) and that module's
+    whole gradient before its reduce-scatter, of its trainable tensors only (cf. DeepSpeed's
     `estimate_zero3_model_states_mem_needs`: 4 bytes x largest layer).
     """
     d = s.dtype_bytes
+    p = ParamPartition.of_shape(s, lay.num_gpus)
     if lay.zero_stage in (1, 2):
-        return 0 if phase == "step" else d * min(REDUCE_BUCKET_SIZE, s.params)
+        bucket = min(REDUCE_BUCKET_SIZE, p.params) if p.trainable_params == p.params else REDUCE_BUCKET_SIZE
+        return 0 if phase == "step" else d * bucket
     if lay.zero_stage != 3:
         return 0
     ipg = d * REDUCE_BUCKET_SIZE
     if phase == "step" or lay.num_gpus == 1 and lay.offload != "all":
         return ipg  # one rank holds whole parameters: nothing to gather
+    layer = s.layer_params + (s.trainable_params // s.num_layers if s.adapters else 0)
     gathered = min(
         STAGE3_MAX_LIVE_PARAMETERS,
-        s.largest_leaf_params + min(STAGE3_PREFETCH_BUCKET_SIZE, s.layer_params),
+        p.largest_leaf_params + min(STAGE3_PREFETCH_BUCKET_SIZE, layer),
     )
-    return ipg + d * (gathered + s.largest_leaf_params)
+    return ipg + d * (gathered + p.largest_trainable_params)
 
 
 def allreduce_bucket_bytes(s: Shape, lay: Layout) -> int:
-    """ZeRO-0's gradient all-reduce after the backward: gradients flattened into buckets of
-    500M elements in the model dtype (engine.py `allreduce_gradients`,
+    """ZeRO-0's gradient all-reduce after the backward: the trainable parameters' gradients
+    (engine.py `_get_gradients_for_reduction` skips requires_grad False) flattened into buckets of
+    500M elements in the model dtype (engine.py `allreduce_gradients`, `allreduce_no_retain`,
     MEMORY_OPT_ALLREDUCE_SIZE); a bucket closes after the tensor that crosses the limit."""
     if lay.zero_stage != 0 or lay.num_gpus == 1:
         return 0
-    return s.dtype_bytes * min(s.params, ALLREDUCE_BUCKET_SIZE + s.largest_leaf_params)
+    p = ParamPartition.of_shape(s, lay.num_gpus)
+    return s.dtype_bytes * min(p.trainable_params, ALLREDUCE_BUCKET_SIZE + p.largest_trainable_params)
 
 
 # ---------------------------------------------------------------- runtime reserve
@@ -148,14 +161,16 @@ def fragmentation_bytes(allocated_bytes: int) -> int:
 
 def host_offload_bytes_per_gpu(s: Shape, lay: Layout) -> int:
     """Host memory an offloading rank uses: fp32 master, moments and gradients (16
-    bytes/param of its partition), plus the model-dtype parameter and gradient partitions
-    (ZeRO-Offload, Ren et al. 2021)."""
+    bytes/param of its optimizer partition: trainable parameters only) and the model-dtype
+    gradient partition, plus with offload "all" the ZeRO-3 partition of every parameter, frozen
+    ones too (ZeRO-Offload, Ren et al. 2021; stage3.py, parameter_offload.py)."""
     if lay.offload == "none":
         return 0
-    part = optimizer_params(ParamPartition.of_shape(s, lay.num_gpus), lay.zero_stage)
+    p = ParamPartition.of_shape(s, lay.num_gpus)
+    part = optimizer_params(p, lay.zero_stage)
     host = 4 * FP32 * part + s.dtype_bytes * part  # fp32 master, 2 moments, fp32 grads; grads
     if lay.offload == "all":
-        host += s.dtype_bytes * part
+        host += s.dtype_bytes * p.stage3_partition_params
     return host
 
 
@@ -169,7 +184,10 @@ def host_build_bytes_per_gpu(s: Shape, lay: Layout) -> int:
     larger of a random init (fp32 tensors awaiting their parent's init: the embedding and one
     decoder layer) and a load (one tensor read, at most the largest, and its cast copy; the
     checkpoint dtype taken as the model's). ZeRO-3: none (partitions are made and initialised
-    on the device; rank 0's one loaded tensor is host_rank0_bytes')."""
+    on the device; rank 0's one loaded tensor is host_rank0_bytes'). LoRA/QLoRA: the same (the
+    base model is built or loaded as for full fine-tuning; QLoRA is assumed to quantize each
+    weight on the GPU as it is moved there, one tensor at a time, so the host holds no more than
+    one model-dtype tensor and its copy; the adapters are small)."""
     if lay.zero_stage == 3:
         return 0
     random_init = FP32 * (s.vocab_size * s.hidden_size + s.layer_params)
@@ -229,6 +247,8 @@ def activation_terms(s: Shape, lay: Layout, phase: str) -> dict[str, int]:
     and attention only (the optimizer step holds none)."""
     terms = dict.fromkeys(ACTIVATION_TERMS, 0)
     shared = shared_layer_inputs_bytes(s, lay)
+    if s.adapters:
+        return lora_activation_terms(s, lay, phase, terms, shared)
     if phase == "loss":
         terms["activations_checkpoints"] = activation_checkpoints_bytes(s, lay) + final_norm_bytes(s, lay) + shared
         terms["logits_loss"] = logits_loss_bytes(s, lay)
@@ -241,6 +261,19 @@ def activation_terms(s: Shape, lay: Layout, phase: str) -> dict[str, int]:
         terms["activations_checkpoints"] = checkpoints
         terms["activations_layer"] = layer
         terms["logits_loss"] = tied_output_grad_bytes(s)
+    return terms
+
+
+def lora_activation_terms(s: Shape, lay: Layout, phase: str, terms: dict[str, int], shared: int) -> dict[str, int]:
+    """`activation_terms` under LoRA/QLoRA (activations.py's lora_* terms): the frozen embedding
+    and output layer make no weight gradient, so nothing waits for or ends in the embedding's
+    backward."""
+    if phase == "loss":
+        terms["activations_checkpoints"] = lora_checkpoints_bytes(s, lay) + lora_final_norm_bytes(s, lay) + shared
+        terms["logits_loss"] = logits_loss_bytes(s, lay)
+    elif phase == "backward":
+        terms["activations_checkpoints"] = lora_checkpoints_bytes(s, lay) + shared
+        terms["activations_layer"] = lora_working_bytes(s, lay)
     return terms
 
 

@@ -3,7 +3,7 @@ the edge (its Literal types are the plan schema's) and turned into a search requ
 
 from __future__ import annotations
 
-from typing import Literal, get_args, get_origin
+from typing import Annotated, Literal, get_args, get_origin
 
 from pydantic import Field, ValidationError
 
@@ -22,6 +22,8 @@ from .schema import (
     Hardware,
     Layout,
     LossMode,
+    Method,
+    MethodKind,
     Offload,
     Precision,
     Recompute,
@@ -29,6 +31,7 @@ from .schema import (
     ZeroStage,
     _Frozen,
     check_cpu_processes,
+    check_method,
     check_sp_degree,
 )
 from .io import short_repr
@@ -45,6 +48,35 @@ from .search import (
 def _described(model: type[_Frozen], field: str) -> str:
     """A plan-schema field's description, so options, --help and `ltune schema` say the same."""
     return model.model_fields[field].description
+
+
+def _method_type(field: str):
+    """A Method field's type with its limits (planner/schema.py), optional: None leaves Method's default."""
+    f = Method.model_fields[field]
+    return Annotated[f.annotation, *f.metadata] | None if f.metadata else f.annotation | None
+
+
+def _method_help(field: str) -> str:
+    """A Method field's description with its default, for an option left None by default."""
+    f = Method.model_fields[field]
+    default = f.default
+    if field == "lora_targets":
+        return f"{f.description}; comma-separated (q_proj,v_proj)"
+    shown = str(default).lower() if isinstance(default, bool) else f"{default:g}" if isinstance(default, float) else default
+    return f"{f.description} (default {shown})"
+
+
+LoraRank = _method_type("lora_rank")
+LoraAlpha = _method_type("lora_alpha")
+LoraDropout = _method_type("lora_dropout")
+LoraTargets = _method_type("lora_targets")
+QuantTypeOpt = _method_type("quant_type")
+DoubleQuant = _method_type("double_quant")
+QuantStorageOpt = _method_type("quant_storage")
+ExportMerged = _method_type("export_merged")
+#: the options of each method beyond `full`: lora's apply to lora and qlora, qlora's to qlora only
+LORA_OPTIONS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "export_merged")
+QLORA_OPTIONS = ("quant_type", "double_quant", "quant_storage")
 
 
 class LayoutOptions(_Frozen):
@@ -94,6 +126,16 @@ class LayoutOptions(_Frozen):
     prefer: Prefer = Field(
         default="fewest", description="; ".join(f"{k}: {v}" for k, v in PREFER_HELP.items())
     )
+    # what trains (planner/schema.py Method); None: Method's default
+    method: MethodKind = Field(default="full", description=_described(Method, "kind"))
+    lora_rank: LoraRank = Field(default=None, description=_method_help("lora_rank"))
+    lora_alpha: LoraAlpha = Field(default=None, description=_method_help("lora_alpha"))
+    lora_dropout: LoraDropout = Field(default=None, description=_method_help("lora_dropout"))
+    lora_targets: LoraTargets = Field(default=None, description=_method_help("lora_targets"))
+    quant_type: QuantTypeOpt = Field(default=None, description=_method_help("quant_type"))
+    double_quant: DoubleQuant = Field(default=None, description=_method_help("double_quant"))
+    quant_storage: QuantStorageOpt = Field(default=None, description=_method_help("quant_storage"))
+    export_merged: ExportMerged = Field(default=None, description=_method_help("export_merged"))
 
 
 #: the command-line flag of each option (the field name where they differ: --ctx is seq_len)
@@ -104,6 +146,9 @@ CLI_FLAGS = {
     "precision": "--precision", "loss_chunk_tokens": "--loss-chunk-tokens", "safety_margin": "--safety-margin",
     "host_mem_gib": "--host-mem-gib", "global_batch": "--global-batch", "tokens_per_step": "--tokens-per-step",
     "prefer": "--prefer", "doc_tokens": "--doc-tokens",
+    "method": "--method", "lora_rank": "--lora-rank", "lora_alpha": "--lora-alpha", "lora_dropout": "--lora-dropout",
+    "lora_targets": "--lora-targets", "quant_type": "--quant-type", "double_quant": "--double-quant/--no-double-quant",
+    "quant_storage": "--quant-storage", "export_merged": "--export-merged",
 }
 #: defaults of the optional options, for the command line's signatures
 DEFAULTS = {name: f.default for name, f in LayoutOptions.model_fields.items() if not f.is_required()}
@@ -132,6 +177,48 @@ def layout_options(**given) -> LayoutOptions:
             raise ValueError(f"{flag} must be one of {allowed} (got {short_repr(err['input'])})") from None
         message = err["msg"].removeprefix("Value error, ")
         raise ValueError(f"{flag}: {message} (got {short_repr(err.get('input'))})") from None
+
+
+def parse_targets(text: str | None) -> tuple[str, ...] | None:
+    """--lora-targets: comma-separated module names (`q_proj,v_proj`), in order, duplicates
+    dropped; None when not given; a one-line ValueError when it names none."""
+    if text is None:
+        return None
+    names = tuple(dict.fromkeys(n.strip() for n in str(text).split(",") if n.strip()))
+    if not names:
+        raise ValueError(f"--lora-targets: give one or more module names separated by commas, like q_proj,v_proj "
+                         f"(got {short_repr(text)})")
+    return names
+
+
+def method_from_options(opts: LayoutOptions) -> Method:
+    """The plan's Method from --method and its options; an option of another method is a
+    one-line ValueError (`--quant-type applies to --method qlora (got --method lora)`)."""
+    own = {"full": (), "lora": LORA_OPTIONS, "qlora": LORA_OPTIONS + QLORA_OPTIONS}[opts.method]
+    for field in LORA_OPTIONS + QLORA_OPTIONS:
+        if getattr(opts, field) is not None and field not in own:
+            needs = "lora or qlora" if field in LORA_OPTIONS else "qlora"
+            flag = CLI_FLAGS[field]
+            if field == "double_quant":
+                flag = "--double-quant" if opts.double_quant else "--no-double-quant"
+            raise ValueError(f"{flag} applies to --method {needs} (got --method {opts.method})")
+    given = {f: getattr(opts, f) for f in own if getattr(opts, f) is not None}
+    return Method(kind=opts.method, **given)
+
+
+def check_method_options(method: Method, arch, opts: LayoutOptions) -> None:
+    """schema.check_method with the flag named: an unknown --lora-targets name, or qlora with
+    --zero-stage 3 (or --offload all, which needs ZeRO-3)."""
+    try:
+        check_method(method, arch, opts.zero_stage)
+    except ValueError as e:
+        message = str(e)
+        if message.startswith("lora_targets: "):
+            raise ValueError(f"--lora-targets: {message.removeprefix('lora_targets: ')}") from None
+        raise ValueError(f"--zero-stage: {message}") from None
+    if method.kind == "qlora" and opts.offload == "all":
+        raise ValueError("--offload all needs zero_stage 3, which method qlora does not run at (ZeRO 0-2 only): "
+                         "use --offload optimizer or none")
 
 
 def request_from_options(opts: LayoutOptions) -> Request:
@@ -165,12 +252,14 @@ def request_from_options(opts: LayoutOptions) -> Request:
         raise ValueError(
             f"--global-batch ({opts.global_batch}) and --tokens-per-step ({opts.tokens_per_step}): give one, not both"
         )
+    method = method_from_options(opts)
+    check_method_options(method, arch, opts)
     host_mem_bytes_per_node = int(opts.host_mem_gib * GIB) if opts.host_mem_gib is not None else None
     return Request(model=arch, gpu=gpu_profile, seq_len=opts.seq_len, precision=precision,
                    loss_chunk_tokens=opts.loss_chunk_tokens, safety_margin=opts.safety_margin,
                    host_mem_bytes_per_node=host_mem_bytes_per_node, global_batch=opts.global_batch,
                    tokens_per_step=opts.tokens_per_step, prefer=opts.prefer, doc_tokens=opts.doc_tokens,
-                   pins=pins)
+                   pins=pins, method=method)
 
 
 def parse_tokens(text: str) -> int:

@@ -163,7 +163,7 @@ class Hardware(_Frozen):
         description="host memory per node for offload, GiB; the GPU profile's if unset",
     )
     storage_write_bytes_per_s: float | None = Field(
-        default=None, gt=0, le=1e15,
+        default=None, ge=1, le=1e15,
         description="checkpoint write bandwidth of one node to the shared file system, bytes/s; "
         "2e9 if unset (ltune/planner/checkpointing.py DEFAULT_STORAGE_WRITE_BYTES_PER_S)",
     )

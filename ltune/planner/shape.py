@@ -60,6 +60,8 @@ class Shape:
     lora_dropout: bool = False  # a dropout before each adapter (saves its mask and output)
     #: (in_features, out_features) of each adapted linear layer of one decoder layer
     adapter_modules: tuple[tuple[int, int], ...] = ()
+    #: their module names (q_proj, ..., down_proj), in the same order: which tensors they keep (activations.py)
+    adapter_names: tuple[str, ...] = ()
     quantized_params: int = 0  # base weights stored in 4 bits (qlora)
     quantized_bytes: int = 0  # those weights with their quantization constants
     largest_quantized_params: int = 0  # the biggest 4-bit weight (dequantized whole while its layer computes)
@@ -133,6 +135,7 @@ class Shape:
             lora_rank=method.lora_rank if method.adapters else 0,
             lora_dropout=method.adapters and method.lora_dropout > 0,
             adapter_modules=tuple(lora.target_modules(model, method).values()) if method.adapters else (),
+            adapter_names=tuple(lora.target_modules(model, method)) if method.adapters else (),
             quantized_params=lora.quantized_params(model, method),
             quantized_bytes=lora.quantized_bytes(model, method),
             largest_quantized_params=max(quantized, default=0),

@@ -7,8 +7,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
+from .lora import trainable_params
 from .options import LayoutOptions, layout_options, parse_tokens, request_from_options
-from .schema import Evaluation
+from .schema import Evaluation, Method
 from .search import Request, Shortfall, search
 
 #: the default contexts: 4k to 1M tokens, powers of two (2**12 .. 2**20)
@@ -82,6 +83,9 @@ class SweepResult:
     max_gpus: int
     cells: tuple[SweepCell, ...]
     seconds: float
+    method: Method = Method()  # what trains in every cell
+    params: int = 0  # the model's parameters
+    trainable_params: int = 0  # those the optimizer updates (planner/lora.py)
 
     def cell(self, gpu: str, seq_len: int) -> SweepCell:
         for c in self.cells:
@@ -127,5 +131,8 @@ def sweep(model: str, requests: list[Request], on_cell: Callable[[SweepCell], No
     gpus = tuple(dict.fromkeys(r.gpu.name for r in requests))
     contexts = tuple(sorted({r.seq_len for r in requests}))
     max_gpus = max((r.pins.max_gpus for r in requests), default=0)
+    method = requests[0].method if requests else Method()
+    params = requests[0].model.num_params() if requests else 0
+    trainable = trainable_params(requests[0].model, method) if requests else 0
     return SweepResult(model=model, gpus=gpus, contexts=contexts, max_gpus=max_gpus, cells=tuple(cells),
-                       seconds=time.perf_counter() - start)
+                       seconds=time.perf_counter() - start, method=method, params=params, trainable_params=trainable)

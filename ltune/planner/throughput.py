@@ -15,6 +15,14 @@ Two of the three constants (MATMUL_EFFICIENCY, ZERO3_OVERLAP) are fitted on publ
 on the log error; bench/calibration.py prints the fit, every run's error and each source's error
 when it is left out of the fit. MFU keeps the PaLM convention
 (model_flops_per_token: 6N + 12*L*H*Q*T, no causal halving), as published MFU figures do.
+
+Adapter fine-tuning (LoRA, QLoRA; Shape.adapters): the frozen weights need no weight-gradient
+matmul, only the input gradient, so a frozen linear layer costs 2N forward + 2N backward per token
+(4N instead of 6N; the frozen output head too), the adapters 6 per adapter parameter (two small
+matmuls each, their weight and input gradients), a recomputed forward 2 per parameter of both.
+QLoRA dequantizes every 4-bit weight before each use (forward, recomputed forward, backward: a
+memory-bound kernel, dequant_seconds). ZeRO reduces the gradients of the trainable parameters
+only; ZeRO-3 still gathers every parameter, frozen ones included.
 """
 
 from __future__ import annotations
@@ -48,15 +56,34 @@ _RECOMPUTE_SHARE = {"full": 1.0, "none": 0.0}
 
 
 def model_flops_per_token(s: Shape) -> float:
-    """6N + 12*L*H*Q*T (PaLM, Chowdhery et al. 2022 app. B): forward and backward, attention
-    over the full context, no causal halving; the MFU convention."""
-    return 6.0 * s.params + 12.0 * s.num_layers * s.q_size * s.seq_len
+    """Model FLOPs per token, the MFU convention (PaLM, Chowdhery et al. 2022 app. B: forward and
+    backward, attention over the full context, no causal halving, no recompute): 6N + 12*L*H*Q*T
+    for full fine-tuning. With adapters it is the FLOPs the method needs, not 6N: 4N for the frozen
+    weights (forward and input gradient, no weight gradient) + 6 per adapter parameter, attention
+    unchanged; 6N would count weight gradients no LoRA run computes and report ~1.5x the real
+    utilisation (MFU above what the hardware does). The 4-bit dequantization of QLoRA is memory
+    traffic, not model FLOPs: it lowers QLoRA's MFU."""
+    attention = 12.0 * s.num_layers * s.q_size * s.seq_len
+    if not s.adapters:
+        return 6.0 * s.params + attention
+    return 4.0 * s.params + 6.0 * s.trainable_params + attention
 
 
 def hardware_flops_per_token(s: Shape, lay: Layout) -> float:
-    """PaLM model FLOPs plus one more forward with full recompute (2N + 4*L*H*Q*T)."""
-    extra = 2.0 * s.params + 4.0 * s.num_layers * s.q_size * s.seq_len if lay.recompute == "full" else 0.0
+    """Model FLOPs plus one more forward with full recompute (2 per parameter, adapters
+    included, + 4*L*H*Q*T)."""
+    extra = 2.0 * stored_params(s) + 4.0 * s.num_layers * s.q_size * s.seq_len if lay.recompute == "full" else 0.0
     return model_flops_per_token(s) + extra
+
+
+def stored_params(s: Shape) -> int:
+    """Every parameter the model holds: the base weights, and the adapters beside them (LoRA, QLoRA)."""
+    return s.params + s.trainable_params if s.adapters else s.params
+
+
+def trainable(s: Shape) -> int:
+    """Parameters with gradients and optimizer states: all (full), the adapters' (planner/lora.py)."""
+    return s.trainable_params if s.adapters else s.params
 
 
 def recompute_share(lay: Layout) -> float:
@@ -67,9 +94,29 @@ def recompute_share(lay: Layout) -> float:
 def matmul_flops_per_token(s: Shape, recomputed: float) -> float:
     """Linear-layer FLOPs per token (Kaplan et al. 2020, 2 per multiply-add): 6 per layer parameter
     for forward and backward plus 2*recomputed for checkpointed layers; 6 per output-head
-    parameter (the embedding is a lookup, no matmul; a tied head still multiplies)."""
+    parameter (the embedding is a lookup, no matmul; a tied head still multiplies). With adapters:
+    the frozen layers' and head's share (frozen_matmul_flops_per_token) plus the adapters'."""
+    if s.adapters:
+        return frozen_matmul_flops_per_token(s, recomputed) + adapter_flops_per_token(s, recomputed)
     head = s.vocab_size * s.hidden_size
     return (6.0 + 2.0 * recomputed) * s.num_layers * s.layer_params + 6.0 * head
+
+
+def frozen_matmul_flops_per_token(s: Shape, recomputed: float) -> float:
+    """Frozen weights (Hu et al. 2021, LoRA sec. 4.2: no gradients for frozen weights): 2 per layer
+    parameter forward, 2 backward for the input gradient, no weight gradient, 2*recomputed; the
+    frozen output head 2 + 2 (its input gradient feeds every adapter below it)."""
+    head = s.vocab_size * s.hidden_size
+    return (4.0 + 2.0 * recomputed) * s.num_layers * s.layer_params + 4.0 * head
+
+
+def adapter_flops_per_token(s: Shape, recomputed: float) -> float:
+    """LoRA adapters (peft `Linear.forward`: lora_B(lora_A(dropout(x))) * alpha / r): two matmuls of
+    r x (in + out) multiply-adds, 2 per adapter parameter forward, 4 backward (weight and input
+    gradients), 2*recomputed; 0 without adapters."""
+    if not s.adapters:
+        return 0.0
+    return (6.0 + 2.0 * recomputed) * s.trainable_params
 
 
 def attention_flops_per_token(s: Shape, attention: str, recomputed: float) -> float:
@@ -111,10 +158,26 @@ def attention_seconds(s: Shape, lay: Layout, gpu: GpuProfile, recomputed: float)
     return flops / attention_flops_per_s(gpu, s.precision, lay.attention)
 
 
+def dequant_bytes(s: Shape) -> int:
+    """HBM traffic of dequantizing every 4-bit weight once (bitsandbytes `functional.dequantize_4bit`):
+    the packed values and constants read, the model-dtype weight written; 0 without QLoRA."""
+    if not s.quantized_params:
+        return 0
+    return s.quantized_bytes + s.dtype_bytes * s.quantized_params
+
+
+def dequant_seconds(s: Shape, gpu: GpuProfile, recomputed: float) -> float:
+    """QLoRA's dequantizations of one micro-batch on one rank (Dettmers et al. 2023 sec. 3;
+    bitsandbytes `autograd._functions.MatMul4Bit`: dequantize_4bit in forward and again in backward
+    for the input gradient, and in the recomputed forward), memory-bound at the HBM bandwidth.
+    Per micro-batch, not per token: every rank holds and dequantizes every weight (ZeRO 0-2)."""
+    return (2.0 + recomputed) * dequant_bytes(s) / gpu.hbm_bandwidth_bytes_per_s
+
+
 def compute_seconds(s: Shape, lay: Layout, gpu: GpuProfile, recomputed: float | None = None) -> float:
-    """Matmul plus attention time of one micro-batch on one rank."""
+    """Matmul plus attention time of one micro-batch on one rank (plus QLoRA's dequantization)."""
     r = recompute_share(lay) if recomputed is None else recomputed
-    return matmul_seconds(s, lay, gpu, r) + attention_seconds(s, lay, gpu, r)
+    return matmul_seconds(s, lay, gpu, r) + attention_seconds(s, lay, gpu, r) + dequant_seconds(s, gpu, r)
 
 
 def collective_bandwidth(gpu: GpuProfile, ranks: int) -> float:
@@ -136,14 +199,19 @@ def zero_comm_seconds(s: Shape, lay: Layout, gpu: GpuProfile) -> tuple[float, fl
     checkpointed layer's recompute runs right before its backward, on the same gather), and
     reduce-scatters the gradients: 3x the parameter volume (Rajbhandari et al. 2020, 1.5x
     data-parallel traffic). ZeRO 0-2 reduce the gradients and all-gather the updated
-    parameters once per step (an all-reduce's volume), counted exposed.
+    parameters once per step (an all-reduce's volume), counted exposed. With adapters only the
+    trainable parameters have gradients (and updates to gather); ZeRO-3 still gathers every
+    parameter, the frozen weights too (DeepSpeed partitions them all).
     """
     n = lay.num_gpus
     bw = collective_bandwidth(gpu, n)
-    param_bytes = s.dtype_bytes * s.params
+    param_bytes = s.dtype_bytes * stored_params(s)
+    grad_bytes = s.dtype_bytes * trainable(s)
     if lay.zero_stage == 3:
-        return 3 * ring_seconds(param_bytes, n, bw), 0.0
-    return 0.0, 2 * ring_seconds(param_bytes, n, bw)
+        if not s.adapters:
+            return 3 * ring_seconds(param_bytes, n, bw), 0.0
+        return 2 * ring_seconds(param_bytes, n, bw) + ring_seconds(grad_bytes, n, bw), 0.0
+    return 0.0, 2 * ring_seconds(grad_bytes, n, bw)
 
 
 def exposed_zero3_seconds(comm: float, compute: float) -> float:
@@ -167,14 +235,16 @@ def ulysses_seconds(s: Shape, lay: Layout, gpu: GpuProfile, recomputed: float | 
 
 def offload_seconds(s: Shape, lay: Layout, gpu: GpuProfile) -> float:
     """Optimizer offload: gradients down and parameters up over PCIe, and CPU-Adam
-    (ZeRO-Offload); parameter offload adds the ZeRO-3 gathers' host reads."""
+    (ZeRO-Offload), for the trainable parameters; parameter offload adds the ZeRO-3 gathers'
+    host reads of every parameter (frozen ones too)."""
     if lay.offload == "none":
         return 0.0
-    part = s.params / lay.num_gpus
+    part = trainable(s) / lay.num_gpus
     pcie = (4 * part + s.dtype_bytes * part) / gpu.host_link_bandwidth_bytes_per_s
     adam = part / CPU_ADAM_PARAMS_PER_S
     if lay.offload == "all":
-        pcie += 2 * s.dtype_bytes * part / gpu.host_link_bandwidth_bytes_per_s
+        stored_part = stored_params(s) / lay.num_gpus
+        pcie += 2 * s.dtype_bytes * stored_part / gpu.host_link_bandwidth_bytes_per_s
     return pcie + adam
 
 

@@ -8,7 +8,7 @@ the analytic `MemoryBreakdown`. torch and transformers are imported only when a 
 
 from __future__ import annotations
 
-from ..planner.schema import Layout, Plan
+from ..planner.schema import Layout, Method, Plan
 from ..profiles.schema import ModelProfile
 from .sharding import CORRECTIONS, UNTRACED_TERMS, TraceResult, shard
 
@@ -25,17 +25,20 @@ def trace_memory(
     num_docs: int | None = None,
     plan: Plan | None = None,
     on_phase=None,
+    method: Method | None = None,
 ) -> TraceResult:
     """Trace one training step of `layout` and return the per-GPU peak by term (bytes).
 
-    ``on_phase(name)``: told each phase as it starts (``tracer.PHASES``, in that order)."""
+    ``method``: what trains (full fine-tuning when not given; LoRA/QLoRA adapters on the frozen
+    model); a ``plan`` brings its own. ``on_phase(name)``: told each phase as it starts
+    (``tracer.PHASES``, in that order)."""
     from .tracer import DEFAULT_NUM_DOCS, trace_step
 
     tokens = seq_len // max(layout.sp_degree, 1)
     docs = num_docs if num_docs is not None else max(1, min(DEFAULT_NUM_DOCS, tokens))
     raw = trace_step(
         model, seq_len, layout, precision, num_docs=docs, loss_chunk_tokens=loss_chunk_tokens, plan=plan,
-        on_phase=on_phase,
+        on_phase=on_phase, method=method,
     )
     if on_phase is not None:
         on_phase("shard")

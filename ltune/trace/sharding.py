@@ -9,6 +9,9 @@ N = dp x sp ranks (DeepSpeed-Ulysses partitions ZeRO over the sequence-data-para
 the planner's rule (ltune/planner/zero.py) applied per parameter tensor from the traced shapes
 (`ParamPartition.of_tensors`: ceil(n / N) elements per tensor under ZeRO-3, tensors of at most
 `stage3_param_persistence_threshold` elements whole; ceil(P / N) for ZeRO 1-2's flat group).
+Under LoRA/QLoRA every model-dtype parameter is passed with whether it trains: gradients and
+optimizer states are of the trainable ones only, the frozen weights are held like any weight, and
+QLoRA's packed 4-bit weights (`RawTrace.quantized_bytes`) whole on every rank.
 
 Phases: the step's timeline is read as forward (layers), loss (final norm, output layer, loss,
 forward and backward), backward (layers), step (optimizer); the per-rank total is the model
@@ -99,7 +102,9 @@ def shard(raw: RawTrace, model_name: str, seq_len: int, layout: Layout, precisio
     """The per-rank peak of `layout` from one traced step."""
     tl = raw.timeline
     buffer_idx = CATEGORIES.index("Buffer")
-    partition = ParamPartition.of_tensors(raw.param_numels, layout.num_gpus)
+    partition = ParamPartition.of_tensors(
+        raw.param_numels, layout.num_gpus, trainable=raw.param_trainable, quantized_bytes=raw.quantized_bytes
+    )
     states_by_phase = {
         ph: model_state_bytes(partition, raw.dtype_bytes, layout, precision, ph)
         for ph in ("forward", "loss", "backward", "step")

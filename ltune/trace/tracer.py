@@ -36,7 +36,7 @@ import math
 import time
 from collections.abc import Callable
 
-from ..planner.schema import Hardware, Layout, ModelSpec, Plan, Training, check_sp_degree
+from ..planner.schema import Hardware, Layout, Method, ModelSpec, Plan, Training, check_sp_degree
 from ..profiles.schema import ModelProfile
 from .types import RawTrace, Timeline
 
@@ -76,13 +76,18 @@ def doc_lengths(tokens: int, num_docs: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(num_docs)]
 
 
-def trace_plan(model: ModelProfile, seq_len: int, layout: Layout, precision: str, loss_chunk_tokens: int) -> Plan:
-    """The Plan the trainer's build_model takes, for CLI options given without a plan.yaml."""
+def trace_plan(
+    model: ModelProfile, seq_len: int, layout: Layout, precision: str, loss_chunk_tokens: int,
+    method: Method | None = None,
+) -> Plan:
+    """The Plan the trainer's build_model takes, for CLI options given without a plan.yaml
+    (`method`: full fine-tuning when not given, or LoRA/QLoRA adapters)."""
     return Plan(
         model=ModelSpec(name=model.name, architecture=model),
         hardware=Hardware(gpu="cpu"),
         layout=layout,
         training=Training(seq_len=seq_len, max_steps=1, precision=precision, loss_chunk_tokens=loss_chunk_tokens),
+        method=method or Method(),
     )
 
 
@@ -126,6 +131,68 @@ def _flash_kernel():
         attention.varlen_attention = original
 
 
+@contextlib.contextmanager
+def _quantized_base(plan: Plan):
+    """QLoRA: every decoder linear layer becomes quant4.Linear4bitMemory (bitsandbytes
+    Linear4bit's memory) before peft puts the adapters around it (trainer/model.py build_model
+    calls apply_adapters right after the model is built). Nothing changes for full and lora."""
+    if plan.method.kind != "qlora":
+        yield
+        return
+    from ..trainer import model as model_mod
+
+    from .quant4 import quantize_decoder_linears
+
+    original = model_mod.apply_adapters
+    names = plan.model.architecture.linear_modules()
+
+    def quantize_then_adapt(lm, plan_):
+        quantize_decoder_linears(lm, names, plan_.method.double_quant)
+        return original(lm, plan_)
+
+    model_mod.apply_adapters = quantize_then_adapt
+    try:
+        yield
+    finally:
+        model_mod.apply_adapters = original
+
+
+@contextlib.contextmanager
+def _cuda_dropout():
+    """Dropout as CUDA runs it (ATen `dropout` takes `native_dropout` on CUDA, Dropout.cpp
+    `is_fused_kernel_acceptable`): the output in the input dtype and a bool mask, the mask saved
+    for backward (`native_dropout_backward`: grad * mask * scale). The CPU path instead draws a
+    noise tensor in the input dtype and saves it (`_dropout_impl`). Used by peft's lora_dropout."""
+    import torch
+    import torch.nn.functional as F
+
+    class _NativeDropoutMemory(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            mask = torch.empty_like(x, dtype=torch.bool)
+            out = torch.empty_like(x)
+            ctx.save_for_backward(mask)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            (mask,) = ctx.saved_tensors
+            return torch.empty_like(grad_out)
+
+    original = F.dropout
+
+    def dropout(input, p=0.5, training=True, inplace=False):
+        if not training or p <= 0 or inplace:
+            return original(input, p, training, inplace)
+        return _NativeDropoutMemory.apply(input)
+
+    F.dropout = dropout
+    try:
+        yield
+    finally:
+        F.dropout = original
+
+
 def build_fake_model(plan: Plan, fake_mode):
     """The trainer's TrainModel on meta, cast to the plan's dtype, materialised as fake CPU tensors."""
     import warnings
@@ -134,7 +201,7 @@ def build_fake_model(plan: Plan, fake_mode):
 
     from ..trainer.model import build_model, torch_dtype
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quantized_base(plan):
         warnings.simplefilter("ignore", FutureWarning)  # gradient_checkpointing_enable's rename
         with torch.device("meta"):
             model = build_model(plan).to(torch_dtype(plan.training.precision))
@@ -142,6 +209,24 @@ def build_fake_model(plan: Plan, fake_mode):
         model = model.to_empty(device="cpu")
     model.lm.tie_weights()  # to_empty makes one tensor per parameter name: tie them again
     return model
+
+
+class _NoHook:
+    """A removable handle that removes nothing (stands for a frozen parameter's grad hooks)."""
+
+    def remove(self) -> None:
+        pass
+
+
+def _track_parameters(tracker, module) -> None:
+    """File every parameter and buffer of `module` with the tracker, and the gradients of the
+    trainable ones as Gradient. MemTracker installs a gradient hook on each parameter, which
+    torch refuses on a frozen one (LoRA's base weights, the 4-bit weights): those get a handle
+    that does nothing, so that MemTracker's own module hooks skip them too."""
+    for param in module.parameters():
+        if not param.requires_grad:
+            tracker._param_to_grad_hook_handles[param] = (_NoHook(), _NoHook())
+    tracker._track_module_params_and_buffers(module, install_grad_hooks=True)
 
 
 def _make_optimizer(params, fake_mode):
@@ -187,6 +272,7 @@ def trace_step(
     plan: Plan | None = None,
     inventory: bool | str = False,
     on_phase: PhaseCallback | None = None,
+    method: Method | None = None,
 ) -> RawTrace:
     """Run one fake training step of one rank's micro-batch under MemTracker; return the timeline.
 
@@ -200,21 +286,29 @@ def trace_step(
     on_phase = on_phase or _no_phase
     tokens = validate(model, seq_len, layout, num_docs)
     start = time.perf_counter()
-    plan = plan or trace_plan(model, seq_len, layout, precision, loss_chunk_tokens)
+    plan = plan or trace_plan(model, seq_len, layout, precision, loss_chunk_tokens, method)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     on_phase("model")
     train_model = build_fake_model(plan, fake_mode)
     params = [p for p in train_model.parameters() if p.requires_grad]
+    # every model-dtype parameter, frozen ones too (ZeRO-3 partitions them all); the packed 4-bit
+    # weights of QLoRA (not floating point) apart, whole on every rank, with their quantization
+    # constants, which bitsandbytes keeps in each weight's QuantState rather than in module tensors
+    # (quant4.Linear4bitMemory.storage_bytes)
+    from .quant4 import Linear4bitMemory
+
+    model_dtype_params = [p for p in train_model.parameters() if p.is_floating_point()]
+    quantized_bytes = sum(m.storage_bytes() for m in train_model.modules() if isinstance(m, Linear4bitMemory))
     on_phase("optimizer")
     opt, masters = _make_optimizer(params, fake_mode)
     timeline = Timeline()
     tracker = make_tracker(timeline, with_inventory=inventory)
     lengths = doc_lengths(tokens, num_docs)
-    with _cuda_block_rounding(), _flash_kernel():
+    with _cuda_block_rounding(), _flash_kernel(), _cuda_dropout():
         tracker.track_external(opt, *masters)
         # params and buffers, with the grad hooks that file every parameter gradient as Gradient
         # (also the output head's, which the chunked loss uses without calling the module)
-        tracker._track_module_params_and_buffers(train_model, install_grad_hooks=True)
+        _track_parameters(tracker, train_model)
         with fake_mode, tracker:
             tracker.mark("start")
             # the batch stays referenced here, alive to the end of the step as a real loop's is
@@ -223,7 +317,9 @@ def trace_step(
     return RawTrace(
         timeline=timeline,
         num_params=sum(p.numel() for p in params),
-        param_numels=[p.numel() for p in params],
+        param_numels=[p.numel() for p in model_dtype_params],
+        param_trainable=[p.requires_grad for p in model_dtype_params],
+        quantized_bytes=quantized_bytes,
         dtype_bytes=params[0].element_size(),
         tokens_per_rank=tokens,
         micro_batch_size=layout.micro_batch_size,

@@ -34,7 +34,8 @@ class RawTrace:
     """What one traced step gives before any sharding."""
 
     timeline: Timeline
-    num_params: int
+    num_params: int  # trainable parameter elements (all of them for full fine-tuning)
+    #: elements of every model-dtype parameter tensor, frozen ones too (not QLoRA's 4-bit weights)
     param_numels: list[int]
     dtype_bytes: int
     tokens_per_rank: int
@@ -42,6 +43,10 @@ class RawTrace:
     num_docs: int
     trace_s: float
     max_rss_bytes: int
+    #: parallel to param_numels: whether the tensor trains (None: all of them, as full fine-tuning)
+    param_trainable: list[bool] | None = None
+    #: bytes of the parameters that are not floating point: QLoRA's packed 4-bit weights
+    quantized_bytes: int = 0
     #: with inventory=True: (origin, operator, bytes) of every live activation storage at the
     #: moment the activation bytes peak (a diagnostic of what the analytic terms miss)
     inventory: list[tuple[str, str, int]] | None = None

@@ -85,12 +85,16 @@ def _write_marker(path: Path, step: int, world_size: int) -> None:
     _write_atomic(path / MARKER, json.dumps(manifest(path, step, world_size), indent=1))
 
 
-def save(engine, run_dir: Path, step: int) -> Path:
-    """Save after ``step`` optimizer steps (all ranks call this); complete when it returns."""
+def save(engine, run_dir: Path, step: int, adapters: bool = False) -> Path:
+    """Save after ``step`` optimizer steps (all ranks call this); complete when it returns.
+
+    adapters (LoRA, QLoRA): the frozen weights are left out (``exclude_frozen_parameters``): the
+    checkpoint holds the adapters and their optimizer state; the base is the plan's model again."""
     root = checkpoint_dir(run_dir)
     tag = f"step_{step}"
     path = root / tag
-    engine.save_checkpoint(str(root), tag=tag, client_state={"ltune_step": step}, save_latest=False)
+    engine.save_checkpoint(str(root), tag=tag, client_state={"ltune_step": step}, save_latest=False,
+                           exclude_frozen_parameters=adapters)
     path.mkdir(parents=True, exist_ok=True)
     _write_rank_state(path, step, dist.get_rank())
     dist.barrier()  # every rank's files are written
@@ -119,8 +123,11 @@ def prune(run_dir: Path, world_size: int, keep_last: int) -> list[str]:
 # ---------------------------------------------------------------- choose and load
 
 
-def load(engine, run_dir: Path) -> tuple[int | None, list[tuple[str, str]]]:
+def load(engine, run_dir: Path, adapters: bool = False) -> tuple[int | None, list[tuple[str, str]]]:
     """Restore the newest complete checkpoint (rank 0 decides for all).
+
+    adapters: the checkpoint lacks the frozen weights (``save``), so the module's state loads
+    non-strictly (``load_module_strict=False``); the frozen weights are the plan's model, built again.
 
     Returns the step to continue after (None when no checkpoint is complete) and the
     newer checkpoints skipped, with why."""
@@ -130,7 +137,7 @@ def load(engine, run_dir: Path) -> tuple[int | None, list[tuple[str, str]]]:
     if tag is None:
         return None, skipped
     root = checkpoint_dir(run_dir)
-    path, client_state = engine.load_checkpoint(str(root), tag=tag)
+    path, client_state = engine.load_checkpoint(str(root), tag=tag, load_module_strict=not adapters)
     if path is None:
         raise RuntimeError(f"cannot load checkpoint {root / tag}")
     state = json.loads(rank_state_file(root / tag, dist.get_rank()).read_text())

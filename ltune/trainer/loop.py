@@ -40,6 +40,7 @@ import torch.distributed as dist
 from ..job.constants import IGNORE_INDEX
 from ..job.data_files import check_tokenizer_dir, data_files
 from ..job.ds_config import build_ds_config
+from ..job.methods import refuse_unrunnable_method
 from ..job.paths import DS_CONFIG_FILE, PLAN_FILE, resolve_plan_paths
 from ..planner.io import load_plan
 from . import checkpoint, engine as engine_lib
@@ -157,6 +158,7 @@ class Trainer:
         The records themselves are checked once per run, each rank its own share, while they
         are tokenized (prepare_data; `ltune launch` checked them all before starting)."""
         check_supported(self.plan)
+        refuse_unrunnable_method(self.plan)  # qlora without CUDA (`ltune launch` refused it already)
         check_tokenizer_dir(self.plan)
         data_files(self.plan.training.data)
         self.tokenizer = load_tokenizer(self.plan)
@@ -228,11 +230,15 @@ class Trainer:
             install_ulysses_attention(model.lm, self.mpu.get_sequence_parallel_group(), self.plan.layout.micro_batch_size)
         self.use_engine(engine_lib.initialize(self.plan, self.ds_config, model, self.total_steps, mpu=self.mpu))
         arch = self.plan.model.architecture
-        self.flops_per_token = flops_per_token(arch, self.plan.training.seq_len)
+        self.flops_per_token = flops_per_token(arch, self.plan.training.seq_len, self.plan.method)
         self.peak_flops = peak_flops_per_gpu(self.plan)
         self.prediction = predicted(self.plan)
+        method = self.plan.method
+        trainable = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters() if p.requires_grad)
         self.say(
-            f"model: {arch.num_params() / 1e6:.1f}M parameters, ZeRO-{self.plan.layout.zero_stage}, "
+            f"model: {arch.num_params() / 1e6:.1f}M parameters"
+            f"{f' ({method.kind}: {trainable / 1e6:.3f}M trainable)' if method.adapters else ''}, "
+            f"ZeRO-{self.plan.layout.zero_stage}, "
             f"{self.plan.training.precision}, {self.world_size} processes, {self.total_steps} steps"
         )
 
@@ -246,7 +252,7 @@ class Trainer:
     def restore_checkpoint(self) -> None:
         if not self.resume:
             return
-        step, skipped = checkpoint.load(self.engine, self.run_dir)
+        step, skipped = checkpoint.load(self.engine, self.run_dir, adapters=self.plan.method.adapters)
         for tag, reason in skipped:
             self.say(f"resume: skipping checkpoint {tag}: {reason}")
         if step is None:
@@ -378,7 +384,7 @@ class Trainer:
         """Save (all ranks); once complete, rank 0 removes the complete checkpoints beyond keep_last."""
         if self._last_saved_step == self.step:
             return
-        path = checkpoint.save(self.engine, self.run_dir, self.step)
+        path = checkpoint.save(self.engine, self.run_dir, self.step, adapters=self.plan.method.adapters)
         self._last_saved_step = self.step
         self.say(f"checkpoint: {path}")
         if self.rank == 0:
@@ -394,8 +400,14 @@ class Trainer:
         self._stop_signal = True
 
     def export(self) -> None:
-        from .export import export_hf_model
+        from .export import export_adapter, export_hf_model
 
+        if self.plan.method.adapters:
+            out = export_adapter(self.engine, self.plan, self.run_dir)
+            if out is not None:
+                self.say(f"exported: {out}")
+            if not self.plan.method.export_merged:
+                return
         out = export_hf_model(self.engine, self.plan, self.run_dir, self.tokenizer)
         if out is not None:
             self.say(f"exported: {out}")

@@ -17,16 +17,17 @@ from pathlib import Path
 
 import torch
 
-from ..planner.schema import Plan
+from ..planner.schema import Method, Plan
 from ..profiles.schema import ModelProfile
 
 
-def flops_per_token(arch: ModelProfile, seq_len: int) -> float:
-    """Model FLOPs per token exactly as the planner counts them (PaLM, for MFU)."""
+def flops_per_token(arch: ModelProfile, seq_len: int, method: Method | None = None) -> float:
+    """Model FLOPs per token exactly as the planner counts them (PaLM, for MFU; what the method
+    computes: no weight gradients of frozen weights under LoRA/QLoRA)."""
     from ..planner.shape import Shape
     from ..planner.throughput import model_flops_per_token
 
-    return model_flops_per_token(Shape.of(arch, seq_len))
+    return model_flops_per_token(Shape.of(arch, seq_len, method=method))
 
 
 def peak_flops_per_gpu(plan: Plan) -> float | None:

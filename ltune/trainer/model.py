@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ..planner.schema import Plan
 from . import attention
 from .errors import TrainerInputError
-from .lora import apply_adapters
+from .lora import apply_adapters, quantize_linears
 from .loss import causal_lm_loss
 
 
@@ -368,7 +368,9 @@ def _build_local(plan: Plan, config) -> nn.Module:
 def build_model(plan: Plan, ds_config: dict | None = None) -> TrainModel:
     """The model of the plan, ready for deepspeed.initialize (partitioned under ZeRO-3).
 
-    Random init is seeded with training.seed (rank 0 initialises under ZeRO-3).
+    Random init is seeded with training.seed (rank 0 initialises under ZeRO-3). LoRA/QLoRA: the
+    adapters are added to the built model (lora.apply_adapters; QLoRA first stores the decoder's
+    linear layers in 4 bits on the device, lora.quantize_linears, ZeRO 0-2 only).
     """
     impl = attn_implementation(plan)
     config = hf_config(plan, impl)
@@ -377,6 +379,8 @@ def build_model(plan: Plan, ds_config: dict | None = None) -> TrainModel:
         lm = _build_zero3(plan, config, ds_config)
     else:
         lm = _build_local(plan, config)
+    if plan.method.kind == "qlora" and torch.get_default_device().type != "meta":
+        lm = quantize_linears(lm, plan, _target_device())  # 4-bit frozen weights (ZeRO 0-2), then the adapters
     lm = apply_adapters(lm, plan)
     lm.config.use_cache = False
     lm.config._attn_implementation = impl
