@@ -66,6 +66,30 @@ class Shape:
     quantized_bytes: int = 0  # those weights with their quantization constants
     largest_quantized_params: int = 0  # the biggest 4-bit weight (dequantized whole while its layer computes)
 
+    # mixture of experts (ModelProfile's fields of the same names; 0 experts: dense)
+    layers_params: int = 0  # all decoder layers' parameters (MoE models mix dense and MoE layers)
+    active_params: int = 0  # parameters one token uses (all of them for a dense model)
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    num_moe_layers: int = 0
+    shared_expert_intermediate_size: int = 0  # the shared experts' total width (deepseek: n x moe width)
+    shared_expert_gate: bool = False  # qwen2_moe: a sigmoid gate (1 output) on the shared expert
+    router_scoring: str = "softmax"
+    # multi-head latent attention (deepseek); 0: none
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_rope_head_dim: int = 0
+    value_head_size: int = 0  # a value head's size (the head size unless MLA)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
     @property
     def adapters(self) -> bool:
         """LoRA or QLoRA: frozen base weights, trainable adapters."""
@@ -139,6 +163,21 @@ class Shape:
             quantized_params=lora.quantized_params(model, method),
             quantized_bytes=lora.quantized_bytes(model, method),
             largest_quantized_params=max(quantized, default=0),
+            layers_params=model.layers_params(),
+            active_params=model.active_params(),
+            num_experts=model.num_experts,
+            num_experts_per_tok=model.num_experts_per_tok,
+            moe_intermediate_size=model.moe_intermediate_size or 0,
+            num_moe_layers=model.num_moe_layers,
+            shared_expert_intermediate_size=(
+                model.shared_expert_intermediate_size or 0 if model.family == "qwen2_moe"
+                else model.num_shared_experts * (model.moe_intermediate_size or 0)),
+            shared_expert_gate=model.family == "qwen2_moe" and bool(model.shared_expert_intermediate_size),
+            router_scoring=model.router_scoring,
+            q_lora_rank=model.q_lora_rank or 0,
+            kv_lora_rank=model.kv_lora_rank or 0,
+            qk_rope_head_dim=model.qk_rope_head_dim or 0,
+            value_head_size=model.value_head_size,
         )
 
 

@@ -26,6 +26,10 @@ def one_printable_line(value: str) -> str:
 Label = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(one_printable_line)]
 
 
+#: the mixture-of-experts families ltune builds (transformers 5's fused 3-D expert tensors)
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")
+
+
 class ModelProfile(BaseModel):
     """A decoder-only transformer's architecture, as its config.json publishes it."""
 
@@ -33,7 +37,8 @@ class ModelProfile(BaseModel):
 
     name: Label
     source: str = Field(description="where the numbers come from (the config.json it copies)")
-    family: Literal["llama", "internlm2", "qwen2", "mistral", "generic", "qwen3", "gemma2", "gemma3", "phi3"]
+    family: Literal["llama", "internlm2", "qwen2", "mistral", "generic", "qwen3", "gemma2", "gemma3", "phi3",
+                    "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3"]
     # upper bounds far above any published model: they keep arithmetic on nonsense finite
     hidden_size: int = Field(gt=0, le=2**20)
     num_layers: int = Field(gt=0, le=100_000)
@@ -79,6 +84,43 @@ class ModelProfile(BaseModel):
     rope_scaling: dict | None = Field(
         default=None, description="as config.json has it (llama3, yarn, linear, ...)"
     )
+    # mixture of experts (mixtral, qwen2_moe, qwen3_moe, deepseek_v2, deepseek_v3); 0 experts: a dense model
+    num_experts: int = Field(default=0, ge=0, le=2**16, description="routed experts of each MoE layer (0: dense)")
+    num_experts_per_tok: int = Field(default=0, ge=0, le=2**16, description="experts each token is routed to (top-k)")
+    moe_intermediate_size: int | None = Field(
+        default=None, gt=0, le=2**24,
+        description="one routed expert's gated-MLP width (intermediate_size is the dense layers')",
+    )
+    num_shared_experts: int = Field(
+        default=0, ge=0, le=2**10,
+        description="experts every token passes: deepseek, an MLP num_shared_experts x moe_intermediate_size wide; "
+        "qwen2_moe, one of shared_expert_intermediate_size behind a sigmoid gate",
+    )
+    shared_expert_intermediate_size: int | None = Field(
+        default=None, gt=0, le=2**24, description="qwen2_moe: the shared expert's width"
+    )
+    dense_layers: tuple[int, ...] = Field(
+        default=(), max_length=100_000,
+        description="layers with a dense MLP instead of experts (deepseek: the first first_k_dense_replace; "
+        "qwen: mlp_only_layers)",
+    )
+    router_scoring: Literal["softmax", "sigmoid"] = Field(
+        default="softmax", description="expert scores: softmax (mixtral, qwen, deepseek_v2) or sigmoid (deepseek_v3)"
+    )
+    norm_topk_prob: bool = Field(default=True, description="the top-k weights are renormalised to sum to 1")
+    router_groups: int = Field(default=1, gt=0, le=2**10, description="deepseek: expert groups (n_group)")
+    router_topk_groups: int = Field(default=1, gt=0, le=2**10, description="deepseek: groups a token may use (topk_group)")
+    routed_scaling_factor: float = Field(default=1.0, gt=0, allow_inf_nan=False, description="deepseek: routed output scale")
+    router_aux_loss_coef: float = Field(
+        default=0.0, ge=0, le=1e3, allow_inf_nan=False,
+        description="weight of the load-balancing loss added to the language-model loss",
+    )
+    # multi-head latent attention (deepseek_v2, deepseek_v3; DeepSeek-V2 paper, arXiv 2405.04434 section 2.1)
+    q_lora_rank: int | None = Field(default=None, gt=0, le=2**20, description="MLA: query compression (None: q_proj)")
+    kv_lora_rank: int | None = Field(default=None, gt=0, le=2**20, description="MLA: key/value compression; set: MLA")
+    qk_rope_head_dim: int | None = Field(default=None, gt=0, le=2**16, description="MLA: rotary part of a q/k head")
+    qk_nope_head_dim: int | None = Field(default=None, gt=0, le=2**16, description="MLA: non-rotary part of a q/k head")
+    v_head_dim: int | None = Field(default=None, gt=0, le=2**16, description="MLA: a value head's size")
 
     @model_validator(mode="after")
     def _check_heads(self) -> "ModelProfile":
@@ -93,9 +135,59 @@ class ModelProfile(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _check_experts(self) -> "ModelProfile":
+        if self.num_experts:
+            if not 0 < self.num_experts_per_tok <= self.num_experts:
+                raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in 1..num_experts "
+                                 f"({self.num_experts})")
+            if self.moe_intermediate_size is None:
+                raise ValueError(f"num_experts ({self.num_experts}) needs moe_intermediate_size")
+            if self.num_experts % self.router_groups or self.router_topk_groups > self.router_groups:
+                raise ValueError(f"router_groups ({self.router_groups}) must divide num_experts ({self.num_experts}) "
+                                 f"and be at least router_topk_groups ({self.router_topk_groups})")
+        elif self.num_experts_per_tok or self.num_shared_experts or self.dense_layers:
+            raise ValueError("num_experts_per_tok, num_shared_experts and dense_layers need num_experts > 0")
+        bad = [i for i in self.dense_layers if not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(f"dense_layers ({bad[0]}) must be layer indices in 0..{self.num_layers - 1}")
+        mla = (self.kv_lora_rank, self.qk_rope_head_dim, self.qk_nope_head_dim, self.v_head_dim)
+        if any(v is not None for v in mla) and any(v is None for v in mla):
+            raise ValueError("multi-head latent attention needs kv_lora_rank, qk_rope_head_dim, qk_nope_head_dim "
+                             "and v_head_dim together")
+        if self.q_lora_rank is not None and self.kv_lora_rank is None:
+            raise ValueError("q_lora_rank needs kv_lora_rank (multi-head latent attention)")
+        return self
+
+    @property
+    def is_moe(self) -> bool:
+        """A mixture-of-experts model: routed experts in (some of) its layers."""
+        return self.num_experts > 0
+
+    @property
+    def is_mla(self) -> bool:
+        """Multi-head latent attention (deepseek_v2/v3)."""
+        return self.kv_lora_rank is not None
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Layer i routes its tokens to experts (not one of dense_layers)."""
+        return self.is_moe and i not in self.dense_layers
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(1 for i in range(self.num_layers) if self.is_moe_layer(i))
+
     @property
     def head_size(self) -> int:
+        """A query/key head's size (MLA: its non-rotary plus rotary parts)."""
+        if self.is_mla:
+            return self.qk_nope_head_dim + self.qk_rope_head_dim
         return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def value_head_size(self) -> int:
+        """A value head's size (MLA's v_head_dim; otherwise the head size)."""
+        return self.v_head_dim if self.is_mla else self.head_size
 
     @property
     def q_size(self) -> int:
@@ -108,13 +200,16 @@ class ModelProfile(BaseModel):
     def attention_tensors(self) -> list[int]:
         """Elements of each attention tensor of one layer, as transformers builds them: q/k/v
         (one fused qkv_proj in phi3), o_proj, biases (q/k/v for qwen2; q/k/v and o_proj for the
-        other families' attention_bias), and the per-head q/k RMSNorm weights (qwen3, gemma3)."""
+        other families' attention_bias), and the per-head q/k RMSNorm weights (qwen3, gemma3);
+        multi-head latent attention: `mla_tensors`."""
+        if self.is_mla:
+            return self.mla_tensors()
         h, q, kv = self.hidden_size, self.q_size, self.kv_size
         tensors = [h * (q + 2 * kv)] if self.fused_qkv else [h * q, h * kv, h * kv]
         tensors.append(q * h)
         if self.attention_bias:
             tensors += [q + 2 * kv] if self.fused_qkv else [q, kv, kv]
-            if self.family != "qwen2":  # Qwen2Attention: o_proj bias=False; Llama/Qwen3/Gemma: o_proj bias=attention_bias
+            if self.family not in ("qwen2", "qwen2_moe"):  # Qwen2(Moe)Attention: o_proj bias=False; Llama/Qwen3/Gemma: o_proj bias=attention_bias
                 tensors.append(h)
         if self.qk_norm:
             tensors += [self.head_size, self.head_size]
@@ -126,24 +221,101 @@ class ModelProfile(BaseModel):
         (modeling_llama.py `LlamaAttention`, `LlamaMLP`); Phi-3 fuses qkv_proj and gate_up_proj
         (modeling_phi3.py); internlm2 and generic shapes are built as Llama."""
         h, q, kv, f = self.hidden_size, self.q_size, self.kv_size, self.intermediate_size
+        if self.is_moe:  # the experts are 3-D parameters, not linear layers: attention only
+            return self._attention_linear_modules()
         attention = {"qkv_proj": (h, q + 2 * kv)} if self.fused_qkv else {
             "q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv)}
         mlp = {"gate_up_proj": (h, 2 * f)} if self.fused_gate_up else {"gate_proj": (h, f), "up_proj": (h, f)}
         return {**attention, "o_proj": (q, h), **mlp, "down_proj": (f, h)}
 
+    def mla_tensors(self) -> list[int]:
+        """Multi-head latent attention's tensors (modeling_deepseek_v2.py `DeepseekV2Attention`): q_proj,
+        or q_a_proj, q_a_layernorm and q_b_proj with q_lora_rank; kv_a_proj_with_mqa (the compressed kv
+        and the shared rotary key), kv_a_layernorm, kv_b_proj (every head's non-rotary key and value),
+        o_proj. No biases."""
+        h, heads = self.hidden_size, self.num_attention_heads
+        qk, nope, rope, v = self.head_size, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
+        kv_rank = self.kv_lora_rank
+        if self.q_lora_rank is None:
+            q = [h * heads * qk]
+        else:
+            q = [h * self.q_lora_rank, self.q_lora_rank, self.q_lora_rank * heads * qk]
+        return q + [h * (kv_rank + rope), kv_rank, kv_rank * heads * (nope + v), heads * v * h]
+
+    def _attention_linear_modules(self) -> dict[str, tuple[int, int]]:
+        """The attention's linear layers (MLA's own names: modeling_deepseek_v2.py)."""
+        h, heads = self.hidden_size, self.num_attention_heads
+        if not self.is_mla:
+            return {"q_proj": (h, self.q_size), "k_proj": (h, self.kv_size), "v_proj": (h, self.kv_size),
+                    "o_proj": (self.q_size, h)}
+        q = ({"q_proj": (h, self.q_size)} if self.q_lora_rank is None else
+             {"q_a_proj": (h, self.q_lora_rank), "q_b_proj": (self.q_lora_rank, self.q_size)})
+        return {**q, "kv_a_proj_with_mqa": (h, self.kv_lora_rank + self.qk_rope_head_dim),
+                "kv_b_proj": (self.kv_lora_rank, heads * (self.qk_nope_head_dim + self.v_head_dim)),
+                "o_proj": (heads * self.v_head_dim, h)}
+
     def mlp_tensors(self) -> list[int]:
-        """Elements of each gated-MLP tensor of one layer (gate_up_proj fused in phi3)."""
+        """Elements of each gated-MLP tensor of one dense layer (gate_up_proj fused in phi3)."""
         h, f = self.hidden_size, self.intermediate_size
         return ([2 * f * h] if self.fused_gate_up else [f * h, f * h]) + [h * f]
 
-    def layer_tensors(self) -> list[int]:
-        """Elements of each parameter tensor of one decoder layer: attention, MLP and its
-        RMSNorm weights (2, or 4 in gemma2/3)."""
-        return self.attention_tensors() + self.mlp_tensors() + [self.hidden_size] * self.norms_per_layer
+    def expert_tensors(self) -> list[int]:
+        """The routed experts of one MoE layer, as transformers 5 stores them: one 3-D gate_up_proj
+        (experts x 2F x h) and one down_proj (experts x h x F) (modeling_mixtral.py `MixtralExperts`)."""
+        e, h, f = self.num_experts, self.hidden_size, self.moe_intermediate_size
+        return [e * 2 * f * h, e * h * f]
 
-    def layer_params(self) -> int:
-        """Parameters of one decoder layer: attention, gated MLP, RMSNorms (and q/k norms)."""
-        return sum(self.layer_tensors())
+    def shared_expert_tensors(self) -> list[int]:
+        """The shared experts of one MoE layer: deepseek's one gated MLP of num_shared_experts x
+        moe_intermediate_size (modeling_deepseek_v2.py `DeepseekV2Moe.shared_experts`); qwen2_moe's
+        gated MLP of shared_expert_intermediate_size and its 1-output sigmoid gate
+        (modeling_qwen2_moe.py `Qwen2MoeSparseMoeBlock.shared_expert_gate`)."""
+        h = self.hidden_size
+        if self.family == "qwen2_moe" and self.shared_expert_intermediate_size:
+            f = self.shared_expert_intermediate_size
+            return [f * h, f * h, h * f, h]
+        if self.num_shared_experts:
+            f = self.num_shared_experts * self.moe_intermediate_size
+            return [f * h, f * h, h * f]
+        return []
+
+    def moe_tensors(self) -> list[int]:
+        """One MoE layer's MLP: the router (experts x h; deepseek_v3's score-correction bias is a
+        buffer), the routed experts and the shared ones."""
+        return [self.num_experts * self.hidden_size] + self.expert_tensors() + self.shared_expert_tensors()
+
+    def layer_tensors(self, i: int | None = None) -> list[int]:
+        """Elements of each parameter tensor of decoder layer i: attention, MLP (dense, or the MoE
+        layer's router and experts) and its RMSNorm weights (2, or 4 in gemma2/3). i None: a
+        typical layer (the first MoE layer of a MoE model, else any)."""
+        if i is None:
+            i = next((j for j in range(self.num_layers) if self.is_moe_layer(j)), 0)
+        mlp = self.moe_tensors() if self.is_moe_layer(i) else self.mlp_tensors()
+        return self.attention_tensors() + mlp + [self.hidden_size] * self.norms_per_layer
+
+    def layer_params(self, i: int | None = None) -> int:
+        """Parameters of decoder layer i (None: a typical layer): attention, MLP or experts, norms."""
+        return sum(self.layer_tensors(i))
+
+    def layers_params(self) -> int:
+        """Parameters of all decoder layers (MoE models mix dense and MoE layers)."""
+        if not self.is_moe:
+            return self.num_layers * self.layer_params()
+        moe = self.num_moe_layers
+        dense = self.num_layers - moe
+        return moe * self.layer_params() + (dense * self.layer_params(min(self.dense_layers)) if dense else 0)
+
+    def inactive_expert_params_per_layer(self) -> int:
+        """Routed-expert parameters of one MoE layer that a token does not use: the experts it is
+        not routed to (num_experts - top-k of them)."""
+        if not self.is_moe:
+            return 0
+        return (self.num_experts - self.num_experts_per_tok) * sum(self.expert_tensors()) // self.num_experts
+
+    def active_params(self) -> int:
+        """Parameters one token uses: all but the routed experts it is not sent to (the 'active'
+        count of MoE model cards: Mixtral-8x7B 12.9B of 46.7B)."""
+        return self.num_params() - self.num_moe_layers * self.inactive_expert_params_per_layer()
 
     def embedding_params(self) -> int:
         return self.vocab_size * self.hidden_size
@@ -155,20 +327,31 @@ class ModelProfile(BaseModel):
         """All parameters: embeddings, layers, final norm and (untied) output head."""
         return (
             self.embedding_params()
-            + self.num_layers * self.layer_params()
+            + self.layers_params()
             + self.hidden_size
             + self.lm_head_params()
         )
 
+    def _layer_kinds(self) -> list[tuple[int, int]]:
+        """(a layer of each kind, how many layers are of that kind): one kind for dense models."""
+        if not self.is_moe or not self.dense_layers:
+            return [(self.num_layers - 1, self.num_layers)]
+        moe = self.num_moe_layers
+        kinds = [(min(self.dense_layers), self.num_layers - moe)]
+        if moe:
+            kinds.append((next(j for j in range(self.num_layers) if self.is_moe_layer(j)), moe))
+        return kinds
+
     def largest_tensor_params(self) -> int:
-        """The biggest single parameter tensor (the embedding, or an MLP / fused matrix)."""
-        return max(self.embedding_params(), *self.layer_tensors())
+        """The biggest single parameter tensor (the embedding, an MLP / fused matrix, or a MoE
+        layer's 3-D expert tensor)."""
+        return max(self.embedding_params(), *(n for i, _ in self._layer_kinds() for n in self.layer_tensors(i)))
 
     def persistent_params(self, threshold: int = 100_000) -> int:
         """Elements of the tensors ZeRO-3 keeps whole on every rank: those of at most
         `threshold` elements (DeepSpeed's stage3_param_persistence_threshold, default 1e5):
         norms, biases and q/k norm weights in any real model."""
-        small = sum(n for n in self.layer_tensors() if n <= threshold) * self.num_layers
+        small = sum(count * sum(n for n in self.layer_tensors(i) if n <= threshold) for i, count in self._layer_kinds())
         whole = [self.embedding_params(), self.hidden_size, self.lm_head_params()]
         return small + sum(n for n in whole if 0 < n <= threshold)
 
@@ -260,6 +443,8 @@ class ModelProfile(BaseModel):
             if self.rope_scaling is not None:
                 cfg["original_max_position_embeddings"] = self.rope_scaling.get(
                     "original_max_position_embeddings", self.max_position_embeddings)
+        elif family in MOE_FAMILIES:
+            cfg = self._moe_hf_config(cfg, layer_types)
         elif family == "mistral":
             # MistralConfig: explicit head_dim (Mistral-Nemo), one window for all layers (None: full)
             cfg = {**cfg, "architectures": ["MistralForCausalLM"], "model_type": "mistral",
@@ -270,6 +455,46 @@ class ModelProfile(BaseModel):
                              "only qwen3, gemma2, gemma3, phi3 and mistral build local attention layers")
         return cfg
 
+    def _moe_hf_config(self, cfg: dict, layer_types: list[str] | None) -> dict:
+        """The config dict of a mixture-of-experts family (transformers 5 configuration_<family>.py)."""
+        family = self.family
+        common = {"num_experts_per_tok": self.num_experts_per_tok, "output_router_logits": False}
+        cfg.pop("attention_bias")
+        if family == "mixtral":
+            # MixtralConfig: every layer sparse, intermediate_size is an expert's width, no shared expert
+            return {**cfg, **common, "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+                    "intermediate_size": self.moe_intermediate_size, "num_local_experts": self.num_experts,
+                    "router_aux_loss_coef": self.router_aux_loss_coef, "router_jitter_noise": 0.0,
+                    "sliding_window": self._one_window([self.is_local_layer(i) for i in range(self.num_layers)]
+                                                       if self.sliding_window else [])}
+        if family in ("qwen2_moe", "qwen3_moe"):
+            qwen = {**cfg, **common, "num_experts": self.num_experts, "moe_intermediate_size": self.moe_intermediate_size,
+                    "decoder_sparse_step": 1, "mlp_only_layers": list(self.dense_layers),
+                    "norm_topk_prob": self.norm_topk_prob, "router_aux_loss_coef": self.router_aux_loss_coef,
+                    "use_sliding_window": False, "sliding_window": None}
+            if family == "qwen2_moe":
+                return {**qwen, "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe",
+                        "qkv_bias": self.attention_bias,
+                        "shared_expert_intermediate_size": self.shared_expert_intermediate_size or 0}
+            return {**qwen, "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "attention_bias": False}
+        # deepseek_v2 / deepseek_v3: MLA attention, the first first_k_dense_replace layers dense
+        first_dense = len(self.dense_layers)
+        if tuple(self.dense_layers) != tuple(range(first_dense)):
+            raise ValueError(f"{self.name}: dense_layers {list(self.dense_layers)} cannot be built by {family!r} "
+                             "(only the first k layers: first_k_dense_replace)")
+        deepseek = {**cfg, **common, "n_routed_experts": self.num_experts, "n_shared_experts": self.num_shared_experts,
+                    "moe_intermediate_size": self.moe_intermediate_size, "first_k_dense_replace": first_dense,
+                    "kv_lora_rank": self.kv_lora_rank, "q_lora_rank": self.q_lora_rank,
+                    "qk_rope_head_dim": self.qk_rope_head_dim, "qk_nope_head_dim": self.qk_nope_head_dim,
+                    "v_head_dim": self.v_head_dim, "head_dim": self.qk_rope_head_dim, "n_group": self.router_groups,
+                    "topk_group": self.router_topk_groups, "routed_scaling_factor": self.routed_scaling_factor,
+                    "norm_topk_prob": self.norm_topk_prob, "attention_bias": False}
+        if family == "deepseek_v2":
+            method = "group_limited_greedy" if self.router_groups > 1 else "greedy"
+            return {**deepseek, "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
+                    "topk_method": method, "mlp_bias": False}
+        return {**deepseek, "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3"}
+
     def _refuse_unbuildable(self) -> None:
         """ValueError naming the first feature this family's transformers class cannot build."""
         family, name = self.family, self.name
@@ -278,7 +503,7 @@ class ModelProfile(BaseModel):
         def refuse(feature: str) -> None:
             raise ValueError(f"{name}: {feature} cannot be built by the {family!r} family's transformers model")
 
-        if self.qk_norm != (family in ("qwen3", "gemma3")):
+        if self.qk_norm != (family in ("qwen3", "gemma3", "qwen3_moe")):
             refuse(f"qk_norm={self.qk_norm}")
         if (self.norms_per_layer == 4) != gemma:
             refuse(f"norms_per_layer={self.norms_per_layer}")
@@ -295,8 +520,20 @@ class ModelProfile(BaseModel):
             refuse(f"query_pre_attn_scalar={self.query_pre_attn_scalar}")
         if (self.fused_qkv, self.fused_gate_up) != ((True, True) if family == "phi3" else (False, False)):
             refuse(f"fused_qkv={self.fused_qkv}, fused_gate_up={self.fused_gate_up}")
-        if self.attention_bias and family not in ("llama", "qwen2", "internlm2", "generic"):
+        if self.attention_bias and family not in ("llama", "qwen2", "internlm2", "generic", "qwen2_moe"):
             refuse("attention_bias=True")
+        if self.is_moe != (family in MOE_FAMILIES):
+            refuse(f"num_experts={self.num_experts}")
+        if self.is_mla != (family in ("deepseek_v2", "deepseek_v3")):
+            refuse(f"kv_lora_rank={self.kv_lora_rank}")
+        if self.router_scoring != ("sigmoid" if family == "deepseek_v3" else "softmax"):
+            refuse(f"router_scoring={self.router_scoring!r}")
+        if self.num_shared_experts and family not in ("deepseek_v2", "deepseek_v3", "qwen2_moe"):
+            refuse(f"num_shared_experts={self.num_shared_experts}")
+        if self.shared_expert_intermediate_size and family != "qwen2_moe":
+            refuse(f"shared_expert_intermediate_size={self.shared_expert_intermediate_size}")
+        if self.is_moe and self.sliding_window and family != "mixtral":
+            refuse(f"sliding_window={self.sliding_window}")
 
     def _int_query_pre_attn_scalar(self) -> int:
         """query_pre_attn_scalar as Gemma2Config/Gemma3TextConfig type it (int); head_size if unset."""

@@ -61,6 +61,10 @@ class TrainModel(nn.Module):
         return self.lm.lm_head(out.last_hidden_state, labels)
 
 
+#: transformers' experts implementation for MoE models (config._experts_implementation)
+EXPERTS_IMPLEMENTATION = "grouped_mm"
+
+
 def attn_implementation(plan: Plan) -> str:
     """transformers' attn_implementation for the plan's layout.attention."""
     if plan.layout.attention == "eager":
@@ -83,6 +87,10 @@ def hf_config(plan: Plan, attn_impl: str):
         config = AutoConfig.for_model(model_type, **fields)
     config.use_cache = False
     config._attn_implementation = attn_impl
+    if plan.model.architecture.is_moe:
+        # the experts as one grouped matmul over the tokens sorted by expert (transformers
+        # integrations/moe.py grouped_mm_experts_forward): what the planner counts, whatever the routing
+        config._experts_implementation = EXPERTS_IMPLEMENTATION
     return config
 
 
