@@ -72,6 +72,14 @@ MATRIX = [
      {"kind": "lora", "lora_targets": ("q_proj", "v_proj"), "lora_dropout": 0.05}),
     ("qwen2.5-0.5b", 8192, 2, 1, 2, "full", "chunked", 1, "varlen", "bf16", {"kind": "qlora"}),
     ("qwen2.5-0.5b", 4096, 1, 0, 1, "none", "full", 1, "varlen", "bf16", {"kind": "qlora", "double_quant": False}),
+    # mixture of experts (grouped_mm experts: memory set by tokens x top-k, not by the routing) and
+    # multi-head latent attention (deepseek-v2), small shapes of each family
+    ("mixtral-small-shaped", 4096, 1, 0, 1, "none", "chunked", 1, "varlen"),
+    ("mixtral-small-shaped", 8192, 8, 3, 1, "full", "chunked", 1, "varlen"),
+    ("qwen3-moe-small-shaped", 4096, 8, 3, 1, "none", "chunked", 1, "varlen"),
+    ("qwen3-moe-small-shaped", 8192, 1, 0, 1, "full", "full", 1, "varlen"),
+    ("deepseek-v2-small-shaped", 2048, 1, 0, 1, "none", "full", 1, "varlen"),
+    ("deepseek-v2-small-shaped", 4096, 8, 3, 1, "full", "chunked", 1, "varlen"),
 ]
 QUICK = [0, 1, 5, 12]
 
@@ -84,6 +92,31 @@ BENCH_MODELS = {
         intermediate_size=6912, vocab_size=262144, tie_word_embeddings=True, max_position_embeddings=32768,
         rope_theta=1_000_000.0, rms_norm_eps=1e-6, qk_norm=True, mlp_activation="gelu_tanh", norms_per_layer=4,
         embedding_multiplier=1152**0.5, query_pre_attn_scalar=256, sliding_window=512, sliding_window_pattern=6,
+    ),
+    # small mixture-of-experts shapes of each family (no published model this small): Mixtral's
+    # layout (every layer sparse, top-2 of 8), Qwen3-MoE's (q/k norms, top-4 of 16, renormalised
+    # bf16 weights), each with its config's load-balancing coefficient, DeepSeek-V2-Lite's (a dense first layer, 2 shared experts, MLA without q
+    # compression, v head smaller than q/k's)
+    "mixtral-small-shaped": dict(
+        name="mixtral-small-shaped", source="Mixtral-8x7B config.json, scaled down", family="mixtral",
+        hidden_size=1024, num_layers=4, num_attention_heads=16, num_kv_heads=4, intermediate_size=2048,
+        vocab_size=32000, tie_word_embeddings=False, max_position_embeddings=32768, rope_theta=1_000_000.0,
+        rms_norm_eps=1e-5, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=2048, router_aux_loss_coef=0.02,
+    ),
+    "qwen3-moe-small-shaped": dict(
+        name="qwen3-moe-small-shaped", source="Qwen3-30B-A3B config.json, scaled down", family="qwen3_moe",
+        hidden_size=1024, num_layers=4, num_attention_heads=16, num_kv_heads=4, head_dim=64, qk_norm=True,
+        intermediate_size=3072, vocab_size=32000, tie_word_embeddings=False, max_position_embeddings=32768,
+        rope_theta=1_000_000.0, rms_norm_eps=1e-6, num_experts=16, num_experts_per_tok=4,
+        moe_intermediate_size=512, norm_topk_prob=True, router_aux_loss_coef=0.001,
+    ),
+    "deepseek-v2-small-shaped": dict(
+        name="deepseek-v2-small-shaped", source="DeepSeek-V2-Lite config.json, scaled down", family="deepseek_v2",
+        hidden_size=1024, num_layers=4, num_attention_heads=8, num_kv_heads=8, intermediate_size=2816,
+        vocab_size=32000, tie_word_embeddings=False, max_position_embeddings=32768, rope_theta=10000.0,
+        rms_norm_eps=1e-6, num_experts=16, num_experts_per_tok=4, moe_intermediate_size=512,
+        num_shared_experts=2, dense_layers=(0,), kv_lora_rank=256, qk_rope_head_dim=32, qk_nope_head_dim=64,
+        v_head_dim=64, norm_topk_prob=False, router_aux_loss_coef=0.001,
     ),
 }
 

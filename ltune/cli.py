@@ -39,6 +39,8 @@ from .render import (
     plan_json,
     runners_up_table,
     speed_line,
+    params_phrase,
+    communication_bound_line,
     trace_json,
     trace_table,
 )
@@ -229,7 +231,7 @@ def _print_plan(req, result, model_name: str, longest=None) -> None:
     generic = (f" [yellow]({escape(m.source)}: {m.num_attention_heads} heads, {m.num_kv_heads} kv, "
                f"ffn {m.intermediate_size}, vocab {m.vocab_size})[/]") if m.generic else ""
     console.print(
-        f"[bold]{escape(model_name)}[/] ({m.num_params() / 1e9:.2f}B params, {m.num_layers} layers, hidden "
+        f"[bold]{escape(model_name)}[/] ({params_phrase(m)}, {m.num_layers} layers, hidden "
         f"{m.hidden_size}){generic} at {req.seq_len:,} tokens, {req.precision}, on {g.display_name} "
         f"({gib(g.hbm_bytes)} GiB; plans keep a {100 * req.safety_margin:.0f}% safety margin)"
     )
@@ -261,6 +263,9 @@ def _print_plan(req, result, model_name: str, longest=None) -> None:
                           "instead (PyTorch's math backend on 3-D inputs); this plan counts its fp32 probabilities per document[/]", highlight=False)
         console.print(f"  {batch_line(best, req.seq_len)}")
         console.print(f"  {speed_line(best)}")
+        bound = communication_bound_line(best, m, g) if m.is_moe else None  # dense plans' output unchanged
+        if bound:
+            console.print(f"  [yellow]{bound}[/]", highlight=False)
         console.print(f"  {cost_line(best)}")
         console.print(f"  {checkpoint_line(checkpoint_for(req, best))}", highlight=False)
         console.print(breakdown_table(best, "per-GPU memory"))
@@ -900,7 +905,7 @@ def trace(
         out = trace_json(target.name, target.gpu, seq_len, prec, layout, analytic, result)
         print(json.dumps({**out, **method_json(target.model, target.method)}, indent=2))
         return
-    console.print(f"[bold]{escape(target.name)}[/] ({target.model.num_params() / 1e9:.2f}B params) at {seq_len:,} tokens, "
+    console.print(f"[bold]{escape(target.name)}[/] ({params_phrase(target.model)}) at {seq_len:,} tokens, "
                   f"{prec}, on {target.gpu.display_name}: {layout_line(layout)}")
     console.print(method_line(target.model, target.method, prec), highlight=False)
     console.print(f"traced one step of {layout.micro_batch_size} x {result.tokens_per_rank:,} tokens per rank "
@@ -999,13 +1004,17 @@ def _print_table(table: Table) -> None:
 def models() -> None:
     """List the model profiles (--model also takes a config.json path or a size like 7b)."""
     table = Table(title="model profiles")
-    for col in ("name", "params", "layers", "hidden", "heads/kv", "ffn", "vocab", "tied"):
+    profiles = [(name, load_model(name)) for name in model_names()]
+    moe = any(m.is_moe for _, m in profiles)  # the active column only where a mixture-of-experts profile is listed
+    for col in ("name", "params", *(("active (top-k of experts)",) if moe else ()), "layers", "hidden", "heads/kv",
+                "ffn", "vocab", "tied"):
         table.add_column(col, justify="right" if col != "name" else "left")
-    for name in model_names():
-        m = load_model(name)
+    for name, m in profiles:
+        active = f"{m.active_params() / 1e9:.2f}B ({m.num_experts_per_tok} of {m.num_experts})" if m.is_moe else "all"
         table.add_row(
             name,
             f"{m.num_params() / 1e9:.2f}B",
+            *((active,) if moe else ()),
             str(m.num_layers),
             str(m.hidden_size),
             f"{m.num_attention_heads}/{m.num_kv_heads}",

@@ -55,6 +55,42 @@ def speed_line(ev) -> str:
     )
 
 
+def params_phrase(model) -> str:
+    """'6.74B params'; a mixture-of-experts model adds its active share and routing:
+    '46.70B params, 12.88B active (top-2 of 8 experts)'."""
+    total = f"{model.num_params() / 1e9:.2f}B params"
+    if not model.is_moe:
+        return total
+    shared = f", {model.num_shared_experts} shared" if model.num_shared_experts else ""
+    return (f"{total}, {model.active_params() / 1e9:.2f}B active "
+            f"(top-{model.num_experts_per_tok} of {model.num_experts} experts{shared})")
+
+
+def communication_bound(th) -> bool:
+    """Exposed communication (what compute does not hide) longer than the compute of the step."""
+    return th.exposed_comm_s > th.compute_s
+
+
+def communication_bound_line(ev, model, gpu) -> str | None:
+    """For a communication-bound layout: the exposed communication against compute, and what the
+    traffic is (ZeRO moves every parameter, every expert of a MoE model; compute uses the active
+    ones); None otherwise."""
+    th, lay = ev.throughput, ev.layout
+    if not communication_bound(th):
+        return None
+    where = "inside one node (NVLink)" if lay.num_gpus <= gpu.gpus_per_node else "across nodes (the NIC)"
+    moves = ("gathers all parameters in forward and backward and reduce-scatters all gradients"
+             if lay.zero_stage == 3 else "reduces all gradients and gathers the updated parameters")
+    experts = (f", every expert of each layer, while compute uses the {model.active_params() / 1e9:.2f}B active"
+               if model.is_moe else "")
+    extra = [what for what, on in (("offload over the host link", lay.offload != "none"),
+                                    (f"Ulysses all-to-alls over sp {lay.sp_degree}", lay.sp_degree > 1)) if on]
+    return (f"communication-bound: exposed communication {th.exposed_comm_s:.2f} s > compute {th.compute_s:.2f} s "
+            f"per step; ZeRO-{lay.zero_stage} {moves} on {lay.num_gpus} GPUs {where} "
+            f"({model.num_params() / 1e9:.2f}B params{experts})"
+            + (f"; plus {' and '.join(extra)}" if extra else ""))
+
+
 def batch_line(ev, seq_len: int) -> str:
     """The global batch and how the layout reaches it."""
     lay = ev.layout
@@ -150,10 +186,11 @@ def method_line(model, method, precision: str) -> str:
 
 
 def method_json(model, method) -> dict:
-    """The method's fields of the JSON outputs: kind, all and trainable parameters, the 4-bit bytes (qlora)."""
+    """The method's fields of the JSON outputs: kind, all, active (those one token uses: all of them
+    but a MoE model's unrouted experts) and trainable parameters, the 4-bit bytes (qlora)."""
     from .planner import lora
 
-    return {"method": method.kind, "params": model.num_params(),
+    return {"method": method.kind, "params": model.num_params(), "active_params": model.active_params(),
             "trainable_params": lora.trainable_params(model, method),
             "quantized_bytes": lora.quantized_bytes(model, method)}
 
@@ -171,6 +208,7 @@ def evaluation_json(ev, method: dict | None = None) -> dict:
         "gpu_hours_per_million_tokens": ev.gpu_hours_per_million_tokens,
         "memory": ev.memory.model_dump(),
         "throughput": ev.throughput.model_dump(),
+        "communication_bound": communication_bound(ev.throughput),
     }
 
 

@@ -17,7 +17,6 @@ Runs (marked distributed):
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys

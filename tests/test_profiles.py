@@ -61,11 +61,21 @@ PUBLISHED_PARAMS = {
     "llama3.2-3b": 3.21e9,
     "llama3.3-70b": 70.6e9,
     "mistral-nemo-12b": 12.2e9,
+    # mixture-of-experts totals, every expert counted (sources and active counts: tests/test_moe_profiles.py)
+    "mixtral-8x7b": 46.7e9,
+    "qwen1.5-moe-a2.7b": 14.3e9,
+    "qwen2-57b-a14b": 57.4e9,
+    "qwen3-30b-a3b": 30.5e9,
+    "qwen3-235b-a22b": 235e9,
+    "deepseek-v2-lite": 15.7e9,
+    "deepseek-v3": 671e9,
 }
 #: the newer families' profiles, whose count must match within 0.5%
 NEW_FAMILY_PROFILES = {
     "qwen3-0.6b", "qwen3-8b", "qwen3-32b", "gemma-2-9b", "gemma-2-27b", "gemma-3-12b", "gemma-3-27b",
     "phi-3-mini", "llama3.2-1b", "llama3.2-3b", "llama3.3-70b", "mistral-nemo-12b",
+    "mixtral-8x7b", "qwen1.5-moe-a2.7b", "qwen2-57b-a14b", "qwen3-30b-a3b", "qwen3-235b-a22b", "deepseek-v2-lite",
+    "deepseek-v3",
 }
 #: published figures given to one digit (Qwen3-0.6B: "0.6B"), checked by rounding
 ROUNDED_TO = {"qwen3-0.6b": 0.1e9}
@@ -284,8 +294,8 @@ def test_hf_config_folder_is_accepted():
 
 @pytest.mark.parametrize(
     "folder, named",
-    [("mixtral", "num_local_experts"), ("missing_hidden", "hidden_size"), ("unsupported", "gpt_neox")],
-    ids=["moe-refused", "missing-key", "unsupported-model-type"],
+    [("missing_hidden", "hidden_size"), ("unsupported", "gpt_neox")],
+    ids=["missing-key", "unsupported-model-type"],
 )
 def test_hf_config_error_names_file_and_key(folder, named):
     path = DATA / folder / "config.json"

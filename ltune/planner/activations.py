@@ -112,14 +112,269 @@ def mlp_saved_bytes_per_token(s: Shape) -> int:
     return 4 * s.dtype_bytes * s.intermediate_size
 
 
-def layer_saved_bytes_per_token(s: Shape, lay: Layout) -> int:
-    """Everything one decoder layer saves for backward, per token (no recompute)."""
+def layer_saved_bytes_per_token(s: Shape, lay: Layout, moe: bool = False) -> int:
+    """Everything one decoder layer saves for backward, per token (no recompute); `moe`: a layer
+    whose MLP is the sparse MoE block (`moe_mlp_saved_bytes_per_token`) instead of the dense one;
+    multi-head latent attention in place of the usual attention where the model has it."""
+    attention = mla_saved_bytes_per_token(s, lay) if s.is_mla else attention_saved_bytes_per_token(s, lay)
     return (
         layer_norms_saved_bytes_per_token(s)
         + qk_norm_saved_bytes_per_token(s)
-        + attention_saved_bytes_per_token(s, lay)
-        + mlp_saved_bytes_per_token(s)
+        + attention
+        + (moe_mlp_saved_bytes_per_token(s) if moe else mlp_saved_bytes_per_token(s))
     )
+
+
+# ---------------------------------------------------------------- mixture of experts, MLA
+# transformers 5.24 with config._experts_implementation "grouped_mm" (ltune/trainer/model.py pins it):
+# transformers/integrations/moe.py `grouped_mm_experts_forward`. Its tensors are sized by
+# S = tokens x top_k only, never by how the router spreads them (the trace runs on fake tensors,
+# which carry no routing at all: see ltune/trace/tracer.py). Per-layer constants (the E int32
+# offsets, 512 B on CUDA) are left out.
+
+INT64 = 8
+
+
+def router_fp32(s: Shape) -> bool:
+    """DeepSeek's routers compute their logits in fp32 (`DeepseekV2TopkRouter.forward`,
+    `DeepseekV3TopkRouter.forward`: `F.linear(hidden_states.type(torch.float32), self.weight.type(torch.float32))`)."""
+    return s.family in ("deepseek_v2", "deepseek_v3")
+
+
+def router_renormalises(s: Shape) -> bool:
+    """The top-k weights are divided by their sum: always in `MixtralTopKRouter`; with
+    norm_topk_prob in qwen2_moe, qwen3_moe and deepseek_v3 (`DeepseekV3MoE.route_tokens_to_experts`);
+    never in deepseek_v2 (`DeepseekV2TopkRouter`: greedy top-k times routed_scaling_factor)."""
+    family = s.family
+    if family == "mixtral":
+        return True
+    return family != "deepseek_v2" and s.norm_topk_prob
+
+
+def routing_weight_bytes(s: Shape) -> int:
+    """Bytes of one top-k routing weight as the experts receive it: the model dtype where the router
+    casts them back (modeling_qwen2_moe.py / modeling_qwen3_moe.py `Qwen*MoeTopKRouter.forward`:
+    `router_top_value.to(router_logits.dtype)`), fp32 otherwise (modeling_mixtral.py
+    `MixtralTopKRouter`, modeling_deepseek_v2.py `DeepseekV2TopkRouter`, modeling_deepseek_v3.py:
+    fp32 softmax/sigmoid scores, never cast)."""
+    return s.dtype_bytes if s.family in ("qwen2_moe", "qwen3_moe") else FP32
+
+
+def router_saved_bytes_per_token(s: Shape) -> int:
+    """The router of one MoE layer, per token, saved for backward: the fp32 scores (softmax or
+    sigmoid output, E x 4), the top-k indices (int64, k x 8, kept by topk's backward) and, where the
+    top-k weights are renormalised (mixtral always, `MixtralTopKRouter`; qwen with norm_topk_prob;
+    deepseek_v3 `DeepseekV3MoE.route_tokens_to_experts`), the fp32 sum (4) and the weights before
+    the in-place division (autograd's clone of `router_top_value`, k x 4). DeepSeek's routers
+    (`DeepseekV2TopkRouter.forward`: `F.linear(hidden_states.type(torch.float32), ...)`) run the
+    gate in fp32: the fp32 copy of the hidden states (4h, for the weight gradient) is kept too
+    (`router_constant_bytes`: the fp32 copy of the gate weight). The logits themselves (model dtype,
+    or fp32 for deepseek) are not saved: the softmax keeps its output."""
+    k = s.num_experts_per_tok
+    saved = FP32 * s.num_experts + INT64 * k
+    if router_renormalises(s):
+        saved += FP32 + FP32 * k
+    if router_fp32(s) and s.dtype_bytes != FP32:
+        saved += FP32 * s.hidden_size
+    return saved
+
+
+def router_constant_bytes(s: Shape) -> int:
+    """Per MoE layer, whatever the tokens: DeepSeek's gate weight copied to fp32 for its fp32
+    matmul (`DeepseekV2TopkRouter.forward`: `self.weight.type(torch.float32)`, saved by the mm)."""
+    return FP32 * s.num_experts * s.hidden_size if router_fp32(s) and s.dtype_bytes != FP32 else 0
+
+
+def dispatch_saved_bytes_per_token(s: Shape) -> int:
+    """The routed experts of one MoE layer (integrations/moe.py `grouped_mm_experts_forward`), per
+    token: for each of its k (token, expert) rows, sorted by expert, the permutation (int64, kept by
+    the gather of the weights) and perm // k (int64, kept by the gather of the hidden states), the
+    gathered hidden states (d x h, input of the up grouped_mm), the gathered routing weight
+    (`routing_weight_bytes`), the grouped up projection's output (d x 2F: gate and up, views of it,
+    kept by the activation and the product), act(gate) and act(gate) * up (d x F each, the latter the
+    down grouped_mm's input), the down output (d x h, kept by the weighting product) and the inverse
+    permutation (int64, kept by the un-permuting gather): k x (24 + w + 2dh + 4dF). The weighted
+    output, its un-permuted copy and the sum over top-k are not saved."""
+    d, h, f = s.dtype_bytes, s.hidden_size, s.moe_intermediate_size
+    per_row = 3 * INT64 + routing_weight_bytes(s) + 2 * d * h + 4 * d * f
+    return s.num_experts_per_tok * per_row
+
+
+def shared_expert_saved_bytes_per_token(s: Shape) -> int:
+    """The shared experts, a gated MLP every token passes (modeling_deepseek_v2.py
+    `DeepseekV2Moe.shared_experts`, n_shared_experts x moe width; modeling_qwen2_moe.py
+    `Qwen2MoeSparseMoeBlock.shared_expert`): as `mlp_saved_bytes_per_token`, 4d per unit of width;
+    qwen2_moe's `shared_expert_gate` then multiplies its output by sigmoid(gate(x)), which keeps
+    both: the expert's output (d x h) and the sigmoid's (d)."""
+    d = s.dtype_bytes
+    saved = 4 * d * s.shared_expert_intermediate_size
+    if s.shared_expert_gate:
+        saved += d * s.hidden_size + d
+    return saved
+
+
+def moe_mlp_saved_bytes_per_token(s: Shape) -> int:
+    """The sparse MoE block of one layer in place of the dense MLP: router, routed experts and
+    shared experts, per token."""
+    return router_saved_bytes_per_token(s) + dispatch_saved_bytes_per_token(s) + shared_expert_saved_bytes_per_token(s)
+
+
+def small_rmsnorm_saved_bytes_per_token(s: Shape, width: int) -> int:
+    """An RMSNorm over `width` features feeding a linear layer (MLA's q_a_layernorm, kv_a_layernorm:
+    DeepseekV2RMSNorm, llama-style): fp32 input, model-dtype normalised x, its weighted output, and
+    the fp32 rsqrt of each token (4)."""
+    return (FP32 + 2 * s.dtype_bytes) * width + FP32
+
+
+def mla_saved_bytes_per_token(s: Shape, lay: Layout) -> int:
+    """Multi-head latent attention (modeling_deepseek_v2.py / modeling_deepseek_v3.py
+    `DeepseekV2Attention.forward`) under flash-attn, per token. H heads of q/k head size D
+    (nope + rope) and value head size Dv: q_a_layernorm (with q_lora_rank) and kv_a_layernorm on the
+    compressed latents (`small_rmsnorm_saved_bytes_per_token`); the query (`torch.cat` of nope and
+    rope parts, a new H x D tensor), the key (`expand_kv`'s new_empty, H x D), the value padded to D
+    (integrations/flash_attention.py `F.pad`: flash-attn takes one head size), flash's output
+    (H x D) and fp32 logsumexp (4H); the output cropped to Dv and copied by the reshape before
+    o_proj (H x Dv, o_proj's input). kv_b_proj's output, q_pe/k_pe and their RoPE are not saved.
+    Eager attention: `attention_saved_bytes_per_token` (not traced for MLA)."""
+    if lay.attention == "eager" or s.sdpa_math:
+        return attention_saved_bytes_per_token(s, lay)
+    d, heads = s.dtype_bytes, s.num_attention_heads
+    q = s.q_size
+    norms = small_rmsnorm_saved_bytes_per_token(s, s.kv_lora_rank)
+    if s.q_lora_rank:
+        norms += small_rmsnorm_saved_bytes_per_token(s, s.q_lora_rank)
+    return norms + d * 4 * q + FP32 * heads + d * heads * s.value_head_size
+
+
+def moe_backward_transient_bytes_per_token(s: Shape, recompute: bool = False) -> int:
+    """Gradients in flight at a MoE layer's backward peak (integrations/moe.py
+    `grouped_mm_experts_forward` run backwards; `ltune trace` inventory), beside the incoming hidden
+    gradient (d x h), the larger of:
+    - the weighting product's backward: the un-permuted gradient (index_put into S x h zeros), the
+      gradients of the down output and of the weights before their sum (S x h each), in the
+      product's dtype (fp32 with fp32 routing weights: mixtral, deepseek, whose output cast back,
+      `.to(hidden_states.dtype)`, also upcasts the incoming gradient, 4h): 3k x w x h;
+    - the gated activation's backward: the gradient of act(gate) * up (from the down grouped_mm)
+      and those of act(gate) and up (S x F each), and the routing weights' summed gradient (k x w);
+    - the shared experts' MLP backward (as `layer_backward_transient_bytes_per_token`, 2 x width).
+    qwen2_moe's gated shared expert: its gradient through the sigmoid product (d x h) is made first
+    (the product runs last in the forward) and waits through the routed experts' backward. With full
+    recompute and fp32 weights, non-reentrant checkpointing hands the recomputed down output to the
+    product's backward and drops it there (torch.utils.checkpoint unpack), before the fp32 sum: k x dh
+    less at that moment (`ltune trace`; within k x 14 bytes per token of it)."""
+    d, h, f, k = s.dtype_bytes, s.hidden_size, s.moe_intermediate_size, s.num_experts_per_tok
+    w = routing_weight_bytes(s)
+    # net of what the layer's backward has released by then: the inverse permutation (after the
+    # un-permuting gather's backward); at the activation's backward also the down output, the
+    # routing weights (after the product's backward) and act(gate) * up (after the down grouped_mm's)
+    weighting = 3 * k * w * h + (FP32 * h if w == FP32 and d != FP32 else 0) - INT64 * k
+    if recompute and w == FP32 and d != FP32 and not s.shared_expert_intermediate_size:
+        weighting -= k * d * h  # measured without shared experts only (deepseek: see bench/accuracy.py)
+    activation = 3 * k * d * f + k * w - k * (d * h + d * f + w + INT64)
+    shared = 2 * d * s.shared_expert_intermediate_size
+    if s.shared_expert_gate:
+        # qwen2_moe: the sigmoid product's backward ran first: the shared output's gradient and the
+        # gate linear's input gradient wait (2dh); it released the product's saved tensors (dh + d)
+        waiting = d * h - d
+    elif s.shared_expert_intermediate_size:
+        # deepseek: the shared experts ran last in the forward, so their backward runs first: it
+        # released their saved tensors and the norm output only they saved (the fp32 router keeps
+        # its own copy), and their input gradient (dh) waits for the routed experts'
+        waiting = d * h - (4 * d * s.shared_expert_intermediate_size + (d * h if router_fp32(s) else 0))
+    else:
+        waiting = 0
+    return d * h + max(weighting + waiting, activation + waiting, shared)
+
+
+def router_logits_bytes(s: Shape, lay: Layout) -> int:
+    """Every MoE layer's router logits (model dtype; fp32 for deepseek's fp32 routers) and top-k
+    indices (int64), which the
+    trainer's router hooks keep until the forward ends, for the load-balancing loss and the router
+    statistics (ltune/trainer/model.py `TrainModel._record_router`): live while the loss runs its
+    forward, not in backward."""
+    if not s.is_moe:
+        return 0
+    logit = FP32 if router_fp32(s) else s.dtype_bytes
+    # and the top-k expert indices (int64) each router chose, recorded beside its logits: without
+    # recompute topk keeps them for its backward anyway (router_saved_bytes_per_token)
+    indices = INT64 * s.num_experts_per_tok if lay.recompute == "full" else 0
+    return s.num_moe_layers * tokens_per_rank(s, lay) * (logit * s.num_experts + indices)
+
+
+def aux_loss_grad_bytes(s: Shape, lay: Layout) -> int:
+    """With a load-balancing loss (router_aux_loss_coef > 0; ltune/trainer/loss.py
+    `load_balancing_loss`) its backward runs first and leaves each MoE layer's router-logit
+    gradient (model dtype, tokens x experts) waiting for that layer's own backward, where autograd
+    sums it with the dispatch path's (measured with `ltune trace`: the backward peak grows by
+    exactly this; its fp32 softmax is freed before any layer's backward)."""
+    if not s.is_moe or s.router_aux_loss_coef <= 0:
+        return 0
+    return s.num_moe_layers * s.dtype_bytes * s.num_experts * tokens_per_rank(s, lay)
+
+
+def aux_loss_probs_bytes(s: Shape, lay: Layout) -> int:
+    """With a load-balancing coefficient (> 0) every MoE layer's fp32 router softmax (tokens x
+    experts) is kept from the load-balancing loss' forward (ltune/trainer/loss.py
+    `load_balancing_loss`) until its backward, which autograd runs after the LM loss' backward
+    (measured with `ltune trace`); without one the loss runs under no_grad and keeps nothing."""
+    if not s.is_moe or s.router_aux_loss_coef <= 0:
+        return 0
+    return s.num_moe_layers * FP32 * s.num_experts * tokens_per_rank(s, lay)
+
+
+def aux_loss_forward_bytes(s: Shape, lay: Layout) -> int:
+    """The load-balancing loss' forward at its peak, layer by layer (ltune/trainer/loss.py
+    `load_balancing_loss`; p = one layer's fp32 tokens x experts): with a coefficient, every
+    layer's kept softmax and the last layer's fp32 logit copy (L p + p); without one (no_grad), the
+    previous layer's softmax still bound, the fp32 copy and the new softmax (3 p)."""
+    if not s.is_moe:
+        return 0
+    per_layer = FP32 * s.num_experts * tokens_per_rank(s, lay)
+    kept = aux_loss_probs_bytes(s, lay)
+    return kept + per_layer if kept else 3 * per_layer
+
+
+def moe_loss_bytes(s: Shape, lay: Layout) -> int:
+    """The loss moment of a MoE model, the largest of: the load-balancing loss' backward (run
+    first: every kept router softmax, the gradients of one, beside what the LM loss kept); the LM
+    loss' backward-side peak (`logits_loss_bytes`) beside the router-logit gradients the former
+    left waiting (`aux_loss_grad_bytes`); the load-balancing loss' forward beside the router logits
+    the trainer recorded and what the LM loss kept; the chunked loss' forward (log-sum-exp and one
+    chunk) beside the router logits (the full loss' forward is below its backward). The recorded
+    router logits are freed when the forward returns, before any backward (`ltune trace`)."""
+    routers, kept = router_logits_bytes(s, lay), loss_kept_bytes(s, lay)
+    peaks = [logits_loss_bytes(s, lay) + aux_loss_grad_bytes(s, lay), routers + kept + aux_loss_forward_bytes(s, lay)]
+    probs = aux_loss_probs_bytes(s, lay)
+    if probs:  # its backward: the softmax gradient and its input's beside every kept softmax
+        peaks.append(kept + probs + 2 * FP32 * s.num_experts * tokens_per_rank(s, lay))
+    if lay.loss == "chunked":
+        m = chunked_loss_bytes(chunk_tokens=s.loss_chunk_tokens, num_tokens=tokens_per_rank(s, lay),
+                               vocab_size=s.vocab_size, hidden_size=s.hidden_size, dtype_bytes=s.dtype_bytes,
+                               softcap=s.final_logit_softcapping)
+        peaks.append(routers + m["lse_bytes"] + m["forward_bytes"])
+    return max(peaks)
+
+
+def layer_kinds(s: Shape) -> tuple[tuple[bool, int], ...]:
+    """(moe, count) of each kind of decoder layer: a dense model's layers; a MoE model's dense
+    layers (deepseek's first_k_dense_replace, qwen's mlp_only_layers) and its MoE layers."""
+    if not s.is_moe:
+        return ((False, s.num_layers),)
+    dense = s.num_layers - s.num_moe_layers
+    return tuple(kind for kind in ((False, dense), (True, s.num_moe_layers)) if kind[1])
+
+
+def layers_saved_bytes(s: Shape, lay: Layout) -> int:
+    """All decoder layers' saved tensors (no recompute), summed per layer kind."""
+    t = tokens_per_rank(s, lay)
+    extra = eager_attention_bytes_per_layer(s, lay) + sdpa_math_bytes_per_layer(s, lay)["saved_bytes"]
+    total = 0
+    for moe, count in layer_kinds(s):
+        per_layer = layer_saved_bytes_per_token(s, lay, moe) * t + extra
+        if moe:
+            per_layer += router_constant_bytes(s)
+        total += count * per_layer
+    return total
 
 
 def eager_attention_bytes_per_layer(s: Shape, lay: Layout) -> int:
@@ -169,7 +424,9 @@ def shared_layer_inputs_bytes(s: Shape, lay: Layout) -> int:
     masking_utils.py `create_sliding_window_causal_mask`)."""
     t = tokens_per_rank(s, lay)
     d = s.dtype_bytes
-    rope = 2 * d * t * (s.q_size // s.num_attention_heads) * (2 if s.local_rope else 1)
+    # MLA rotates only the qk_rope_head_dim part (modeling_deepseek_v2.py `DeepseekV2RotaryEmbedding`)
+    rope_dim = s.qk_rope_head_dim if s.is_mla else s.q_size // s.num_attention_heads
+    rope = 2 * d * t * rope_dim * (2 if s.local_rope else 1)
     masks = 2 if 0 < s.local_layers < s.num_layers else 1
     mask = masks * lay.micro_batch_size * s.seq_len * s.seq_len * d if lay.attention == "eager" else 0
     return rope + mask
@@ -181,6 +438,8 @@ def activation_checkpoints_bytes(s: Shape, lay: Layout) -> int:
     t = tokens_per_rank(s, lay)
     if lay.recompute == "full":
         return s.num_layers * s.dtype_bytes * s.hidden_size * t
+    if s.is_moe:
+        return layers_saved_bytes(s, lay)
     per_layer = layer_saved_bytes_per_token(s, lay) * t + eager_attention_bytes_per_layer(s, lay)
     return s.num_layers * (per_layer + sdpa_math_bytes_per_layer(s, lay)["saved_bytes"])
 
@@ -216,11 +475,30 @@ def activation_working_bytes(s: Shape, lay: Layout) -> int:
     attention's backward peaks (eager, or SDPA's math backend per document on pre-Ampere GPUs)."""
     t = tokens_per_rank(s, lay)
     sdpa = sdpa_math_bytes_per_layer(s, lay)
+    if s.is_moe:
+        return moe_working_bytes(s, lay)
     recomputed = 0
     if lay.recompute == "full":
         recomputed = layer_saved_bytes_per_token(s, lay) * t + eager_attention_bytes_per_layer(s, lay) + sdpa["saved_bytes"]
     work = layer_backward_transient_bytes_per_token(s, lay.recompute == "full") * t + recomputed
     return max(work, eager_backward_bytes_per_layer(s, lay), recomputed + sdpa["backward_temp_bytes"])
+
+
+def moe_working_bytes(s: Shape, lay: Layout) -> int:
+    """`activation_working_bytes` of a MoE model: the larger over its layer kinds (dense layers:
+    the gated MLP's backward; MoE layers: `moe_backward_transient_bytes_per_token`), each with its
+    own recomputed tensors under full recompute."""
+    t = tokens_per_rank(s, lay)
+    extra = eager_attention_bytes_per_layer(s, lay) + sdpa_math_bytes_per_layer(s, lay)["saved_bytes"]
+    best = 0
+    for moe, _count in layer_kinds(s):
+        recomputed = 0
+        if lay.recompute == "full":
+            recomputed = layer_saved_bytes_per_token(s, lay, moe) * t + extra + (router_constant_bytes(s) if moe else 0)
+        full = lay.recompute == "full"
+        per_token = moe_backward_transient_bytes_per_token(s, full) if moe else layer_backward_transient_bytes_per_token(s, full)
+        best = max(best, per_token * t + recomputed, eager_backward_bytes_per_layer(s, lay))
+    return best
 
 
 def final_norm_bytes(s: Shape, lay: Layout) -> int:
@@ -264,6 +542,14 @@ def logits_loss_bytes(s: Shape, lay: Layout) -> int:
         weight_grad=not s.adapters,
     )
     return m["lse_bytes"] + max(m["forward_bytes"], m["backward_bytes"] + s.dtype_bytes * t * s.hidden_size)
+
+
+def loss_kept_bytes(s: Shape, lay: Layout) -> int:
+    """What the loss keeps from its forward to its backward: the chunked loss its fp32
+    log-sum-exp (tokens x 4); the full loss its fp32 log-probabilities (tokens x vocab x 4;
+    ForCausalLMLoss' log-softmax)."""
+    t = tokens_per_rank(s, lay)
+    return FP32 * t * (1 if lay.loss == "chunked" else s.vocab_size)
 
 
 def chunked_loss_bytes(

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from ..profiles.schema import GpuProfile, ModelProfile
 from .activations import (
+    moe_loss_bytes,
+    aux_loss_grad_bytes,
     activation_checkpoints_bytes,
     activation_working_bytes,
     embedding_backward_bytes,
@@ -251,9 +253,9 @@ def activation_terms(s: Shape, lay: Layout, phase: str) -> dict[str, int]:
         return lora_activation_terms(s, lay, phase, terms, shared)
     if phase == "loss":
         terms["activations_checkpoints"] = activation_checkpoints_bytes(s, lay) + final_norm_bytes(s, lay) + shared
-        terms["logits_loss"] = logits_loss_bytes(s, lay)
+        terms["logits_loss"] = moe_loss_bytes(s, lay) if s.is_moe else logits_loss_bytes(s, lay)
     elif phase == "backward":
-        checkpoints = activation_checkpoints_bytes(s, lay) + shared
+        checkpoints = activation_checkpoints_bytes(s, lay) + shared + aux_loss_grad_bytes(s, lay)
         layer = activation_working_bytes(s, lay)
         embedding = embedding_backward_bytes(s)
         if embedding > checkpoints + layer:  # the backward's last op: every layer's saved tensors are freed

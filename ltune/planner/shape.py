@@ -76,6 +76,9 @@ class Shape:
     shared_expert_intermediate_size: int = 0  # the shared experts' total width (deepseek: n x moe width)
     shared_expert_gate: bool = False  # qwen2_moe: a sigmoid gate (1 output) on the shared expert
     router_scoring: str = "softmax"
+    family: str = ""  # ModelProfile.family
+    norm_topk_prob: bool = True
+    router_aux_loss_coef: float = 0.0  # > 0: the trainer adds the load-balancing loss (trainer/loss.py)
     # multi-head latent attention (deepseek); 0: none
     q_lora_rank: int = 0
     kv_lora_rank: int = 0
@@ -174,6 +177,9 @@ class Shape:
                 else model.num_shared_experts * (model.moe_intermediate_size or 0)),
             shared_expert_gate=model.family == "qwen2_moe" and bool(model.shared_expert_intermediate_size),
             router_scoring=model.router_scoring,
+            family=model.family,
+            norm_topk_prob=model.norm_topk_prob,
+            router_aux_loss_coef=model.router_aux_loss_coef if model.is_moe else 0.0,
             q_lora_rank=model.q_lora_rank or 0,
             kv_lora_rank=model.kv_lora_rank or 0,
             qk_rope_head_dim=model.qk_rope_head_dim or 0,

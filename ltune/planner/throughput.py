@@ -23,6 +23,16 @@ matmuls each, their weight and input gradients), a recomputed forward 2 per para
 QLoRA dequantizes every 4-bit weight before each use (forward, recomputed forward, backward: a
 memory-bound kernel, dequant_seconds). ZeRO reduces the gradients of the trainable parameters
 only; ZeRO-3 still gathers every parameter, frozen ones included.
+
+Mixture of experts (Shape.is_moe): a token's matmuls use its ACTIVE parameters (attention, the
+router's E x h, its top-k routed experts, the shared experts, the dense layers' MLPs:
+active_layers_params), and MFU is 6 x active + attention (as MoE papers report it: Mixtral,
+DeepSeek-V2/V3); ZeRO moves the TOTAL parameters: ZeRO-3 gathers each layer's whole 3-D expert
+tensors (every expert) for the forward and the backward, and every expert gets a gradient (zeros
+where no token went) to reduce-scatter, so a MoE job's step can be set by communication. The
+experts run at the dense matmul rate (no grouped-GEMM discount: see routed_expert_params_per_token).
+Multi-head latent attention (Shape.is_mla): q and k heads are nope + rope wide, v heads
+value_head_size, so the PV matmul and the attention output use value_size.
 """
 
 from __future__ import annotations
@@ -55,6 +65,26 @@ CPU_ADAM_PARAMS_PER_S = 1.0e9 / 8
 _RECOMPUTE_SHARE = {"full": 1.0, "none": 0.0}
 
 
+def active(s: Shape) -> int:
+    """Parameters one token's matmuls use: Shape.active_params for a MoE model (ModelProfile.active_params:
+    the routed experts past its top-k left out, as MoE model cards count 'active'), all of them for a dense one."""
+    return s.active_params if s.is_moe else s.params
+
+
+def value_size(s: Shape) -> int:
+    """Width of all query heads' values (the PV matmul's and the attention output's): heads x v head
+    size (MLA's v_head_dim, DeepSeek-V2 paper arXiv 2405.04434 sec. 2.1); q_size otherwise."""
+    return s.num_attention_heads * s.value_head_size if s.is_mla else s.q_size
+
+
+def mfu_attention_flops_per_token(s: Shape) -> float:
+    """PaLM's attention term (Chowdhery et al. 2022 app. B) 12*L*H*Q*T: 2*T*q for QK^T and 2*T*q for
+    PV forward, x3 with backward; MLA: 6*L*T*(q + v), its v heads being narrower than q/k."""
+    if s.is_mla:
+        return 6.0 * s.num_layers * (s.q_size + value_size(s)) * s.seq_len
+    return 12.0 * s.num_layers * s.q_size * s.seq_len
+
+
 def model_flops_per_token(s: Shape) -> float:
     """Model FLOPs per token, the MFU convention (PaLM, Chowdhery et al. 2022 app. B: forward and
     backward, attention over the full context, no causal halving, no recompute): 6N + 12*L*H*Q*T
@@ -62,17 +92,23 @@ def model_flops_per_token(s: Shape) -> float:
     weights (forward and input gradient, no weight gradient) + 6 per adapter parameter, attention
     unchanged; 6N would count weight gradients no LoRA run computes and report ~1.5x the real
     utilisation (MFU above what the hardware does). The 4-bit dequantization of QLoRA is memory
-    traffic, not model FLOPs: it lowers QLoRA's MFU."""
-    attention = 12.0 * s.num_layers * s.q_size * s.seq_len
+    traffic, not model FLOPs: it lowers QLoRA's MFU. MoE models: N is the ACTIVE parameters
+    (`active`; Mixtral, Jiang et al. 2024, and DeepSeek-V3 report MFU this way)."""
+    attention = mfu_attention_flops_per_token(s)
     if not s.adapters:
-        return 6.0 * s.params + attention
-    return 4.0 * s.params + 6.0 * s.trainable_params + attention
+        return 6.0 * active(s) + attention
+    return 4.0 * active(s) + 6.0 * s.trainable_params + attention
 
 
 def hardware_flops_per_token(s: Shape, lay: Layout) -> float:
-    """Model FLOPs plus one more forward with full recompute (2 per parameter, adapters
-    included, + 4*L*H*Q*T)."""
-    extra = 2.0 * stored_params(s) + 4.0 * s.num_layers * s.q_size * s.seq_len if lay.recompute == "full" else 0.0
+    """Model FLOPs plus one more forward with full recompute (2 per active parameter, adapters
+    included, + 4*L*H*Q*T; MLA 2*L*T*(q + v))."""
+    if lay.recompute != "full":
+        return model_flops_per_token(s)
+    if s.is_moe or s.is_mla:
+        extra = 2.0 * (active(s) + (s.trainable_params if s.adapters else 0)) + mfu_attention_flops_per_token(s) / 3.0
+        return model_flops_per_token(s) + extra
+    extra = 2.0 * stored_params(s) + 4.0 * s.num_layers * s.q_size * s.seq_len
     return model_flops_per_token(s) + extra
 
 
@@ -91,22 +127,76 @@ def recompute_share(lay: Layout) -> float:
     return _RECOMPUTE_SHARE[lay.recompute]
 
 
+def routed_expert_params(s: Shape) -> int:
+    """All routed experts of one MoE layer: E x (gate_up 2F x h + down h x F) (modeling_mixtral.py
+    `MixtralExperts`, ModelProfile.expert_tensors); 0 for a dense model."""
+    return s.num_experts * 3 * s.hidden_size * s.moe_intermediate_size
+
+
+def routed_expert_params_per_token(s: Shape) -> int:
+    """The routed experts one token runs in one MoE layer: top-k x (2F x h + h x F) (transformers
+    integrations/moe.py `grouped_mm_experts_forward`: S = tokens x top_k rows through one grouped
+    matmul up and one down). Counted at the dense matmul rate: grouped GEMMs over E experts of
+    ~S/E rows each run below it when S/E is small (qwen3's 128 experts), a loss not modelled here
+    (no published grouped_mm figure for these shapes held out of a fit)."""
+    return s.num_experts_per_tok * 3 * s.hidden_size * s.moe_intermediate_size
+
+
+def router_params(s: Shape) -> int:
+    """The router of one MoE layer, experts x h (modeling_mixtral.py `MixtralTopKRouter.weight`,
+    deepseek's `gate.weight`): one h -> E matmul per token."""
+    return s.num_experts * s.hidden_size
+
+
+def shared_expert_params(s: Shape) -> int:
+    """The shared experts of one MoE layer, which every token runs: a gated MLP of their total width
+    (3 x h x Fs, ModelProfile.shared_expert_tensors) plus qwen2_moe's 1-output sigmoid gate (h)."""
+    return 3 * s.hidden_size * s.shared_expert_intermediate_size + (s.hidden_size if s.shared_expert_gate else 0)
+
+
+def moe_layer_active_params(s: Shape) -> int:
+    """Parameters one token uses in a MoE layer (Shape.layer_params is the typical MoE layer): its
+    attention and norms, the router, its top-k routed experts and the shared experts."""
+    attention_and_norms = s.layer_params - router_params(s) - routed_expert_params(s) - shared_expert_params(s)
+    return attention_and_norms + router_params(s) + routed_expert_params_per_token(s) + shared_expert_params(s)
+
+
+def dense_layers_params(s: Shape) -> int:
+    """The dense layers of a MoE model (deepseek's first layers, qwen's mlp_only_layers), whole:
+    all layers' parameters less the MoE layers'."""
+    return s.layers_params - s.num_moe_layers * s.layer_params
+
+
+def active_layers_params(s: Shape) -> int:
+    """Decoder-layer parameters one token uses: every layer's for a dense model; a MoE model's MoE
+    layers' active share plus its dense layers."""
+    if not s.is_moe:
+        return s.num_layers * s.layer_params
+    return s.num_moe_layers * moe_layer_active_params(s) + dense_layers_params(s)
+
+
 def matmul_flops_per_token(s: Shape, recomputed: float) -> float:
     """Linear-layer FLOPs per token (Kaplan et al. 2020, 2 per multiply-add): 6 per layer parameter
     for forward and backward plus 2*recomputed for checkpointed layers; 6 per output-head
     parameter (the embedding is a lookup, no matmul; a tied head still multiplies). With adapters:
-    the frozen layers' and head's share (frozen_matmul_flops_per_token) plus the adapters'."""
+    the frozen layers' and head's share (frozen_matmul_flops_per_token) plus the adapters'.
+    MoE models: the active layer parameters (active_layers_params)."""
     if s.adapters:
         return frozen_matmul_flops_per_token(s, recomputed) + adapter_flops_per_token(s, recomputed)
     head = s.vocab_size * s.hidden_size
+    if s.is_moe:
+        return (6.0 + 2.0 * recomputed) * active_layers_params(s) + 6.0 * head
     return (6.0 + 2.0 * recomputed) * s.num_layers * s.layer_params + 6.0 * head
 
 
 def frozen_matmul_flops_per_token(s: Shape, recomputed: float) -> float:
     """Frozen weights (Hu et al. 2021, LoRA sec. 4.2: no gradients for frozen weights): 2 per layer
     parameter forward, 2 backward for the input gradient, no weight gradient, 2*recomputed; the
-    frozen output head 2 + 2 (its input gradient feeds every adapter below it)."""
+    frozen output head 2 + 2 (its input gradient feeds every adapter below it). MoE models: the
+    active layer parameters (active_layers_params)."""
     head = s.vocab_size * s.hidden_size
+    if s.is_moe:
+        return (4.0 + 2.0 * recomputed) * active_layers_params(s) + 4.0 * head
     return (4.0 + 2.0 * recomputed) * s.num_layers * s.layer_params + 4.0 * head
 
 
@@ -124,8 +214,11 @@ def attention_flops_per_token(s: Shape, attention: str, recomputed: float) -> fl
     convention: forward 4*d*Q per layer over the d keys a query sees, halved for causal
     (flash kernels skip masked blocks; eager attention computes the whole d x d score matrix),
     backward 2.5x forward, plus the recomputed forward. With varlen attention d is the mean
-    packed document (Shape.attention_tokens); eager attention spans the whole packed sequence."""
-    if attention == "eager":
+    packed document (Shape.attention_tokens); eager attention spans the whole packed sequence.
+    MLA: QK^T over q_size (nope + rope heads), PV over value_size: 2*d*(q + v) forward, halved causal."""
+    if s.is_mla:
+        fwd = (2.0 * s.seq_len if attention == "eager" else 1.0 * s.attention_tokens) * (s.q_size + value_size(s))
+    elif attention == "eager":
         fwd = 4.0 * s.seq_len * s.q_size
     else:
         fwd = 2.0 * s.attention_tokens * s.q_size
@@ -201,7 +294,9 @@ def zero_comm_seconds(s: Shape, lay: Layout, gpu: GpuProfile) -> tuple[float, fl
     data-parallel traffic). ZeRO 0-2 reduce the gradients and all-gather the updated
     parameters once per step (an all-reduce's volume), counted exposed. With adapters only the
     trainable parameters have gradients (and updates to gather); ZeRO-3 still gathers every
-    parameter, the frozen weights too (DeepSpeed partitions them all).
+    parameter, the frozen weights too (DeepSpeed partitions them all). MoE models: the TOTAL
+    parameters, not the active ones: ZeRO-3 gathers each layer's whole 3-D expert tensors (every
+    expert, whichever the tokens use) and every expert's gradient is reduced (zeros where unused).
     """
     n = lay.num_gpus
     bw = collective_bandwidth(gpu, n)
@@ -223,12 +318,16 @@ def exposed_zero3_seconds(comm: float, compute: float) -> float:
 def ulysses_seconds(s: Shape, lay: Layout, gpu: GpuProfile, recomputed: float | None = None) -> float:
     """Ulysses all-to-alls (Jacobs et al. 2023): q, k, v and the output per layer in
     forward, their gradients in backward, again in the recomputed forward; each moves
-    (sp-1)/sp of the rank's activations, on the critical path."""
+    (sp-1)/sp of the rank's activations, on the critical path. MLA: v and the output are
+    value_size wide (heads x v_head_dim), k q_size."""
     if lay.sp_degree == 1:
         return 0.0
     r = recompute_share(lay) if recomputed is None else recomputed
     t = tokens_per_rank(s, lay)
-    per_layer = s.dtype_bytes * t * (2 * s.q_size + 2 * s.kv_size)
+    if s.is_mla:
+        per_layer = s.dtype_bytes * t * (s.q_size + s.kv_size + 2 * value_size(s))
+    else:
+        per_layer = s.dtype_bytes * t * (2 * s.q_size + 2 * s.kv_size)
     volume = s.num_layers * (2 + r) * per_layer * (lay.sp_degree - 1) / lay.sp_degree
     return volume / collective_bandwidth(gpu, lay.sp_degree)
 

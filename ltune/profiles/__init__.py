@@ -15,7 +15,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from ..datafiles import load_json
-from .schema import GB, GIB, GpuProfile, ModelProfile
+from .schema import GB, GIB, MOE_FAMILIES, GpuProfile, ModelProfile
 
 __all__ = [
     "GB",
@@ -168,10 +168,26 @@ def load_gpu_option(name: str) -> GpuProfile:
 _SUPPORTED_TYPES = {
     "llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "internlm2": "internlm2", "qwen3": "qwen3",
     "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3", "phi3": "phi3",
+    "mixtral": "mixtral", "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe",
+    "deepseek_v2": "deepseek_v2", "deepseek_v3": "deepseek_v3",
 }
+#: keys naming routed experts; refused outside the mixture-of-experts types ltune reads
 _MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
-#: keys of multi-head latent attention (DeepSeek-V2/V3 MLA), which ltune does not model
+#: keys of multi-head latent attention (DeepSeek-V2/V3 MLA), modelled for the deepseek families only
 _MLA_KEYS = ("q_lora_rank", "kv_lora_rank", "qk_rope_head_dim")
+_DEEPSEEK = ("deepseek_v2", "deepseek_v3")
+#: transformers' defaults where a deepseek config.json leaves a key out (DeepseekV2Config, DeepseekV3Config)
+_DEEPSEEK_DEFAULTS = {
+    "deepseek_v2": {"q_lora_rank": 1536, "kv_lora_rank": 512, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128,
+                    "v_head_dim": 128, "first_k_dense_replace": 0, "routed_scaling_factor": 1.0,
+                    "norm_topk_prob": False, "topk_method": "greedy", "scoring_func": "softmax"},
+    "deepseek_v3": {"q_lora_rank": 1536, "kv_lora_rank": 512, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128,
+                    "v_head_dim": 128, "first_k_dense_replace": 3, "routed_scaling_factor": 2.5,
+                    "norm_topk_prob": True, "topk_method": "noaux_tc", "scoring_func": "sigmoid"},
+}
+#: deepseek's topk_method values transformers builds (modeling_deepseek_v2.py DeepseekV2TopkRouter;
+#: DeepseekV3TopkRouter always routes as noaux_tc)
+_DEEPSEEK_TOPK = {"deepseek_v2": ("greedy", "group_limited_greedy"), "deepseek_v3": ("noaux_tc",)}
 _GEMMA = ("gemma2", "gemma3")
 #: transformers' defaults where a gemma config.json leaves a key out (Gemma2Config, Gemma3TextConfig)
 _GEMMA_DEFAULTS = {
@@ -184,9 +200,11 @@ _GEMMA_DEFAULTS = {
 
 def _unmodelled(cfg: dict, family: str) -> str | None:
     """The feature of this config.json that ltune does not model, named, or None."""
-    for key in _MLA_KEYS:
+    for key in _MLA_KEYS if family not in _DEEPSEEK else ():
         if cfg.get(key):
             return f"multi-head latent attention ('{key}' {cfg[key]!r:.40})"
+    if family in ("mixtral", "qwen3_moe", *_DEEPSEEK) and cfg.get("attention_bias"):
+        return f"attention biases ('attention_bias' {cfg['attention_bias']!r:.20})"
     factor = cfg.get("partial_rotary_factor")
     if factor is not None and factor != 1:
         return f"partial rotary embedding ('partial_rotary_factor' {factor!r:.40})"
@@ -197,7 +215,7 @@ def _unmodelled(cfg: dict, family: str) -> str | None:
     wanted = ("gelu_pytorch_tanh",) if family in _GEMMA else ("silu",)
     if act is not None and act not in wanted:
         return f"activation '{act_key}' {act!r:.40} (ltune models {wanted[0]} for {family})"
-    if family in ("qwen2", "qwen3"):
+    if family in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
         if cfg.get("use_sliding_window"):
             return f"sliding-window attention ('use_sliding_window' {cfg['use_sliding_window']!r:.20}, 'sliding_window' {cfg.get('sliding_window')!r:.20})"
     elif family not in _GEMMA:
@@ -254,11 +272,11 @@ def model_from_hf_config(path: str | Path, name: str | None = None) -> ModelProf
             raise ProfileError(f"{path}: 'gemma3' config has no 'text_config' object")
         cfg = text
         note = "; text_config only (the vision tower is not counted)"
-    for key in _MOE_KEYS:
+    for key in _MOE_KEYS if _SUPPORTED_TYPES.get(model_type) not in MOE_FAMILIES else ():
         if cfg.get(key):
             raise ProfileError(
                 f"{path}: '{model_type}' is a mixture-of-experts model ({key}={cfg[key]!r:.80}); "
-                "ltune models dense decoders only"
+                f"ltune models dense decoders and the mixture-of-experts types {', '.join(MOE_FAMILIES)} only"
             )
     if model_type not in _SUPPORTED_TYPES:
         raise ProfileError(
@@ -295,14 +313,16 @@ def model_from_hf_config(path: str | Path, name: str | None = None) -> ModelProf
         num_kv_heads=optional("num_key_value_heads", heads),
         intermediate_size=need("intermediate_size"),
         vocab_size=need("vocab_size"),
-        head_dim=cfg.get("head_dim", _GEMMA_DEFAULTS[family]["head_dim"] if gemma else None),
+        # MLA heads: _moe_fields (transformers 5 writes head_dim = the rotary part only)
+        head_dim=None if family in _DEEPSEEK else cfg.get("head_dim", _GEMMA_DEFAULTS[family]["head_dim"] if gemma else None),
         tie_word_embeddings=optional("tie_word_embeddings", gemma),
-        attention_bias=optional("attention_bias", model_type == "qwen2") or optional("bias", False),
+        attention_bias=(optional("qkv_bias", True) if family == "qwen2_moe"  # Qwen2MoeConfig.qkv_bias
+                        else optional("attention_bias", model_type == "qwen2") or optional("bias", False)),
         max_position_embeddings=optional("max_position_embeddings", 4096),
         rope_theta=optional("rope_theta", rope.get("rope_theta", 10000.0) if isinstance(rope, dict) else 10000.0),
         rms_norm_eps=optional("rms_norm_eps", 1e-6 if gemma else 1e-5),
         rope_scaling=rope_scaling,
-        qk_norm=family in ("qwen3", "gemma3"),
+        qk_norm=family in ("qwen3", "gemma3", "qwen3_moe"),
         fused_qkv=family == "phi3",
         fused_gate_up=family == "phi3",
     )
@@ -323,25 +343,106 @@ def model_from_hf_config(path: str | Path, name: str | None = None) -> ModelProf
             sliding_window=cfg.get("sliding_window", defaults["sliding_window"]),
             sliding_window_pattern=pattern,
         )
+    keys = _HF_KEYS
+    if family in MOE_FAMILIES:
+        try:
+            fields.update(_moe_fields(cfg, family, fields["num_layers"], need))
+        except ValueError as e:
+            raise ProfileError(f"{path}: '{model_type}' with {e} is not modelled by ltune") from None
+        keys = {**_HF_KEYS, **_MOE_HF_KEYS[family]}
     try:
         return ModelProfile(**fields)
     except ValidationError as e:
-        raise ProfileError(f"{path}: {_describe(e.errors()[0], fields)}") from None
+        raise ProfileError(f"{path}: {_describe(e.errors()[0], fields, keys)}") from None
+
+
+def _moe_fields(cfg: dict, family: str, layers, need) -> dict:
+    """A mixture-of-experts config.json's expert, router and latent-attention keys as ModelProfile fields.
+
+    mixtral (configuration_mixtral.py): every layer sparse, intermediate_size is an expert's width.
+    qwen2_moe / qwen3_moe (modeling_qwen2_moe.py `Qwen2MoeDecoderLayer`): layer i is sparse when i is
+    not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0. deepseek_v2 / v3
+    (modeling_deepseek_v3.py `DeepseekV3DecoderLayer`): the first first_k_dense_replace layers are dense.
+    A ValueError names what transformers would not build as the config says.
+    """
+    def get(key: str, default):
+        value = cfg.get(key)
+        return default if value is None else value
+
+    indices = range(layers) if isinstance(layers, int) and not isinstance(layers, bool) and layers > 0 else range(0)
+    if family == "mixtral":
+        return dict(num_experts=need("num_local_experts"), num_experts_per_tok=need("num_experts_per_tok"),
+                    moe_intermediate_size=need("intermediate_size"), norm_topk_prob=True,
+                    router_aux_loss_coef=get("router_aux_loss_coef", 0.001))
+    if family in ("qwen2_moe", "qwen3_moe"):
+        step, only = get("decoder_sparse_step", 1), get("mlp_only_layers", [])
+        if not isinstance(step, int) or isinstance(step, bool) or step < 1:
+            raise ValueError(f"'decoder_sparse_step' {step!r:.40} (a positive whole number)")
+        if not isinstance(only, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in only):
+            raise ValueError(f"'mlp_only_layers' {only!r:.60} (a list of layer indices)")
+        fields = dict(num_experts=need("num_experts"), num_experts_per_tok=need("num_experts_per_tok"),
+                      moe_intermediate_size=need("moe_intermediate_size"),
+                      dense_layers=tuple(sorted(set(only) | {i for i in indices if (i + 1) % step})),
+                      norm_topk_prob=get("norm_topk_prob", False),
+                      router_aux_loss_coef=get("router_aux_loss_coef", 0.001))
+        if family == "qwen2_moe":  # one shared expert behind a sigmoid gate (0: none)
+            shared = need("shared_expert_intermediate_size")
+            fields.update(num_shared_experts=1 if shared else 0, shared_expert_intermediate_size=shared or None)
+        return fields
+    defaults = _DEEPSEEK_DEFAULTS[family]
+    if get("moe_layer_freq", 1) != 1:
+        raise ValueError(f"'moe_layer_freq' {cfg['moe_layer_freq']!r:.40} (transformers builds every layer "
+                         "after first_k_dense_replace sparse: 1)")
+    method = get("topk_method", defaults["topk_method"])
+    if method not in _DEEPSEEK_TOPK[family]:
+        raise ValueError(f"'topk_method' {method!r:.40} (transformers builds {', '.join(_DEEPSEEK_TOPK[family])})")
+    scoring = get("scoring_func", defaults["scoring_func"])
+    if scoring != defaults["scoring_func"]:
+        raise ValueError(f"'scoring_func' {scoring!r:.40} (transformers' {family} scores by "
+                         f"{defaults['scoring_func']})")
+    first_dense = get("first_k_dense_replace", defaults["first_k_dense_replace"])
+    if not isinstance(first_dense, int) or isinstance(first_dense, bool) or first_dense < 0:
+        raise ValueError(f"'first_k_dense_replace' {first_dense!r:.40} (a whole number)")
+    greedy = method == "greedy"  # greedy top-k ignores the expert groups
+    # q_lora_rank null (DeepSeek-V2-Lite): a plain q_proj; absent: transformers' default
+    q_lora = cfg["q_lora_rank"] if "q_lora_rank" in cfg else defaults["q_lora_rank"]
+    mla = {key: get(key, defaults[key]) for key in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")}
+    rope, nope = mla["qk_rope_head_dim"], mla["qk_nope_head_dim"]
+    both_ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (rope, nope))
+    return dict(num_experts=need("n_routed_experts"), num_experts_per_tok=need("num_experts_per_tok"),
+                head_dim=rope + nope if both_ints else None,  # an MLA query/key head: non-rotary + rotary parts
+                moe_intermediate_size=need("moe_intermediate_size"), num_shared_experts=get("n_shared_experts", 0),
+                dense_layers=tuple(i for i in indices if i < first_dense), router_scoring=scoring,
+                norm_topk_prob=get("norm_topk_prob", defaults["norm_topk_prob"]),
+                router_groups=1 if greedy else get("n_group", 1), router_topk_groups=1 if greedy else get("topk_group", 1),
+                routed_scaling_factor=get("routed_scaling_factor", defaults["routed_scaling_factor"]),
+                router_aux_loss_coef=get("aux_loss_alpha", 0.0), q_lora_rank=q_lora, **mla)
 
 
 #: ModelProfile's field names as config.json spells them
 _HF_KEYS = {"num_layers": "num_hidden_layers", "num_kv_heads": "num_key_value_heads"}
+_QWEN_MOE_KEYS = {"num_experts_per_tok": "num_experts_per_tok", "dense_layers": "mlp_only_layers"}
+_DEEPSEEK_KEYS = {"num_experts_per_tok": "num_experts_per_tok", "num_experts": "n_routed_experts",
+                  "num_shared_experts": "n_shared_experts", "dense_layers": "first_k_dense_replace",
+                  "router_topk_groups": "topk_group", "router_groups": "n_group",
+                  "router_aux_loss_coef": "aux_loss_alpha"}
+_MOE_HF_KEYS = {
+    "mixtral": {"num_experts_per_tok": "num_experts_per_tok", "num_experts": "num_local_experts",
+                "moe_intermediate_size": "intermediate_size"},
+    "qwen2_moe": _QWEN_MOE_KEYS, "qwen3_moe": _QWEN_MOE_KEYS, "deepseek_v2": _DEEPSEEK_KEYS,
+    "deepseek_v3": _DEEPSEEK_KEYS,
+}
 
 
-def _describe(err: dict, fields: dict) -> str:
+def _describe(err: dict, fields: dict, keys: dict = _HF_KEYS) -> str:
     """One pydantic error in config.json's own key names, with the value."""
     if not err["loc"]:  # a rule across fields (heads and sizes)
         msg = err["msg"].removeprefix("Value error, ")
-        for ours, theirs in _HF_KEYS.items():
-            msg = msg.replace(ours, theirs)
+        for ours, theirs in sorted(keys.items(), key=lambda kv: -len(kv[0])):
+            msg = re.sub(rf"\b{ours}\b", theirs, msg)
         return msg
     key = str(err["loc"][0])
-    return f"bad value for '{_HF_KEYS.get(key, key)}': {err['msg']} (got {fields.get(key)!r:.80})"
+    return f"bad value for '{keys.get(key, key)}': {err['msg']} (got {fields.get(key)!r:.80})"
 
 
 # ---------------------------------------------------------------- bare sizes ("20b")

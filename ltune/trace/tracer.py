@@ -21,6 +21,17 @@ Differences from a CUDA run, by construction, and how they are corrected:
   the byte; we apply the same 512 B rounding to the fake CPU storages (`_cuda_block_rounding`).
   The caching allocator's 2 MiB / 20 MiB segments (fragmentation), the CUDA context, cuBLAS
   workspaces and NCCL buffers are not tensors: the trace leaves them to the analytic reserve.
+- routing (mixture-of-experts models): fake tensors carry no values, so no token is routed anywhere.
+  The trainer pins transformers' "grouped_mm" experts (trainer/model.py EXPERTS_IMPLEMENTATION;
+  transformers/integrations/moe.py `grouped_mm_experts_forward`): every tensor it makes is sized by
+  S = tokens x top_k (sorted rows, one grouped matmul up and one down) and by nothing the routing
+  decides, so the traced bytes are those of any routing, balanced or all tokens on one expert
+  (bench/moe_routing_memory.py, real CPU tensors: 34.23 MiB both ways for one Mixtral block of 2048
+  tokens). transformers' "eager" experts loop over the experts hit and would differ (29.23 MiB with
+  every token on experts 0/1, 32.98 MiB spread): not what ltune runs.
+- multi-head latent attention: its value head is smaller than its q/k head; as transformers' flash
+  path does, v is padded to the q/k head size before the kernel and the output cropped
+  (`_value_head_padding`).
 - dtype: DeepSpeed casts the module to bf16/fp16 at `initialize`; we cast it on meta before
   materialising (buffers included, as `module.bfloat16()` does).
 - optimizer: DeepSpeed runs a fused Adam on fp32 master partitions; we run torch's fused AdamW on
@@ -126,9 +137,43 @@ def _flash_kernel():
     original = attention.varlen_attention
     attention.varlen_attention = kernel
     try:
-        yield
+        with _value_head_padding():
+            yield
     finally:
         attention.varlen_attention = original
+
+
+@contextlib.contextmanager
+def _value_head_padding():
+    """Multi-head latent attention (deepseek_v2/v3): a value head smaller than the query/key head.
+    flash-attn 2 takes one head size for q, k and v (flash_api.cpp `mha_varlen_fwd`,
+    CHECK_SHAPE(v, total_k, num_heads_k, head_size)); transformers' own flash path
+    (integrations/flash_attention.py `flash_attention_forward`) pads v with zeros up to the q/k head
+    size (`F.pad`, a new (T, H, D) tensor that the kernel saves) and crops the output to the value
+    head size afterwards (a view of the kernel's (T, H, D) output, copied by the attention's
+    `reshape` before o_proj). Under the trace ltune's attention function is wrapped to do the same
+    before the trainer's glue runs; with equal head sizes it is the trainer's function untouched."""
+    import torch.nn.functional as F
+    from transformers import AttentionInterface
+
+    from ..trainer import attention
+
+    inner = attention.hf_varlen_attention
+
+    def padded(module, query, key, value, attention_mask, *args, **kwargs):
+        head_dim, v_head_dim = query.shape[-1], value.shape[-1]
+        if v_head_dim == head_dim:
+            return inner(module, query, key, value, attention_mask, *args, **kwargs)
+        # as transformers: pad the (batch, seq, heads, dv) value, crop the (batch, seq, heads, d) output
+        value = F.pad(value.transpose(1, 2), [0, head_dim - v_head_dim]).transpose(1, 2)
+        out, weights = inner(module, query, key, value, attention_mask, *args, **kwargs)
+        return out[..., :v_head_dim], weights
+
+    AttentionInterface.register(attention.ATTN_IMPLEMENTATION, padded)
+    try:
+        yield
+    finally:
+        AttentionInterface.register(attention.ATTN_IMPLEMENTATION, inner)
 
 
 @contextlib.contextmanager

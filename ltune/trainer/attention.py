@@ -227,11 +227,12 @@ def varlen_attention(
 ) -> torch.Tensor:
     """Attention within documents of a packed batch.
 
-    q: (total_tokens, heads, head_dim); k, v: (total_tokens, kv_heads, head_dim) with
-    kv_heads dividing heads (GQA). cu_seqlens: int32 (num_docs + 1) boundaries.
+    q: (total_tokens, heads, head_dim); k: (total_tokens, kv_heads, head_dim), v: (total_tokens,
+    kv_heads, value_dim) with kv_heads dividing heads (GQA) and value_dim at most head_dim (MLA's
+    v_head_dim; otherwise head_dim). cu_seqlens: int32 (num_docs + 1) boundaries.
     sliding_window w: a query sees its own and the w - 1 previous keys of its document;
     softcap c: scores capped to c * tanh(scores / c) before the softmax.
-    Returns (total_tokens, heads, head_dim).
+    Returns (total_tokens, heads, value_dim).
     """
     global _warned_softcap
     if q.shape[1] % k.shape[1]:
@@ -241,6 +242,15 @@ def varlen_attention(
     if softcap is not None and softcap <= 0:
         raise ValueError(f"softcap ({softcap}) must be positive")
     backend = resolve_backend(q.device, q.dtype)
+    value_dim = v.shape[-1]
+    if value_dim != q.shape[-1] and backend in ("flash_attn", "torch_varlen"):
+        # one head size for q, k and v in these kernels: v zero-padded to q/k's, the output cut
+        # back (what transformers does for flash_attention_2, modeling_deepseek_v2.py); SDPA and
+        # the explicit per-document paths take v's own size
+        if value_dim > q.shape[-1]:
+            raise ValueError(f"value head size ({value_dim}) above the query/key head size ({q.shape[-1]})")
+        v = F.pad(v, [0, q.shape[-1] - value_dim])
+        return varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, scale, sliding_window, softcap)[..., :value_dim]
     if backend == "flash_attn":
         return _flash_attn(q, k, v, cu_seqlens, max_seqlen, causal, scale, sliding_window, softcap)
     if softcap is not None:  # neither PyTorch's varlen kernel nor SDPA soft-caps
@@ -278,13 +288,14 @@ def hf_varlen_attention(
         if position_ids is None:
             position_ids = torch.arange(seq, device=query.device).expand(batch, seq)
         cu_seqlens, max_seqlen = cu_seqlens_from_position_ids(position_ids)
+    value_dim = value.shape[-1]  # MLA (deepseek_v2/v3): v_head_dim, not q/k's nope + rope
     q = query.transpose(1, 2).reshape(batch * seq, heads, dim)
     k = key.transpose(1, 2).reshape(batch * seq, key.shape[1], dim)
-    v = value.transpose(1, 2).reshape(batch * seq, value.shape[1], dim)
+    v = value.transpose(1, 2).reshape(batch * seq, value.shape[1], value_dim)
     out = varlen_attention(
         q, k, v, cu_seqlens, int(max_seqlen), causal=True, scale=scaling, sliding_window=sliding_window, softcap=softcap
     )
-    return out.view(batch, seq, heads, dim), None
+    return out.view(batch, seq, heads, value_dim), None
 
 
 def register_with_transformers() -> str:

@@ -12,7 +12,10 @@ count G. Each micro batch backpropagates loss_sum x W x A / G, where W is what D
 divides the all-rank gradient sum by (the world size without sp;
 ``sequence_parallel.deepspeed_grad_divisor`` with it) and A the gradient accumulation
 steps DeepSpeed divides by, so the applied gradient is exactly
-d(sum of all token losses)/dθ / G.
+d(sum of all token losses)/dθ / G. Mixture-of-experts models: each micro batch's loss_sum also
+holds router_aux_loss_coef x its target tokens x its load-balancing loss (``model.TrainModel``),
+so the aux loss is averaged over micro batches and ranks like the LM loss; the logged ``loss`` is
+the LM loss alone, ``aux_loss`` and the router statistics beside it (``metrics.RouterTotals``).
 
 Sequence parallelism (Ulysses, sp_degree > 1, ``sequence_parallel.py``): sp groups are
 contiguous ranks that read the same packed sequence (dp_rank = rank // sp_degree); each
@@ -50,8 +53,8 @@ from .packing import PackedDataset, collate, shard_indices
 from .errors import TrainerInputError
 from .loss import shift_labels
 from .metrics import (
-    PROGRESS_ENV, MetricsWriter, flops_per_token, peak_flops_per_gpu, peak_memory, predicted, progress_mode,
-    progress_status, step_throughput, truncate_metrics,
+    PROGRESS_ENV, MetricsWriter, RouterTotals, flops_per_token, peak_flops_per_gpu, peak_memory, predicted,
+    progress_mode, progress_status, step_throughput, truncate_metrics,
 )
 from .model import build_model
 
@@ -328,12 +331,22 @@ class Trainer:
         global_tokens = max(1, int(self._all_reduce(float(local_tokens))))
         scale = self.grad_divisor * len(batches) / global_tokens
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        router = RouterTotals(self.device) if self.plan.model.architecture.is_moe else None
         for b in batches:
-            micro_loss_sum, _ = self.engine(b["input_ids"], b["position_ids"], b["labels"], b["cu_seqlens"], b["max_seqlen"])
+            micro_loss_sum, micro_tokens = self.engine(
+                b["input_ids"], b["position_ids"], b["labels"], b["cu_seqlens"], b["max_seqlen"]
+            )
             self.engine.backward(micro_loss_sum * scale)
             self.engine.step()
-            loss_sum += micro_loss_sum.detach().float()
-        loss = self._all_reduce(loss_sum.item()) / global_tokens
+            if router is None:
+                loss_sum += micro_loss_sum.detach().float()
+            else:  # the loss sum less the aux term (TrainModel), and the routing of the micro batch
+                loss_sum += router.add(self.engine.module.router_stats, micro_tokens)
+        if router is None:
+            loss = self._all_reduce(loss_sum.item()) / global_tokens
+            moe_record = {}
+        else:
+            loss, moe_record = router.reduce(loss_sum, global_tokens)
         self._sync()
         step_time_s = time.perf_counter() - start
         self.step += 1
@@ -353,6 +366,7 @@ class Trainer:
             "step_time_s": step_time_s,
             "loss_tokens": global_tokens,
             "step_applied": bool(self.engine.was_step_applied()),
+            **moe_record,
         }
 
     def log_step(self, record: dict) -> None:
@@ -431,6 +445,8 @@ class Trainer:
         parts = [f"step {r['step']}/{self.total_steps}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.3g}"]
         if r["grad_norm"] is not None:
             parts.append(f"grad_norm {r['grad_norm']:.3f}")
+        if "aux_loss" in r:
+            parts.append(f"aux {r['aux_loss']:.4f}")
         parts.append(f"tokens/s/gpu {r['tokens_per_s_per_gpu']:.0f}")
         if r["mfu"] is not None:
             parts.append(f"mfu {100 * r['mfu']:.1f}%")

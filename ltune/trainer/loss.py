@@ -60,3 +60,45 @@ def causal_lm_loss(
     else:
         raise ValueError(f"loss mode {mode!r} is not 'full' or 'chunked'")
     return loss_sum, num_tokens
+
+
+def load_balancing_loss(
+    router_logits: list[torch.Tensor], expert_index: list[torch.Tensor], mask: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Switch Transformer load-balancing loss, fp32 (layers, experts) counts of the tokens routed
+    to each expert) over the tokens where ``mask`` is True.
+
+    The loss of transformers' ``load_balancing_loss_func`` (modeling_mixtral.py; Fedus et al. 2021,
+    arXiv 2101.03961, eqs. 4-6) with an attention mask: E x sum_e f_e P_e, f_e the top-k
+    assignments to expert e and P_e the summed softmax probability of e, both summed over layers
+    and divided by (layers x masked tokens). f comes from the experts each router chose
+    (``expert_index``, (tokens, k) per layer), which for softmax top-k routers (mixtral, qwen2_moe,
+    qwen3_moe) is the top-k transformers takes again from the logits; the softmax is in fp32
+    (transformers takes it in the logits' dtype). DeepSeek-V2/V3 (transformers computes no aux loss
+    for them): the same loss, P from the softmax of their router logits (V3 routes by sigmoid plus
+    a correction bias; f counts the experts it really chose). With no masked token the loss is 0.
+
+    How the trainer combines it (``TrainModel``): ``mask`` is the micro batch's target tokens
+    (labels != -100, so padding and each document's last token are out, as for the LM loss),
+    across all documents of the packed rows (routing is per token: packing does not matter); under
+    sequence parallelism each rank's shard of the sequence; the term coef x num_tokens x loss is
+    added to the micro batch's loss sum, so after the division by the global batch's target tokens
+    the aux loss is averaged over micro batches (gradient accumulation) and ranks (dp and sp)
+    weighted by their tokens, like the LM loss. Traceable on fake tensors (no host sync).
+    """
+    weights = mask.reshape(-1).to(torch.float32)
+    num_layers = len(router_logits)
+    device = weights.device
+    counts = []
+    prob_sum = torch.zeros(num_experts, dtype=torch.float32, device=device)
+    for logits, index in zip(router_logits, expert_index):
+        top_k = index.shape[-1]
+        probs = torch.softmax(logits.reshape(-1, num_experts).to(torch.float32), dim=-1)
+        prob_sum = prob_sum + (probs * weights.unsqueeze(1)).sum(dim=0)
+        layer_counts = torch.zeros(num_experts, dtype=torch.float32, device=device)
+        counts.append(layer_counts.scatter_add(0, index.reshape(-1).long(), weights.repeat_interleave(top_k)))
+    expert_tokens = torch.stack(counts) if counts else torch.zeros(0, num_experts, device=device)
+    rows = (weights.sum() * num_layers).clamp_min(1.0)
+    tokens_per_expert = expert_tokens.sum(dim=0) / rows
+    prob_per_expert = prob_sum / rows
+    return num_experts * (tokens_per_expert * prob_per_expert).sum(), expert_tokens.detach()

@@ -80,6 +80,54 @@ def predicted(plan: Plan) -> dict:
     }
 
 
+class RouterTotals:
+    """A step's routing (mixture-of-experts models), summed over its micro batches on this rank,
+    then over ranks in one all-reduce (``reduce``).
+
+    Logged per step (metrics.jsonl): ``aux_loss``, the load-balancing loss averaged as the
+    objective averages it (over micro batches and ranks, weighted by their target tokens:
+    ``model.TrainModel``; not multiplied by router_aux_loss_coef);
+    ``expert_tokens``, the target tokens routed to each expert, summed over MoE layers, micro
+    batches and ranks (a token counts once per expert of its top-k); ``expert_share_min`` and
+    ``expert_share_max``, per MoE layer, the smallest and largest share of that layer's
+    assignments an expert got (1 / experts when balanced; 0: an expert no token chose).
+    All from the routers' logits and top-k choices the forward made; one all-reduce of
+    2 + layers x experts numbers per step.
+    """
+
+    def __init__(self, device):
+        self.device = device
+        self.aux_sum = torch.zeros((), dtype=torch.float32, device=device)  # sum of aux x target tokens
+        self.expert_tokens: torch.Tensor | None = None  # (moe layers, experts)
+
+    def add(self, stats, num_tokens) -> torch.Tensor:
+        """Add one micro batch's ``model.RouterStats``; returns its LM loss sum (fp32)."""
+        self.aux_sum = self.aux_sum + stats.aux_loss.float() * num_tokens
+        counts = stats.expert_tokens.float()
+        self.expert_tokens = counts if self.expert_tokens is None else self.expert_tokens + counts
+        return stats.lm_loss_sum
+
+    def reduce(self, loss_sum: torch.Tensor, global_tokens: int) -> tuple[float, dict]:
+        """(the step's mean LM loss, the router record) from one all-reduce over all ranks."""
+        import torch.distributed as dist
+
+        counts = self.expert_tokens
+        packed = torch.cat([loss_sum.reshape(1).double(), self.aux_sum.reshape(1).double(),
+                            counts.reshape(-1).double()])
+        if dist.is_initialized():
+            dist.all_reduce(packed)
+        layers, experts = counts.shape
+        totals = packed[2:].reshape(layers, experts)
+        shares = totals / totals.sum(dim=1, keepdim=True).clamp_min(1.0)
+        record = {
+            "aux_loss": float(packed[1]) / global_tokens,
+            "expert_tokens": [int(round(v)) for v in totals.sum(dim=0).tolist()],
+            "expert_share_min": [round(v, 4) for v in shares.min(dim=1).values.tolist()],
+            "expert_share_max": [round(v, 4) for v in shares.max(dim=1).values.tolist()],
+        }
+        return float(packed[0]) / global_tokens, record
+
+
 #: set by `ltune launch` in the job's environment: "tty" when its output is a terminal
 PROGRESS_ENV = "LTUNE_PROGRESS"
 PROGRESS_MODES = ("tty", "plain")

@@ -20,16 +20,18 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..job.constants import IGNORE_INDEX
 from ..planner.schema import Plan
 from . import attention
 from .errors import TrainerInputError
 from .lora import apply_adapters, quantize_linears
-from .loss import causal_lm_loss
+from .loss import causal_lm_loss, load_balancing_loss
 
 
 
@@ -46,19 +48,87 @@ class LossHead(nn.Linear):
         return causal_lm_loss(hidden_states, self.weight, labels, self.mode, self.chunk_tokens, self.softcap)
 
 
-class TrainModel(nn.Module):
-    """forward(input_ids, position_ids, labels[, cu_seqlens, max_seqlen]) -> (loss_sum, num_tokens)."""
+class RouterStats(NamedTuple):
+    """One micro batch's routing on this rank (mixture-of-experts models), detached."""
 
-    def __init__(self, lm: nn.Module):
+    lm_loss_sum: torch.Tensor  # fp32 sum of the token losses (the returned loss_sum less the aux term)
+    aux_loss: torch.Tensor  # fp32 load-balancing loss of the micro batch (loss.load_balancing_loss)
+    expert_tokens: torch.Tensor  # fp32 (moe layers, experts): target tokens routed to each expert
+
+
+class TrainModel(nn.Module):
+    """forward(input_ids, position_ids, labels[, cu_seqlens, max_seqlen]) -> (loss_sum, num_tokens).
+
+    Mixture-of-experts models (``moe_blocks`` given): forward hooks on each sparse block's router
+    record its logits and the top-k experts it chose, during this forward only (not during the
+    recompute of a checkpointed layer in backward). loss_sum is then the objective
+    ``sum of token losses + router_aux_loss_coef x num_tokens x aux`` (aux: ``loss.load_balancing_loss``
+    over this micro batch's target tokens; coefficient 0 adds nothing), so that the trainer's
+    division by the global token count averages the aux loss over micro batches and ranks as it
+    averages the LM loss (weighted by their tokens); ``router_stats`` keeps the parts for the log.
+    """
+
+    def __init__(self, lm: nn.Module, moe_blocks: list[nn.Module] | None = None, num_experts: int = 0,
+                 aux_loss_coef: float = 0.0):
         super().__init__()
         self.lm = lm
+        self.aux_loss_coef = float(aux_loss_coef)
+        self.num_experts = num_experts if moe_blocks else 0
+        self.router_stats: RouterStats | None = None
+        self._records: list | None = None  # (router logits, top-k indices) of each MoE layer, while recording
+        if moe_blocks:
+            for block in moe_blocks:
+                block.gate.register_forward_hook(self._record_router)
+
+    def _record_router(self, module, args, output) -> None:
+        # every family's router returns (logits, top-k weights, top-k indices) (transformers 5.24
+        # MixtralTopKRouter, Qwen2Moe/Qwen3MoeTopKRouter, DeepseekV2/V3TopkRouter)
+        if self._records is not None:
+            self._records.append((output[0], output[2]))
 
     def forward(self, input_ids, position_ids, labels, cu_seqlens=None, max_seqlen=None):
         kwargs = {}
         if cu_seqlens is not None:
             kwargs = dict(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=max_seqlen, max_length_k=max_seqlen)
-        out = self.lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **kwargs)
-        return self.lm.lm_head(out.last_hidden_state, labels)
+        if not self.num_experts:
+            out = self.lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **kwargs)
+            return self.lm.lm_head(out.last_hidden_state, labels)
+        self._records = []
+        try:
+            out = self.lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **kwargs)
+            records, self._records = self._records, None
+        finally:
+            self._records = None
+        loss_sum, num_tokens = self.lm.lm_head(out.last_hidden_state, labels)
+        # without a coefficient the loss is only logged: no graph, so no layer's fp32 softmax is kept
+        with contextlib.nullcontext() if self.aux_loss_coef else torch.no_grad():
+            aux, expert_tokens = load_balancing_loss(
+                [r[0] for r in records], [r[1] for r in records], labels != IGNORE_INDEX, self.num_experts
+            )
+        self.router_stats = RouterStats(loss_sum.detach().float(), aux.detach(), expert_tokens)
+        if self.aux_loss_coef:
+            loss_sum = loss_sum + self.aux_loss_coef * num_tokens * aux
+        return loss_sum, num_tokens
+
+
+#: the sparse MoE block of each family, a ZeRO-3 leaf module (transformers 5.24 modeling_<family>.py)
+MOE_BLOCK_CLASSES = {
+    "mixtral": "MixtralSparseMoeBlock",
+    "qwen2_moe": "Qwen2MoeSparseMoeBlock",
+    "qwen3_moe": "Qwen3MoeSparseMoeBlock",
+    "deepseek_v2": "DeepseekV2Moe",
+    "deepseek_v3": "DeepseekV3MoE",
+}
+
+
+def moe_blocks(lm: nn.Module, family: str) -> list[nn.Module]:
+    """The model's sparse MoE blocks (one per MoE layer, in layer order); ValueError when a MoE
+    family's model holds none (a remote-code model of another class)."""
+    name = MOE_BLOCK_CLASSES[family]
+    blocks = [m for m in lm.modules() if type(m).__name__ == name]
+    if not blocks:
+        raise ValueError(f"model family {family!r}: the built model has no {name} (the sparse MoE block)")
+    return blocks
 
 
 #: transformers' experts implementation for MoE models (config._experts_implementation)
@@ -91,6 +161,10 @@ def hf_config(plan: Plan, attn_impl: str):
         # the experts as one grouped matmul over the tokens sorted by expert (transformers
         # integrations/moe.py grouped_mm_experts_forward): what the planner counts, whatever the routing
         config._experts_implementation = EXPERTS_IMPLEMENTATION
+        # TrainModel's hooks record the router logits and the experts chosen (transformers' own
+        # recorder, output_router_logits, keeps the logits only, and DeepSeek-V3's choice, sigmoid
+        # plus correction bias within groups, cannot be recomputed from them): not twice
+        config.output_router_logits = False
     return config
 
 
@@ -408,7 +482,23 @@ def build_model(plan: Plan, ds_config: dict | None = None) -> TrainModel:
     # own transformers forward; the one step of its CausalLM forward we replace is the head's
     head.softcap = getattr(lm.config.get_text_config(), "final_logit_softcapping", None)
     lm.train()
-    return TrainModel(lm)
+    arch = plan.model.architecture
+    if not arch.is_moe:
+        return TrainModel(lm)
+    blocks = moe_blocks(lm, arch.family)
+    if plan.layout.zero_stage == 3:
+        # ZeRO-3 gathers a module's parameters in its pre-forward hook. With experts as separate
+        # modules (transformers 4), a rank whose tokens skip an expert never calls it, and the
+        # ranks that do wait for it in the gather: a hang. transformers 5 stores the experts as
+        # one module of 3-D tensors (gate_up_proj E x 2F x h, down_proj E x h x F) that every
+        # rank calls whatever the routing, so that cannot happen here; the leaf setting still
+        # makes it impossible (no hooks below the block: router, experts and shared experts are
+        # gathered at once on entering it, and released on leaving) and saves ZeRO-3's
+        # module-order trace, which routing would vary (deepspeed.utils.set_z3_leaf_modules).
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(lm, [MOE_BLOCK_CLASSES[arch.family]])
+    return TrainModel(lm, blocks, arch.num_experts, arch.router_aux_loss_coef)
 
 
 def unwrap_state_dict(state_dict: dict) -> dict:

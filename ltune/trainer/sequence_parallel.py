@@ -35,7 +35,10 @@ checkpointing, the recomputed layer's working set, the logits or chunked-loss te
 is held for seq_len / sp_degree tokens per rank; inside attention each rank holds q, k, v and the
 output for the full sequence but num_heads / sp_degree heads (num_kv_heads / sp_degree, at least 1,
 for k and v), i.e. the same bytes as local tokens x all heads, plus the all-to-all buffers of one
-layer. Model states are unchanged (ZeRO shards them over all num_gpus ranks either way).
+layer. MLA (deepseek_v2/v3): k and v hold one head per query head, q/k heads of nope + rope and
+v heads of v_head_dim, each scattered with its own size (`_ulysses_own_head_sizes`). MoE blocks
+are per token: each rank routes its own shard's tokens (the router statistics and the
+load-balancing loss are over them, `loss.load_balancing_loss`). Model states are unchanged (ZeRO shards them over all num_gpus ranks either way).
 """
 
 from __future__ import annotations
@@ -148,12 +151,18 @@ def install_ulysses_attention(model, sp_group, micro_batch_size: int, hf_attenti
         from .attention import hf_varlen_attention as hf_attention
     cfg = model.config.get_text_config()
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    ulysses = UlyssesSPAttentionHF(
+    kv_heads, ulysses_class = cfg.num_key_value_heads, UlyssesSPAttentionHF
+    if getattr(cfg, "kv_lora_rank", None) is not None:
+        # MLA (deepseek_v2/v3): q/k heads of nope + rope, v heads of v_head_dim, and as many k/v
+        # heads as query heads (DeepseekV2Attention.expand_kv)
+        head_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        kv_heads, ulysses_class = cfg.num_attention_heads, _ulysses_own_head_sizes()
+    ulysses = ulysses_class(
         attn=hf_attention,
         batch_size=micro_batch_size,
         attn_head_count=cfg.num_attention_heads,
         attn_head_size=head_dim,
-        kv_head_count=cfg.num_key_value_heads,
+        kv_head_count=kv_heads,
         num_hidden_layers=cfg.num_hidden_layers,
         process_group=sp_group,
         seq_length_is_variable=True,
@@ -168,6 +177,68 @@ def install_ulysses_attention(model, sp_group, micro_batch_size: int, hf_attenti
     model.config._attn_implementation = key
     model._ltune_ulysses = ulysses  # keep it alive with the model
     return key
+
+
+def _ulysses_own_head_sizes():
+    """``UlyssesSPAttentionHF`` for q/k and v heads of different sizes (MLA), as a class.
+
+    DeepSpeed's exchange reshapes q, k and v with one ``attn_head_size`` and requires key and value
+    of one shape. This subclass scatters each tensor's heads with its own head size (the
+    all-to-alls and the layout are DeepSpeed's: ``_dim_zero_all_to_all`` over dim 0 of
+    [ws, sl_l, bs, hc_l, hs]) and gathers the output back with the value head size. Dense models
+    keep DeepSpeed's class.
+    """
+    import deepspeed.comm as dist
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+    from deepspeed.sequence.layer import _dim_zero_all_to_all
+    from einops import rearrange
+
+    class UlyssesOwnHeadSizes(UlyssesSPAttentionHF):
+        def _scatter_heads(self, x: Tensor, local_heads: int) -> Tensor:
+            """[sl_l bs hc hs] -> [sl bs hc_l hs], hs the tensor's own head size."""
+            x = x.reshape(self.local_seq_length, self.batch_size, self.world_size, local_heads, x.shape[-1])
+            x = rearrange(x, "sl_l bs ws hc_l hs -> ws sl_l bs hc_l hs").contiguous()
+            out = _dim_zero_all_to_all(self.process_group, x)
+            return out.reshape(self.global_seq_length, *out.shape[2:]).contiguous()
+
+        def _combine_local_sequences(self, query, key, value):
+            kv = []
+            for t in (key, value):
+                if self.kv_replication_factor > 1:
+                    t = t.repeat_interleave(self.kv_replication_factor, dim=2)
+                kv.append(self._scatter_heads(t, self.local_kv_head_count))
+            return self._scatter_heads(query, self.local_q_head_count), kv[0], kv[1]
+
+        def _partition_global_sequence(self, x: Tensor) -> Tensor:
+            """[sl bs em_l] -> [sl_l bs em], em_l = local heads x value head size."""
+            x = x.reshape(self.world_size, self.local_seq_length, self.batch_size, x.shape[-1]).contiguous()
+            out = rearrange(_dim_zero_all_to_all(self.process_group, x), "ws sl_l bs em_l -> sl_l bs ws em_l")
+            return out.reshape(*out.shape[:2], -1).contiguous()
+
+        def forward(self, module, query, key, value, attention_mask, *args, **kwargs):
+            # DeepSpeed's forward (seq_length_is_variable), less its one-head-size shape checks
+            self.local_seq_length = query.shape[2]
+            self.global_seq_length = self.local_seq_length * self.world_size
+            if query.shape[1] != self.attn_head_count or not key.shape[1] == value.shape[1] == self.global_kv_head_count:
+                raise ValueError(f"Ulysses: {query.shape[1]} query and {key.shape[1]}/{value.shape[1]} key/value "
+                                 f"heads, expected {self.attn_head_count} and {self.global_kv_head_count}")
+            if "position_ids" not in kwargs:
+                raise ValueError("Ulysses sequence parallelism needs position_ids in the forward")
+            query, key, value = (rearrange(t, "bs hc sl hs -> sl bs hc hs") for t in (query, key, value))
+            gathered = [torch.empty_like(kwargs["position_ids"]) for _ in range(self.world_size)]
+            dist.all_gather(gathered, kwargs["position_ids"], group=self.process_group)
+            kwargs["position_ids"] = torch.cat(gathered, dim=1)
+            layers = self._combine_local_sequences(query, key, value)
+            q, k, v = (rearrange(t, "sl bs hc_l hs -> bs hc_l sl hs").contiguous() for t in layers)
+            if self.kv_replication_factor > 1:
+                module.num_key_value_groups = q.size(-3) // k.size(-3)
+            context, weights = self.attn(module, q, k, v, attention_mask, *args, **kwargs)
+            context = rearrange(context, "bs sl ... -> sl bs ...")
+            output = self._partition_global_sequence(context.reshape([*context.shape[:2], -1]))
+            output = rearrange(output, "sl_l bs ... -> bs sl_l ...")
+            return output.reshape([*output.shape[:2], -1]), weights
+
+    return UlyssesOwnHeadSizes
 
 
 # ---------------------------------------------------------------- loss
