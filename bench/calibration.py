@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from ltune.planner import throughput as T
 from ltune.planner.calibration_data import FITTED_RUNS, HELD_OUT_RUNS, UNPROFILED_RUNS, PublishedRun
 from ltune.planner.shape import Shape
-from ltune.profiles import load_gpu, load_model
+from ltune.profiles import load_gpu
 
 NAMES = ("MATMUL_EFFICIENCY", "ZERO3_OVERLAP")
 FIT_BOUNDS = ((0.2, 1.0), (0.0, 1.0))
@@ -45,7 +45,7 @@ def constants(values: tuple[float, ...]):
 
 def predicted(run: PublishedRun) -> float:
     """The model's tokens/s/GPU for one published run."""
-    s = Shape.of(load_model(run.model), run.seq_len, doc_tokens=run.doc_tokens)
+    s = Shape.of(run.profile(), run.seq_len, doc_tokens=run.doc_tokens)
     th = T.estimate_throughput(s, run.layout, load_gpu(run.gpu), run.grad_accum, run.recomputed)
     return th.tokens_per_s_per_gpu
 
@@ -92,6 +92,18 @@ def fit(runs) -> tuple[float, ...]:
     return tuple(x)
 
 
+def leave_one_source_out(runs):
+    """Per independent source (PublishedRun.origin): the constants fitted on the other sources' runs,
+    and its own runs' errors with them, [(origin, constants, [(run, error)])]."""
+    out = []
+    for origin in dict.fromkeys(r.origin for r in runs):
+        values = fit([r for r in runs if r.origin != origin])
+        with constants(values):
+            errs = [(r, error(r)) for r in runs if r.origin == origin]
+        out.append((origin, values, errs))
+    return out
+
+
 def row(run: PublishedRun, err: float) -> str:
     pred = run.tokens_per_s_per_gpu * (1 + err)
     return f"  {run.label:44s} {pred:9,.0f} {run.tokens_per_s_per_gpu:9,.0f} {100 * err:+7.1f}%"
@@ -111,12 +123,8 @@ def main() -> None:
 
     print("\nleave-one-source-out: each source's runs predicted by a fit on the other sources")
     loso = []
-    for origin in dict.fromkeys(r.origin for r in FITTED_RUNS):
-        rest = [r for r in FITTED_RUNS if r.origin != origin]
-        values = fit(rest)
+    for origin, values, errs in leave_one_source_out(FITTED_RUNS):
         print(f" without {origin}: " + ", ".join(f"{n}={v:.3f}" for n, v in zip(NAMES, values)))
-        with constants(values):
-            errs = [(r, error(r)) for r in FITTED_RUNS if r.origin == origin]
         for r, e in errs:
             print(row(r, e))
         loso += [abs(e) for _, e in errs]

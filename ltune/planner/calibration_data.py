@@ -1,5 +1,6 @@
 """Published training throughput, with sources: the runs the step-time model's constants
-(throughput.MATMUL_EFFICIENCY, ZERO3_OVERLAP) are fitted on, runs on GPUs no profile describes, and
+(throughput.MATMUL_EFFICIENCY, ZERO3_OVERLAP) are fitted on (three independent sources: torchtitan,
+XTuner's 8k row, MosaicML llm-foundry's MPT benchmarks), runs on GPUs no profile describes, and
 XTuner's runs beyond 8k, held out of every fit as an independent check (bench/calibration.py prints all;
 tests/test_planner_throughput.py tests them). The only copy of these figures: every number below
 was read in its source, none is derived from another run."""
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..profiles import load_model
+from ..profiles.schema import ModelProfile
 from .schema import Layout
 
 
@@ -17,7 +20,7 @@ class PublishedRun:
 
     label: str
     origin: str  # the independent source (one team's benchmark): the unit left out of a fit
-    model: str  # model profile name
+    model: str | ModelProfile  # model profile name, or a stand-in built below (MPT)
     gpu: str  # GPU profile name
     seq_len: int
     layout: Layout
@@ -27,6 +30,10 @@ class PublishedRun:
     recomputed: float | None = None  # share of the forward recomputed, when not the layout's (selective AC)
     doc_tokens: int | None = None  # mean packed document under varlen attention; None: the whole sequence
     note: str = ""  # how the run differs from what ltune models
+
+    def profile(self) -> ModelProfile:
+        """The run's model: a named profile (load_model), or the stand-in the run carries."""
+        return self.model if isinstance(self.model, ModelProfile) else load_model(self.model)
 
 
 # ------------------------------------------------------------------------------------ torchtitan
@@ -127,9 +134,71 @@ _SWIFT = PublishedRun(
     "the same script's flash-attention 3 figure (32.4 s/it) is left out: ltune models FA2 only",
 )
 
+# -------------------------------------------------------------------------- MosaicML llm-foundry
+_MOSAIC = (
+    "mosaicml/llm-foundry scripts/train/benchmarking/README.md (commit c90b9b3), table 'A100 80GB with 1600 Gbps "
+    "node-node interconnect (RoCE)': MPT models trained with Composer, FSDP FULL_SHARD (ZeRO-3), C4 packed to "
+    "SeqLen, 8 A100 80GB per node, 1600 Gb/s per node (200 Gb/s per GPU, the a100-80g profile's NIC)"
+)
+#: MPT's shapes (llm-foundry scripts/train/yamls/pretrain/mpt-<size>.yaml): d_model, n_heads, n_layers;
+#: every MPT has expansion_ratio 4 and vocab_size 50368, and the README's NumParams column equals
+#: 12*L*d^2 + 50368*d + SeqLen*d (learned positions) + (13*L + 2)*d (biases and LayerNorms) for each
+_MPT_SHAPES = {"7b": (4096, 32, 32), "13b": (5120, 40, 40), "30b": (7168, 56, 48), "70b": (8192, 64, 80)}
+_MPT_NOTE = (
+    "MPT described as a llama stand-in of the same parameter count and FLOPs: MPT's MLP is a non-gated 4x GELU "
+    "(8*d^2 per layer), the stand-in's a gated one of width round(8d/3) (3*d*width, within 0.003%), multi-head "
+    "attention of the same heads, tied 50368-token embedding; MPT's biases, LayerNorms and learned positions "
+    "(SeqLen*d, a lookup: no matmul FLOPs) are left out (under 0.3% of the parameters at 8k). Composer's "
+    "DEFAULT mixed precision reduces gradients in fp32 ('PURE': in bf16), ltune counts bf16 traffic; the "
+    "table does not state the attention implementation (Triton or CUDA FlashAttention) nor the MFU's model"
+)
+
+
+def mpt_standin(size: str) -> ModelProfile:
+    """A llama-shaped stand-in for MPT-<size>: MPT's d_model, heads and layers (mpt-<size>.yaml), a gated MLP of
+    round(8d/3) (the parameters and FLOPs of MPT's 4d non-gated MLP), tied 50368-token embedding."""
+    d, heads, layers = _MPT_SHAPES[size]
+    return ModelProfile(
+        name=f"mpt-{size}-standin", family="llama", hidden_size=d, num_layers=layers, num_attention_heads=heads,
+        num_kv_heads=heads, intermediate_size=round(8 * d / 3), vocab_size=50368, tie_word_embeddings=True,
+        max_position_embeddings=65536,
+        source=f"llm-foundry scripts/train/yamls/pretrain/mpt-{size}.yaml shapes, as a llama stand-in: {_MPT_NOTE}",
+    )
+
+
+def _mosaic(size: str, seq_len: int, gpus: int, mb: int, accum: int, ckpt: bool, tps: float, mp: str) -> PublishedRun:
+    """One row of llm-foundry's A100 80GB table: MicroBatchSize, GradAccum, Activation Checkpointing (Composer's
+    FSDP checkpointing of every MPT block: full recompute), Throughput (T/s/GPU) as published."""
+    return PublishedRun(
+        f"MosaicML MPT-{size} {seq_len // 1024}k {gpus}xA100 {'AC' if ckpt else 'no AC'}", "mosaicml",
+        mpt_standin(size), "a100-80g", seq_len,
+        Layout(num_gpus=gpus, zero_stage=3, recompute="full" if ckpt else "none", micro_batch_size=mb), tps,
+        source=f"{_MOSAIC}; row {size}, SeqLen {seq_len}, {gpus} GPUs, MicroBatchSize {mb}, GradAccum {accum}, "
+        f"{mp}, Activation Checkpointing {ckpt}: {tps:g} T/s/GPU",
+        grad_accum=accum, note=_MPT_NOTE,
+    )
+
+
+#: every row of the A100 80GB table for the sizes ltune plans (7B and up: the smaller MPTs' norms,
+#: activations and optimizer step, which no term counts, weigh more) at SeqLen 2048-8192 (the other
+#: sources' range; longer rows depend on the unstated attention implementation)
+_MOSAICML = (
+    _mosaic("70b", 2048, 64, 8, 4, True, 410, "bf16 PURE"),
+    _mosaic("70b", 2048, 32, 2, 16, True, 373, "bf16 PURE"),
+    _mosaic("30b", 8192, 8, 1, 21, True, 574, "amp_bf16 DEFAULT"),
+    _mosaic("30b", 4096, 8, 1, 21, True, 814, "amp_bf16 DEFAULT"),
+    _mosaic("30b", 2048, 8, 3, 21, True, 916, "amp_bf16 DEFAULT"),
+    _mosaic("13b", 8192, 8, 5, 3, True, 1795, "amp_bf16 DEFAULT"),
+    _mosaic("13b", 4096, 8, 10, 3, True, 2060, "amp_bf16 DEFAULT"),
+    _mosaic("13b", 2048, 8, 2, 3, False, 2262, "amp_bf16 DEFAULT"),
+    _mosaic("7b", 8192, 8, 8, 2, True, 3206, "amp_bf16 DEFAULT"),
+    _mosaic("7b", 4096, 8, 16, 2, True, 3684, "amp_bf16 DEFAULT"),
+    _mosaic("7b", 2048, 8, 6, 2, False, 4641, "amp_bf16 DEFAULT"),
+)
+
 #: the runs the fitted constants (MATMUL_EFFICIENCY, ZERO3_OVERLAP) are fitted on: runs on GPUs
 #: whose profile describes them (A100-SXM4-80GB: measured MAMF, published FlashAttention-2 rate)
-FITTED_RUNS = (*(r for r in _TORCHTITAN if r.gpu == "a100-80g"), _XTUNER_8K)
+FITTED_RUNS = (*(r for r in _TORCHTITAN if r.gpu == "a100-80g"), _XTUNER_8K, *_MOSAICML)
 
 #: published runs on GPUs no profile describes, printed and tested for what they can test but in
 #: no fit: torchtitan's H100s are 96GB HBM2e parts capped at 500 W (their matmul rate is unpublished;
