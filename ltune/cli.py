@@ -279,9 +279,11 @@ def _print_plan(req, result, model_name: str, longest=None) -> None:
     if result.runners_up:
         console.print(runners_up_table(result.runners_up))
     conv = result.conventional
-    recipe = "\n[bold]conventional (ZeRO-3, no sp, no offload, full recompute, full loss, micro-batch 1):[/]"
+    from .planner.search import conventional_zero_stage, gpu_counts
+
+    recipe = (f"\n[bold]conventional (ZeRO-{conventional_zero_stage(req)}, no sp, no offload, full recompute, "
+              "full loss, micro-batch 1):[/]")
     if conv is None:
-        from .planner.search import gpu_counts
 
         counts = gpu_counts(req.pins)
         where = f"{counts[0]:,} to {counts[-1]:,} GPUs" if len(counts) > 1 else f"{counts[0]:,} GPU{'s' if counts[0] > 1 else ''}"
@@ -752,7 +754,8 @@ def launch(
         plan_obj = load_plan(plan_file)
         from .job.methods import refuse_unrunnable_method  # qlora without CUDA: refused before anything starts
 
-        refuse_unrunnable_method(plan_obj, local=launcher != "slurm" and hostfile is None)
+        # a dry run starts nothing here: only what no machine could run is refused (the cpu target)
+        refuse_unrunnable_method(plan_obj, local=launcher != "slurm" and hostfile is None and not dry_run)
         options = LaunchOptions(
             launcher=launcher, hostfile=str(hostfile) if hostfile else None, nnodes=nnodes, node_rank=node_rank,
             master_addr=master_addr, master_port=master_port, run_dir=str(run_dir) if run_dir else None,

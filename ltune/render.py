@@ -171,7 +171,10 @@ def method_line(model, method, precision: str) -> str:
     if not method.adapters:
         return f"method: full fine-tuning, every parameter trains ({total:,})"
     targets = lora.target_modules(model, method)
-    which = "every linear layer" if method.lora_targets is None else "of its linear layers"
+    if method.lora_targets is not None:
+        which = "of its linear layers"
+    else:  # a MoE model's experts are 3-D tensors, not linear layers
+        which = "every attention linear layer; the experts take none" if model.is_moe else "every linear layer"
     trainable = lora.trainable_params(model, method)
     name = "LoRA" if method.kind == "lora" else "QLoRA"
     line = (f"method: {name} rank {method.lora_rank}, alpha {method.lora_alpha:g}"
@@ -181,8 +184,8 @@ def method_line(model, method, precision: str) -> str:
         return f"{line}; base weights frozen in {precision}"
     scheme = f"{method.quant_type}{', double quant' if method.double_quant else ''}"
     return (f"{line}; base linear weights frozen in 4 bits ({scheme}): {gib(lora.quantized_bytes(model, method))} GiB "
-            f"for {lora.quantized_params(model, method) / 1e9:.2f}B weights; embedding, norms and output head in "
-            f"{precision}")
+            f"for {lora.quantized_params(model, method) / 1e9:.2f}B weights; embedding, norms, "
+            f"{'experts, ' if model.is_moe else ''}output head in {precision}")
 
 
 def method_json(model, method) -> dict:

@@ -147,3 +147,17 @@ def test_trace_passes_the_method(stub_trace, tmp_path, monkeypatch):
     assert runner.invoke(app, ["plan", "-m", "qwen2.5-0.5b", "--ctx", "4k", "--method", "qlora", "-o", "p.yaml"]).exit_code == 0
     assert "traced method=qlora plan=qlora" in _error(["trace", "--plan", "p.yaml"])
     assert "--method" in _error(["trace", "--plan", "p.yaml", "--method", "lora"])
+
+
+def test_conventional_recipe_for_qlora_is_one_qlora_runs():
+    """The conventional line must name a layout the plan could use: QLoRA runs at ZeRO 0-2, so its
+    conventional recipe is ZeRO-2 (a ZeRO-3 one would be refused by plan -o, check and launch)."""
+    from ltune.planner.schema import Method
+    from ltune.planner.search import Request, search
+    from ltune.profiles import load_gpu, load_model
+
+    req = Request(model=load_model("llama3.2-1b"), gpu=load_gpu("a100-80g"), seq_len=8192, method=Method(kind="qlora"))
+    conv = search(req).conventional
+    assert conv is not None and conv.layout.zero_stage == 2
+    full = search(req.model_copy(update={"method": Method()})).conventional
+    assert full is not None and full.layout.zero_stage == 3

@@ -122,6 +122,33 @@ def test_merged_weight_is_peft_merge():
     assert not torch.allclose(w, layer.base_layer.weight, atol=1e-3)
 
 
+def test_merged_export_dequantizes_4bit_layers_without_an_adapter(monkeypatch):
+    """QLoRA stores every decoder linear layer in 4 bits, adapted or not: the merged export writes
+    each one dequantized at its (out, in) shape, never the packed bytes. bitsandbytes is CUDA-only,
+    so a stand-in: k_proj's weight is a packed uint8 tensor with a quant_state, and dequantization
+    gives a known tensor."""
+    from transformers import AutoModelForCausalLM
+
+    from ltune.trainer import lora
+    from ltune.trainer.export import Computed, merged_tensors
+    from ltune.trainer.model import hf_config
+
+    plan = _plan(_plan_dict(None, {"kind": "lora", "lora_rank": 4, "lora_targets": ["q_proj"]}))
+    lm = AutoModelForCausalLM.from_config(hf_config(plan, "eager"))
+    k_proj = lm.model.layers[0].self_attn.k_proj
+    packed = torch.nn.Parameter(torch.zeros(k_proj.weight.numel() // 2, 1, dtype=torch.uint8), requires_grad=False)
+    packed.quant_state = object()
+    k_proj.weight, k_proj.compute_dtype = packed, torch.bfloat16
+    known = torch.full((k_proj.out_features, k_proj.in_features), 0.5)
+    monkeypatch.setattr(lora, "dequantized", lambda w: known if getattr(w, "quant_state", None) else w)
+    lora.apply_adapters(lm, plan)
+    out = dict(merged_tensors(lm, plan))
+    written = out["model.layers.0.self_attn.k_proj.weight"]
+    assert isinstance(written, Computed) and tuple(written.shape) == tuple(known.shape)
+    assert written.dtype == torch.bfloat16
+    assert torch.equal(written.fn(*written.sources), known.to(torch.bfloat16))
+
+
 def test_qlora_refusal_reasons():
     from ltune.job.methods import unrunnable_reason
 
@@ -153,6 +180,22 @@ def test_launch_refuses_qlora_without_cuda(tmp_path, gpu, reason):
     assert len(lines) == 1 and reason in lines[0], result.stderr
     assert "Traceback" not in result.stdout + result.stderr
     assert not run_dir.exists()  # nothing written, nothing started
+
+
+def test_dry_run_of_a_qlora_plan_works_without_cuda(tmp_path):
+    """--dry-run on a login or CI machine without CUDA shows the GPU job's command (exit 0); a
+    qlora plan for the cpu target is still refused, dry or not."""
+    plan = _plan_dict(None, {"kind": "qlora"}, layout={"zero_stage": 2})
+    plan["hardware"]["gpu"] = "a100-80g"
+    plan_file = write_plan(tmp_path / "plan.yaml", plan)
+    argv = [*launch_argv(plan_file, tmp_path / "run"), "--dry-run"]
+    result = subprocess.run(argv, env=env(tmp_path / "cache"), cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, _tail(result)
+    plan["hardware"]["gpu"] = "cpu"
+    cpu_file = write_plan(tmp_path / "cpu.yaml", plan)
+    argv = [*launch_argv(cpu_file, tmp_path / "run2"), "--dry-run"]
+    result = subprocess.run(argv, env=env(tmp_path / "cache"), cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "cpu target" in result.stderr, _tail(result)
 
 
 # ---------------------------------------------------------------- runs

@@ -145,3 +145,20 @@ def test_loss_moment_with_and_without_the_load_balancing_loss(aux_traces, coef):
     analytic = sum(phase_terms(s, FULL, load_gpu("h100-80g"), "loss")[k] for k in ACT)
     traced = _traced_activations(aux_traces[coef], "loss")
     assert analytic == pytest.approx(traced, rel=0.01)
+
+
+def test_zero3_gathers_a_whole_moe_block():
+    """Under ZeRO-3 the trainer makes each sparse MoE block a DeepSpeed leaf module, fetched whole
+    (router and every expert at once), and its whole gradient waits for the reduce-scatter:
+    Mixtral-8x7B's block by hand from its config.json (8 experts x 3 x 4096 x 14336 + the 8 x 4096
+    router = 1,409,318,912 elements), bf16, beside the 500M-element reduce bucket. Nothing is
+    prefetched beside it: the block alone exceeds stage3_max_live_parameters (1e9), which bounds
+    the prefetch (partitioned_param_coordinator.py), not one module's fetch."""
+    from ltune.planner.memory import zero_buffers_bytes
+    from ltune.profiles import load_model
+
+    block = 8 * 3 * 4096 * 14336 + 8 * 4096
+    assert block == 1_409_318_912
+    s = Shape.of(load_model("mixtral-8x7b"), 8192, "bf16")
+    lay = Layout(num_gpus=8, zero_stage=3)
+    assert zero_buffers_bytes(s, lay, "backward") == 2 * (500_000_000 + block + block)

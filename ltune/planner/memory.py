@@ -118,11 +118,26 @@ def zero_buffers_bytes(s: Shape, lay: Layout, phase: str) -> int:
     if phase == "step" or lay.num_gpus == 1 and lay.offload != "all":
         return ipg  # one rank holds whole parameters: nothing to gather
     layer = s.layer_params + (s.trainable_params // s.num_layers if s.adapters else 0)
+    if s.is_moe:
+        return ipg + d * moe_zero3_gather_params(s, p, layer)
     gathered = min(
         STAGE3_MAX_LIVE_PARAMETERS,
         p.largest_leaf_params + min(STAGE3_PREFETCH_BUCKET_SIZE, layer),
     )
     return ipg + d * (gathered + p.largest_trainable_params)
+
+
+def moe_zero3_gather_params(s: Shape, p: ParamPartition, layer_params: int) -> int:
+    """A MoE model's ZeRO-3 gathers, in elements: the trainer makes each sparse MoE block a leaf
+    module (deepspeed.utils.set_z3_leaf_modules; trainer/model.py), whose parameters -- router,
+    routed and shared experts -- are fetched at once however many that is (stage3_max_live_parameters
+    bounds the prefetch, not one module's fetch: partitioned_param_coordinator.py `fetch_sub_module`),
+    beside the prefetched next module; and the block's whole gradient before its reduce-scatter
+    (its trainable part: none under adapters, which take attention layers only)."""
+    block = max(p.largest_leaf_params, s.moe_block_params)
+    gathered = max(block, min(STAGE3_MAX_LIVE_PARAMETERS, block + min(STAGE3_PREFETCH_BUCKET_SIZE, layer_params)))
+    gradient = p.largest_trainable_params if s.adapters else block
+    return gathered + gradient
 
 
 def allreduce_bucket_bytes(s: Shape, lay: Layout) -> int:

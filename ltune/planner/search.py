@@ -545,14 +545,20 @@ def _closest(req: Request, sf: Shortfall, s: Shape) -> Closest:
     return Closest(shortfall=sf, evaluation=ev, remedies=remedies(req, ev, s))
 
 
+def conventional_zero_stage(req: Request) -> int:
+    """The conventional recipe's ZeRO stage: 3, or 2 for QLoRA (schema.check_method)."""
+    return 2 if req.method.kind == "qlora" else 3
+
+
 def _conventional(req: Request, s: Shape) -> Evaluation | None:
-    """XTuner's recipe for long context: ZeRO-3, full recompute, full loss, micro-batch 1,
-    at the pinned GPU count or the smallest that fits (and splits the global batch)."""
+    """XTuner's recipe for long context: ZeRO-3 (QLoRA: ZeRO-2, the highest it runs at), full
+    recompute, full loss, micro-batch 1, at the pinned GPU count or the smallest that fits (and
+    splits the global batch)."""
     for n in gpu_counts(req.pins):
         ga = grad_accum_for(req.sequences_per_step, 1, n)
         if ga is None:
             continue
-        lay = Layout(num_gpus=n, zero_stage=3, sp_degree=1, micro_batch_size=1, offload="none",
+        lay = Layout(num_gpus=n, zero_stage=conventional_zero_stage(req), sp_degree=1, micro_batch_size=1, offload="none",
                      recompute="full", loss="full", attention=req.pins.attention)
         ev = evaluate(req, lay, s, ga)
         if ev.fits:

@@ -73,6 +73,7 @@ class Shape:
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
     num_moe_layers: int = 0
+    moe_block_params: int = 0  # one MoE layer's router, routed and shared experts: one ZeRO-3 leaf module
     shared_expert_intermediate_size: int = 0  # the shared experts' total width (deepseek: n x moe width)
     shared_expert_gate: bool = False  # qwen2_moe: a sigmoid gate (1 output) on the shared expert
     router_scoring: str = "softmax"
@@ -172,6 +173,7 @@ class Shape:
             num_experts_per_tok=model.num_experts_per_tok,
             moe_intermediate_size=model.moe_intermediate_size or 0,
             num_moe_layers=model.num_moe_layers,
+            moe_block_params=sum(model.moe_tensors()) if model.is_moe else 0,
             shared_expert_intermediate_size=(
                 model.shared_expert_intermediate_size or 0 if model.family == "qwen2_moe"
                 else model.num_shared_experts * (model.moe_intermediate_size or 0)),

@@ -162,7 +162,8 @@ def write_shards(lm: torch.nn.Module, folder: Path | None, max_shard_bytes: int 
 def merged_tensors(lm: torch.nn.Module, plan) -> list[tuple[str, torch.Tensor]]:
     """``export_tensors`` of a model with adapters, as the plain model with them merged: each
     adapted layer's weight W + B A * alpha / r (QLoRA: W dequantized) under the layer's own name
-    (``.base_layer`` dropped), its bias as it is, the adapters left out."""
+    (``.base_layer`` dropped), its bias as it is, the adapters left out; QLoRA's 4-bit layers
+    without an adapter dequantized too."""
     from .lora import ADAPTER_NAME, dequantized, is_adapter, merged_weight, scaling
 
     scale = scaling(plan)
@@ -171,7 +172,14 @@ def merged_tensors(lm: torch.nn.Module, plan) -> list[tuple[str, torch.Tensor]]:
         if is_adapter(name):
             continue
         if ".base_layer." not in name:
-            out.append((name, t))
+            if getattr(t, "quant_state", None) is not None:  # QLoRA: a 4-bit layer without an adapter
+                owner = name.rpartition(".")[0]
+                module = lm.get_submodule(owner)
+                dtype = module.compute_dtype
+                out.append((name, Computed((module.out_features, module.in_features), dtype, (t,),
+                                           lambda w, dtype=dtype: dequantized(w).to(dtype))))
+            else:
+                out.append((name, t))
             continue
         owner, _, attr = name.partition(".base_layer.")
         layer = lm.get_submodule(owner)
