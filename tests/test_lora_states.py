@@ -144,24 +144,26 @@ def test_offloaded_host_memory_holds_the_adapters_states():
 def test_lora_checkpoint_bytes():
     """exclude_frozen_parameters=True: rank 0 writes the bf16 adapters, every rank 1/8 of the fp32
     master and 2 moments of the adapters (12 bytes each)."""
-    pred = C.predict_checkpoint(FROZEN, lay(8, 2), "bf16", 8, 1.0, trainable_params=TRAINABLE)
+    pred = C.predict_checkpoint(TRAINABLE, lay(8, 2), "bf16", 8, 1.0)
     assert pred.total_bytes == 14 * TRAINABLE == 587_202_560
     assert pred.max_rank_bytes == 2 * TRAINABLE + 12 * TRAINABLE // 8
     assert pred.max_node_bytes == pred.total_bytes
-    zero0 = C.predict_checkpoint(FROZEN, lay(1, 0), "bf16", 1, 1.0, trainable_params=TRAINABLE)
+    zero0 = C.predict_checkpoint(TRAINABLE, lay(1, 0), "bf16", 1, 1.0)
     assert zero0.total_bytes == zero0.max_rank_bytes == 14 * TRAINABLE
 
 
-def test_qlora_checkpoint_keeps_the_quantization_constants():
-    """bitsandbytes' Linear4bit._save_to_state_dict writes absmax (1 byte per 64 weights) and the
-    nested fp32 absmax (one per 256 blocks) though the 4-bit weight itself is dropped."""
-    s = lora_shape("qlora")
-    constants = LINEAR // 64 + 4 * LINEAR // (64 * 256)
-    assert C.quantization_state_bytes(s.quantized_params, s.quantized_bytes) == constants == 110_755_840
-    pred = C.predict_checkpoint(FROZEN, lay(2, 2), "bf16", 2, 1.0, trainable_params=TRAINABLE,
-                                frozen_state_bytes=constants)
-    assert pred.total_bytes == 14 * TRAINABLE + constants
-    assert pred.max_rank_bytes == 2 * TRAINABLE + 6 * TRAINABLE + constants
+def test_adapter_checkpoints_save_the_adapters_only():
+    """LoRA and QLoRA checkpoints hold the adapters (rank 16 on every linear layer: 41,943,040, peft's
+    count for Llama-3.1-8B) and their optimizer states, nothing of the frozen base: no 4-bit
+    quantization constants either (the trainer's state-dict hook drops every non-adapter key);
+    full fine-tuning saves every parameter."""
+    model = load_model("llama3.1-8b")
+    for kind in ("lora", "qlora"):
+        assert C.saved_params(model, Method(kind=kind)) == TRAINABLE == 41_943_040
+    assert C.saved_params(model, Method()) == model.num_params()
+    pred = C.predict_checkpoint(C.saved_params(model, Method(kind="qlora")), lay(2, 2), "bf16", 2, 1.0)
+    assert pred.total_bytes == 14 * TRAINABLE
+    assert pred.max_rank_bytes == 2 * TRAINABLE + 6 * TRAINABLE
 
 
 def test_of_tensors_with_a_trainable_mask():

@@ -362,9 +362,8 @@ def _with_prediction(resolved: Plan, evaluation: Evaluation, nodes: NodeLayout) 
     margin = resolved.prediction.safety_margin if resolved.prediction else SAFETY_MARGIN
     training = resolved.training
     checkpoint = checkpointing.predict_checkpoint(
-        resolved.model.architecture.num_params(), resolved.layout, training.precision, nodes.nproc_per_node,
-        evaluation.throughput.step_time_s, **checkpointing.saved_states(resolved.model.architecture, resolved.method),
-        checkpoint_every=training.checkpoint_every,
+        checkpointing.saved_params(resolved.model.architecture, resolved.method), resolved.layout, training.precision,
+        nodes.nproc_per_node, evaluation.throughput.step_time_s, checkpoint_every=training.checkpoint_every,
         checkpoint_minutes=training.checkpoint_minutes,
         storage_write_bytes_per_s=resolved.hardware.storage_write_bytes_per_s,
     )

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from .checkpointing import predict_checkpoint, saved_states
+from .checkpointing import predict_checkpoint, saved_params
 from .io import describe_error
 from .schema import CheckpointPrediction, Evaluation, Hardware, ModelSpec, Plan, Prediction, Training
 from .search import Request
@@ -57,8 +57,7 @@ def checkpoint_for(req: Request, ev: Evaluation, training: dict | None = None) -
     storage bandwidth (a plan edited to name its own is re-predicted by ltune launch)."""
     training = training or {}
     return predict_checkpoint(
-        req.model.num_params(), ev.layout, req.precision, req.gpu.gpus_per_node, ev.throughput.step_time_s,
-        **saved_states(req.model, req.method),
+        saved_params(req.model, req.method), ev.layout, req.precision, req.gpu.gpus_per_node, ev.throughput.step_time_s,
         checkpoint_every=training.get("checkpoint_every"),
         checkpoint_minutes=training.get("checkpoint_minutes", Training.model_fields["checkpoint_minutes"].default),
     )

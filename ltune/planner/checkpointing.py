@@ -19,10 +19,10 @@ Adapter runs (LoRA, QLoRA) are saved with ``exclude_frozen_parameters=True``
 ``named_parameters()``; ``_save_checkpoint``: ``save_frozen_param`` False, so no frozen fragments
 either): the module file holds the trainable parameters, the optimizer files the states of the
 trainable parameters (the only ones the optimizer owns). So every count above is of the trainable
-parameters T instead of P. QLoRA adds what ``module_state_dict`` does not drop because it is not a
-parameter: each 4-bit layer's quantization constants, which bitsandbytes'
-``Linear4bit._save_to_state_dict`` writes beside its weight (``quant_state.as_dict(packed=True)``:
-absmax and, with double quantization, the nested absmax); written by rank 0 with the module.
+parameters T instead of P. QLoRA's 4-bit layers would add their quantization constants, which
+are not parameters (bitsandbytes ``Linear4bit._save_to_state_dict``), but the trainer's state-dict
+hook drops every key that is not an adapter's (ltune/trainer/lora.py ``_adapters_only``): the 4-bit
+base is quantized again from the plan's model on resume.
 
 N is every rank: under Ulysses the ZeRO partitions span the sequence-parallel ranks too
 (engine.py ``groups._get_sequence_data_parallel_rank``). ltune's own files (the rank state, the
@@ -128,49 +128,33 @@ def slurm_signal_s(step_time_s: float, save_s: float) -> int:
     return min(MAX_SLURM_SIGNAL_S, max(MIN_SLURM_SIGNAL_S, stop_time_s(step_time_s, save_s)))
 
 
-def quantization_state_bytes(quantized_params: int, quantized_bytes: int) -> int:
-    """QLoRA's quantization constants that a checkpoint keeps although the 4-bit weights are
-    frozen: the 4-bit weights' bytes less their packed values (two per byte; bitsandbytes
-    `Linear4bit._save_to_state_dict`). Each layer's 16-entry quant_map, 256-entry nested map and
-    packed quant-state header (about 1.3 KB a layer) are not counted."""
-    return quantized_bytes - -(-quantized_params // 2)
-
-
-def saved_states(model: ModelProfile, method: Method) -> dict[str, int]:
-    """predict_checkpoint's keywords for what an adapter run saves (its adapters, their optimizer
-    states, QLoRA's quantization constants); none for full fine-tuning."""
-    if not method.adapters:
-        return {}
-    return dict(
-        trainable_params=lora.trainable_params(model, method),
-        frozen_state_bytes=quantization_state_bytes(lora.quantized_params(model, method), lora.quantized_bytes(model, method)),
-    )
+def saved_params(model: ModelProfile, method: Method) -> int:
+    """The parameters a checkpoint saves (with their optimizer states): all of them for full
+    fine-tuning, the adapters only under LoRA/QLoRA (see the module docstring)."""
+    return lora.trainable_params(model, method)
 
 
 def predict_checkpoint(
-    num_params: int,
+    saved_params: int,
     layout: Layout,
     precision: Precision,
     procs_per_node: int,
     step_time_s: float,
     *,
-    trainable_params: int | None = None,
-    frozen_state_bytes: int = 0,
     checkpoint_every: int | None = None,
     checkpoint_minutes: float = 30,
     storage_write_bytes_per_s: float | None = None,
 ) -> CheckpointPrediction:
-    """The checkpoint terms of one layout (sizes, save time, interval, stop grace). Adapter runs
-    pass `trainable_params` (None: all num_params train) and, under QLoRA, `frozen_state_bytes`
-    (quantization_state_bytes: rank 0's module file keeps them; not at ZeRO-3, which QLoRA does not run)."""
+    """The checkpoint terms of one layout (sizes, save time, interval, stop grace); `saved_params`:
+    the parameters saved with their optimizer states (`saved_params`: all, or the adapters)."""
     bandwidth = storage_write_bytes_per_s or DEFAULT_STORAGE_WRITE_BYTES_PER_S
     n, stage = layout.num_gpus, layout.zero_stage
-    saved = num_params if trainable_params is None else trainable_params
-    node = busiest_node_bytes(saved, stage, precision, n, procs_per_node) + frozen_state_bytes
+    saved = saved_params
+    node = busiest_node_bytes(saved, stage, precision, n, procs_per_node)
     save_s = save_time_s(node, bandwidth)
     return CheckpointPrediction(
-        total_bytes=checkpoint_total_bytes(saved, stage, precision) + frozen_state_bytes,
-        max_rank_bytes=rank_bytes(saved, stage, precision, n, 0) + frozen_state_bytes,
+        total_bytes=checkpoint_total_bytes(saved, stage, precision),
+        max_rank_bytes=rank_bytes(saved, stage, precision, n, 0),
         max_node_bytes=node,
         storage_write_bytes_per_s=bandwidth,
         save_time_s=save_s,
