@@ -54,11 +54,6 @@ def trainable_params(model: ModelProfile, method: Method) -> int:
     return model.num_layers * adapter_params_per_layer(model, method)
 
 
-def frozen_params(model: ModelProfile, method: Method) -> int:
-    """Parameters that never change: none (full), every base weight (lora, qlora)."""
-    return model.num_params() if method.adapters else 0
-
-
 def quantized_tensors_per_layer(model: ModelProfile, method: Method) -> list[int]:
     """Elements of each weight one decoder layer stores in 4 bits: every linear layer's under QLoRA."""
     if method.kind != "qlora":

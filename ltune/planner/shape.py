@@ -100,9 +100,14 @@ class Shape:
         return self.method != "full"
 
     @property
-    def frozen_params(self) -> int:
-        """Parameters that never change (all but the adapters' under lora/qlora; none for full)."""
-        return self.params if self.adapters else 0
+    def optimized_params(self) -> int:
+        """Parameters with gradients and optimizer states: all of them (full), the adapters' (lora, qlora)."""
+        return self.trainable_params if self.adapters else self.params
+
+    @property
+    def stored_params(self) -> int:
+        """Every parameter the model holds: the base weights, and the adapters beside them (LoRA, QLoRA)."""
+        return self.params + self.trainable_params if self.adapters else self.params
 
     @property
     def attention_tokens(self) -> int:

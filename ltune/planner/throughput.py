@@ -106,21 +106,8 @@ def hardware_flops_per_token(s: Shape, lay: Layout) -> float:
     included, + 4*L*H*Q*T; MLA 2*L*T*(q + v))."""
     if lay.recompute != "full":
         return model_flops_per_token(s)
-    if s.is_moe or s.is_mla:
-        extra = 2.0 * (active(s) + (s.trainable_params if s.adapters else 0)) + mfu_attention_flops_per_token(s) / 3.0
-        return model_flops_per_token(s) + extra
-    extra = 2.0 * stored_params(s) + 4.0 * s.num_layers * s.q_size * s.seq_len
-    return model_flops_per_token(s) + extra
-
-
-def stored_params(s: Shape) -> int:
-    """Every parameter the model holds: the base weights, and the adapters beside them (LoRA, QLoRA)."""
-    return s.params + s.trainable_params if s.adapters else s.params
-
-
-def trainable(s: Shape) -> int:
-    """Parameters with gradients and optimizer states: all (full), the adapters' (planner/lora.py)."""
-    return s.trainable_params if s.adapters else s.params
+    adapters = s.trainable_params if s.adapters else 0
+    return model_flops_per_token(s) + 2.0 * (active(s) + adapters) + mfu_attention_flops_per_token(s) / 3.0
 
 
 def recompute_share(lay: Layout) -> float:
@@ -184,10 +171,7 @@ def matmul_flops_per_token(s: Shape, recomputed: float) -> float:
     MoE models: the active layer parameters (active_layers_params)."""
     if s.adapters:
         return frozen_matmul_flops_per_token(s, recomputed) + adapter_flops_per_token(s, recomputed)
-    head = s.vocab_size * s.hidden_size
-    if s.is_moe:
-        return (6.0 + 2.0 * recomputed) * active_layers_params(s) + 6.0 * head
-    return (6.0 + 2.0 * recomputed) * s.num_layers * s.layer_params + 6.0 * head
+    return (6.0 + 2.0 * recomputed) * active_layers_params(s) + 6.0 * s.vocab_size * s.hidden_size
 
 
 def frozen_matmul_flops_per_token(s: Shape, recomputed: float) -> float:
@@ -195,10 +179,7 @@ def frozen_matmul_flops_per_token(s: Shape, recomputed: float) -> float:
     parameter forward, 2 backward for the input gradient, no weight gradient, 2*recomputed; the
     frozen output head 2 + 2 (its input gradient feeds every adapter below it). MoE models: the
     active layer parameters (active_layers_params)."""
-    head = s.vocab_size * s.hidden_size
-    if s.is_moe:
-        return (4.0 + 2.0 * recomputed) * active_layers_params(s) + 4.0 * head
-    return (4.0 + 2.0 * recomputed) * s.num_layers * s.layer_params + 4.0 * head
+    return (4.0 + 2.0 * recomputed) * active_layers_params(s) + 4.0 * s.vocab_size * s.hidden_size
 
 
 def adapter_flops_per_token(s: Shape, recomputed: float) -> float:
@@ -301,8 +282,8 @@ def zero_comm_seconds(s: Shape, lay: Layout, gpu: GpuProfile) -> tuple[float, fl
     """
     n = lay.num_gpus
     bw = collective_bandwidth(gpu, n)
-    param_bytes = s.dtype_bytes * stored_params(s)
-    grad_bytes = s.dtype_bytes * trainable(s)
+    param_bytes = s.dtype_bytes * s.stored_params
+    grad_bytes = s.dtype_bytes * s.optimized_params
     if lay.zero_stage == 3:
         if not s.adapters:
             return 3 * ring_seconds(param_bytes, n, bw), 0.0
@@ -339,11 +320,11 @@ def offload_seconds(s: Shape, lay: Layout, gpu: GpuProfile) -> float:
     host reads of every parameter (frozen ones too)."""
     if lay.offload == "none":
         return 0.0
-    part = trainable(s) / lay.num_gpus
+    part = s.optimized_params / lay.num_gpus
     pcie = (4 * part + s.dtype_bytes * part) / gpu.host_link_bandwidth_bytes_per_s
     adam = part / CPU_ADAM_PARAMS_PER_S
     if lay.offload == "all":
-        stored_part = stored_params(s) / lay.num_gpus
+        stored_part = s.stored_params / lay.num_gpus
         pcie += 2 * s.dtype_bytes * stored_part / gpu.host_link_bandwidth_bytes_per_s
     return pcie + adam
 

@@ -114,13 +114,13 @@ class ParamPartition:
         peft `LoraLayer.update_layer`) are tensors beside the base weights, in the model dtype;
         QLoRA's 4-bit weights leave the model-dtype count (all their tensors are taken to be over
         the persistence threshold: they only matter at ZeRO-3, which QLoRA does not run)."""
+        trainable = s.optimized_params
         if not s.adapters:
-            trainable, adapter_tensors, largest_trainable = s.params, [], s.largest_leaf_params
+            adapter_tensors, largest_trainable = [], s.largest_leaf_params
         else:
-            trainable = s.trainable_params
             adapter_tensors = [s.lora_rank * n for fan_in, fan_out in s.adapter_modules for n in (fan_in, fan_out)]
             largest_trainable = max(adapter_tensors, default=0)
-        params = s.params - s.quantized_params + (trainable if s.adapters else 0)
+        params = s.stored_params - s.quantized_params
         small_adapters = sum(n for n in adapter_tensors if n <= STAGE3_PARAM_PERSISTENCE_THRESHOLD)
         persistent = s.persistent_params + s.num_layers * small_adapters
         return cls(
