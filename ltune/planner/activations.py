@@ -434,14 +434,10 @@ def shared_layer_inputs_bytes(s: Shape, lay: Layout) -> int:
 
 def activation_checkpoints_bytes(s: Shape, lay: Layout) -> int:
     """Full recompute keeps each layer's input (Korthikanti et al.: 2sbh per layer in 16-bit);
-    without recompute every layer keeps all it saves."""
-    t = tokens_per_rank(s, lay)
+    without recompute every layer keeps all it saves (`layers_saved_bytes`)."""
     if lay.recompute == "full":
-        return s.num_layers * s.dtype_bytes * s.hidden_size * t
-    if s.is_moe:
-        return layers_saved_bytes(s, lay)
-    per_layer = layer_saved_bytes_per_token(s, lay) * t + eager_attention_bytes_per_layer(s, lay)
-    return s.num_layers * (per_layer + sdpa_math_bytes_per_layer(s, lay)["saved_bytes"])
+        return s.num_layers * s.dtype_bytes * s.hidden_size * tokens_per_rank(s, lay)
+    return layers_saved_bytes(s, lay)
 
 
 def eager_backward_bytes_per_layer(s: Shape, lay: Layout) -> int:
@@ -470,34 +466,22 @@ def embedding_backward_bytes(s: Shape) -> int:
 
 
 def activation_working_bytes(s: Shape, lay: Layout) -> int:
-    """One layer's working set in backward: its recomputed activations (with full
-    recompute) and the gradients in flight, at the larger of the MLP's and (eager)
-    attention's backward peaks (eager, or SDPA's math backend per document on pre-Ampere GPUs)."""
+    """One layer's working set in backward, the largest over the model's layer kinds: its
+    recomputed activations (with full recompute) and the gradients in flight, at the larger of
+    the MLP's (dense: the gated MLP's backward; MoE: `moe_backward_transient_bytes_per_token`) and
+    (eager) attention's backward peaks (eager, or SDPA's math backend per document on pre-Ampere
+    GPUs)."""
     t = tokens_per_rank(s, lay)
     sdpa = sdpa_math_bytes_per_layer(s, lay)
-    if s.is_moe:
-        return moe_working_bytes(s, lay)
-    recomputed = 0
-    if lay.recompute == "full":
-        recomputed = layer_saved_bytes_per_token(s, lay) * t + eager_attention_bytes_per_layer(s, lay) + sdpa["saved_bytes"]
-    work = layer_backward_transient_bytes_per_token(s, lay.recompute == "full") * t + recomputed
-    return max(work, eager_backward_bytes_per_layer(s, lay), recomputed + sdpa["backward_temp_bytes"])
-
-
-def moe_working_bytes(s: Shape, lay: Layout) -> int:
-    """`activation_working_bytes` of a MoE model: the larger over its layer kinds (dense layers:
-    the gated MLP's backward; MoE layers: `moe_backward_transient_bytes_per_token`), each with its
-    own recomputed tensors under full recompute."""
-    t = tokens_per_rank(s, lay)
-    extra = eager_attention_bytes_per_layer(s, lay) + sdpa_math_bytes_per_layer(s, lay)["saved_bytes"]
-    best = 0
+    full = lay.recompute == "full"
+    extra = eager_attention_bytes_per_layer(s, lay) + sdpa["saved_bytes"]
+    best = eager_backward_bytes_per_layer(s, lay)
     for moe, _count in layer_kinds(s):
         recomputed = 0
-        if lay.recompute == "full":
+        if full:
             recomputed = layer_saved_bytes_per_token(s, lay, moe) * t + extra + (router_constant_bytes(s) if moe else 0)
-        full = lay.recompute == "full"
         per_token = moe_backward_transient_bytes_per_token(s, full) if moe else layer_backward_transient_bytes_per_token(s, full)
-        best = max(best, per_token * t + recomputed, eager_backward_bytes_per_layer(s, lay))
+        best = max(best, per_token * t + recomputed, recomputed + sdpa["backward_temp_bytes"])
     return best
 
 
@@ -678,9 +662,13 @@ def lora_backward_transient_bytes_per_token(s: Shape) -> int:
     hidden gradient (h) and three ffn-sized gradients (through down_proj's frozen weight and its
     adapter, and their sum; or those of act(gate)*up, act(gate) and up), less act(gate)*up and
     down_proj's lora_A output, released by then, where down_proj has an adapter (`ltune trace`)."""
-    d, f = s.dtype_bytes, s.intermediate_size
-    released = d * (f + s.lora_rank) if "down_proj" in s.adapter_names else 0
-    return d * (s.hidden_size + 3 * f) - released
+    return s.dtype_bytes * (s.hidden_size + 3 * s.intermediate_size) - lora_down_released_bytes_per_token(s)
+
+
+def lora_down_released_bytes_per_token(s: Shape) -> int:
+    """What down_proj's backward has released by the MLP's backward peak where it has an adapter:
+    act(gate)*up (its input, d x ffn) and its lora_A output (d x r) (`ltune trace`)."""
+    return s.dtype_bytes * (s.intermediate_size + s.lora_rank) if "down_proj" in s.adapter_names else 0
 
 
 def dequantized_weight_bytes(s: Shape) -> int:
@@ -706,8 +694,8 @@ def lora_working_bytes(s: Shape, lay: Layout) -> int:
     if s.gemma_norms:
         transient = max(transient, layer_backward_transient_bytes_per_token(s, lay.recompute == "full") * t)
     if s.method == "qlora":
-        released = s.dtype_bytes * (s.intermediate_size + s.lora_rank) if "down_proj" in s.adapter_names else 0
-        qlora = dequantized_weight_bytes(s) + (s.dtype_bytes * (s.hidden_size + 2 * s.intermediate_size) - released) * t
+        mlp = s.dtype_bytes * (s.hidden_size + 2 * s.intermediate_size) - lora_down_released_bytes_per_token(s)
+        qlora = dequantized_weight_bytes(s) + mlp * t
         transient = max(transient, qlora)
     work = recomputed + transient
     return max(work, eager_backward_bytes_per_layer(s, lay), recomputed + sdpa["backward_temp_bytes"])
