@@ -348,9 +348,7 @@ def moe_loss_bytes(s: Shape, lay: Layout) -> int:
     if probs:  # its backward: the softmax gradient and its input's beside every kept softmax
         peaks.append(kept + probs + 2 * FP32 * s.num_experts * tokens_per_rank(s, lay))
     if lay.loss == "chunked":
-        m = chunked_loss_bytes(chunk_tokens=s.loss_chunk_tokens, num_tokens=tokens_per_rank(s, lay),
-                               vocab_size=s.vocab_size, hidden_size=s.hidden_size, dtype_bytes=s.dtype_bytes,
-                               softcap=s.final_logit_softcapping)
+        m = shape_chunked_loss_bytes(s, lay)
         peaks.append(routers + m["lse_bytes"] + m["forward_bytes"])
     return max(peaks)
 
@@ -516,16 +514,21 @@ def logits_loss_bytes(s: Shape, lay: Layout) -> int:
     t = tokens_per_rank(s, lay)
     if lay.loss == "full":
         return (3 + s.final_logit_softcapping) * FP32 * s.vocab_size * t
-    m = chunked_loss_bytes(
+    m = shape_chunked_loss_bytes(s, lay)
+    return m["lse_bytes"] + max(m["forward_bytes"], m["backward_bytes"] + s.dtype_bytes * t * s.hidden_size)
+
+
+def shape_chunked_loss_bytes(s: Shape, lay: Layout) -> dict[str, int]:
+    """`chunked_loss_bytes` of this rank's tokens (the output layer frozen under adapters)."""
+    return chunked_loss_bytes(
         chunk_tokens=s.loss_chunk_tokens,
-        num_tokens=t,
+        num_tokens=tokens_per_rank(s, lay),
         vocab_size=s.vocab_size,
         hidden_size=s.hidden_size,
         dtype_bytes=s.dtype_bytes,
         softcap=s.final_logit_softcapping,
         weight_grad=not s.adapters,
     )
-    return m["lse_bytes"] + max(m["forward_bytes"], m["backward_bytes"] + s.dtype_bytes * t * s.hidden_size)
 
 
 def loss_kept_bytes(s: Shape, lay: Layout) -> int:
