@@ -29,9 +29,9 @@ Differences from a CUDA run, by construction, and how they are corrected:
   (bench/moe_routing_memory.py, real CPU tensors: 34.23 MiB both ways for one Mixtral block of 2048
   tokens). transformers' "eager" experts loop over the experts hit and would differ (29.23 MiB with
   every token on experts 0/1, 32.98 MiB spread): not what ltune runs.
-- multi-head latent attention: its value head is smaller than its q/k head; as transformers' flash
-  path does, v is padded to the q/k head size before the kernel and the output cropped
-  (`_value_head_padding`).
+- multi-head latent attention: its value head is smaller than its q/k head; as the trainer does
+  for flash-attn (trainer/attention.py `one_head_size`), v is padded to the q/k head size before the
+  kernel and the output cropped.
 - dtype: DeepSpeed casts the module to bf16/fp16 at `initialize`; we cast it on meta before
   materialising (buffers included, as `module.bfloat16()` does).
 - optimizer: DeepSpeed runs a fused Adam on fp32 master partitions; we run torch's fused AdamW on
@@ -132,48 +132,16 @@ def _flash_kernel():
         # (flash_api.cpp mha_varlen_fwd/bwd: window_size_left and softcap are kernel arguments)
         if q.shape[1] % k.shape[1]:
             raise ValueError(f"kv heads ({k.shape[1]}) must divide query heads ({q.shape[1]})")
-        return flash_varlen_memory(q, k, v, cu_seqlens.shape[0] - 1)
+        num_docs = cu_seqlens.shape[0] - 1
+        # flash-attn takes one head size: MLA's value heads padded as the trainer pads them
+        return attention.one_head_size(lambda q, k, v: flash_varlen_memory(q, k, v, num_docs), q, k, v)
 
     original = attention.varlen_attention
     attention.varlen_attention = kernel
     try:
-        with _value_head_padding():
-            yield
-    finally:
-        attention.varlen_attention = original
-
-
-@contextlib.contextmanager
-def _value_head_padding():
-    """Multi-head latent attention (deepseek_v2/v3): a value head smaller than the query/key head.
-    flash-attn 2 takes one head size for q, k and v (flash_api.cpp `mha_varlen_fwd`,
-    CHECK_SHAPE(v, total_k, num_heads_k, head_size)); transformers' own flash path
-    (integrations/flash_attention.py `flash_attention_forward`) pads v with zeros up to the q/k head
-    size (`F.pad`, a new (T, H, D) tensor that the kernel saves) and crops the output to the value
-    head size afterwards (a view of the kernel's (T, H, D) output, copied by the attention's
-    `reshape` before o_proj). Under the trace ltune's attention function is wrapped to do the same
-    before the trainer's glue runs; with equal head sizes it is the trainer's function untouched."""
-    import torch.nn.functional as F
-    from transformers import AttentionInterface
-
-    from ..trainer import attention
-
-    inner = attention.hf_varlen_attention
-
-    def padded(module, query, key, value, attention_mask, *args, **kwargs):
-        head_dim, v_head_dim = query.shape[-1], value.shape[-1]
-        if v_head_dim == head_dim:
-            return inner(module, query, key, value, attention_mask, *args, **kwargs)
-        # as transformers: pad the (batch, seq, heads, dv) value, crop the (batch, seq, heads, d) output
-        value = F.pad(value.transpose(1, 2), [0, head_dim - v_head_dim]).transpose(1, 2)
-        out, weights = inner(module, query, key, value, attention_mask, *args, **kwargs)
-        return out[..., :v_head_dim], weights
-
-    AttentionInterface.register(attention.ATTN_IMPLEMENTATION, padded)
-    try:
         yield
     finally:
-        AttentionInterface.register(attention.ATTN_IMPLEMENTATION, inner)
+        attention.varlen_attention = original
 
 
 @contextlib.contextmanager

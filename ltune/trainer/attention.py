@@ -214,6 +214,19 @@ def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale, sliding_window
     return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
 
 
+def one_head_size(kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args) -> torch.Tensor:
+    """`kernel(q, k, v, *args)` for a kernel that takes one head size for q, k and v (flash-attn,
+    PyTorch's varlen kernel), with multi-head latent attention's smaller value heads: v
+    zero-padded to the q/k head size, the output cut back to v's (what transformers does for
+    flash_attention_2, modeling_deepseek_v2.py)."""
+    value_dim = v.shape[-1]
+    if value_dim == q.shape[-1]:
+        return kernel(q, k, v, *args)
+    if value_dim > q.shape[-1]:
+        raise ValueError(f"value head size ({value_dim}) above the query/key head size ({q.shape[-1]})")
+    return kernel(q, k, F.pad(v, [0, q.shape[-1] - value_dim]), *args)[..., :value_dim]
+
+
 def varlen_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -242,15 +255,9 @@ def varlen_attention(
     if softcap is not None and softcap <= 0:
         raise ValueError(f"softcap ({softcap}) must be positive")
     backend = resolve_backend(q.device, q.dtype)
-    value_dim = v.shape[-1]
-    if value_dim != q.shape[-1] and backend in ("flash_attn", "torch_varlen"):
-        # one head size for q, k and v in these kernels: v zero-padded to q/k's, the output cut
-        # back (what transformers does for flash_attention_2, modeling_deepseek_v2.py); SDPA and
-        # the explicit per-document paths take v's own size
-        if value_dim > q.shape[-1]:
-            raise ValueError(f"value head size ({value_dim}) above the query/key head size ({q.shape[-1]})")
-        v = F.pad(v, [0, q.shape[-1] - value_dim])
-        return varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, scale, sliding_window, softcap)[..., :value_dim]
+    if v.shape[-1] != q.shape[-1] and backend in ("flash_attn", "torch_varlen"):
+        # SDPA and the explicit per-document paths take v's own size
+        return one_head_size(varlen_attention, q, k, v, cu_seqlens, max_seqlen, causal, scale, sliding_window, softcap)
     if backend == "flash_attn":
         return _flash_attn(q, k, v, cu_seqlens, max_seqlen, causal, scale, sliding_window, softcap)
     if softcap is not None:  # neither PyTorch's varlen kernel nor SDPA soft-caps
