@@ -90,16 +90,15 @@ class TrainModel(nn.Module):
         kwargs = {}
         if cu_seqlens is not None:
             kwargs = dict(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=max_seqlen, max_length_k=max_seqlen)
-        if not self.num_experts:
-            out = self.lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **kwargs)
-            return self.lm.lm_head(out.last_hidden_state, labels)
-        self._records = []
+        self._records = [] if self.num_experts else None
         try:
             out = self.lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **kwargs)
-            records, self._records = self._records, None
+            records = self._records
         finally:
             self._records = None
         loss_sum, num_tokens = self.lm.lm_head(out.last_hidden_state, labels)
+        if not self.num_experts:
+            return loss_sum, num_tokens
         # without a coefficient the loss is only logged: no graph, so no layer's fp32 softmax is kept
         with contextlib.nullcontext() if self.aux_loss_coef else torch.no_grad():
             aux, expert_tokens = load_balancing_loss(
