@@ -87,16 +87,11 @@ class Linear4bitMemory(nn.Linear):
         return _MatMul4bitMemory.apply(x, self.weight, self.bias, self)
 
 
-def quantize_decoder_linears(lm: nn.Module, names, double_quant: bool = True) -> int:
-    """Replace every linear layer named in `names` inside the decoder layers of `lm` by a
-    Linear4bitMemory, in place; return how many were replaced."""
-    wanted = set(names)
-    replaced = 0
-    for module_name, module in list(lm.named_modules()):
-        if ".layers." not in f".{module_name}.":
-            continue
-        for child_name, child in list(module.named_children()):
-            if child_name in wanted and type(child) is nn.Linear:
-                setattr(module, child_name, Linear4bitMemory(child, double_quant))
-                replaced += 1
-    return replaced
+def quantize_decoder_linears(lm: nn.Module, module_names, double_quant: bool = True) -> int:
+    """Replace each linear layer of `lm` at `module_names` (trainer/lora.py `decoder_linears`: what
+    the trainer stores in 4 bits) by a Linear4bitMemory, in place; return how many were replaced."""
+    for name in module_names:
+        owner_name, _, attr = name.rpartition(".")
+        owner = lm.get_submodule(owner_name)
+        setattr(owner, attr, Linear4bitMemory(getattr(owner, attr), double_quant))
+    return len(module_names)

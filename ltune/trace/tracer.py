@@ -153,14 +153,14 @@ def _quantized_base(plan: Plan):
         yield
         return
     from ..trainer import model as model_mod
+    from ..trainer.lora import decoder_linears
 
     from .quant4 import quantize_decoder_linears
 
     original = model_mod.apply_adapters
-    names = plan.model.architecture.linear_modules()
 
     def quantize_then_adapt(lm, plan_):
-        quantize_decoder_linears(lm, names, plan_.method.double_quant)
+        quantize_decoder_linears(lm, decoder_linears(lm, plan_), plan_.method.double_quant)
         return original(lm, plan_)
 
     model_mod.apply_adapters = quantize_then_adapt
