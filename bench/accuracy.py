@@ -24,7 +24,6 @@ import time
 
 from ltune.planner.memory import estimate_memory
 from ltune.planner.schema import Layout, Method
-from ltune.planner.shape import Shape
 from ltune.profiles import load_gpu, resolve_model
 from ltune.trace import UNTRACED_TERMS, comparable_totals, trace_memory
 
@@ -137,14 +136,9 @@ def run_one(cfg) -> dict:
         num_gpus=gpus, zero_stage=zero, sp_degree=sp, recompute=recompute, loss=loss,
         micro_batch_size=mb, attention=attn,
     )
-    if method is None:  # full fine-tuning: as before adapters existed
-        analytic = estimate_memory(model, load_gpu(GPU), layout, ctx, precision=precision)
-        traced = trace_memory(model, ctx, layout, precision)
-    else:
-        method = Method(**method)
-        shape = Shape.of(model, ctx, precision, method=method)
-        analytic = estimate_memory(model, load_gpu(GPU), layout, ctx, precision=precision, shape=shape)
-        traced = trace_memory(model, ctx, layout, precision, method=method)
+    method = Method(**method) if method is not None else None  # None: full fine-tuning
+    analytic = estimate_memory(model, load_gpu(GPU), layout, ctx, precision=precision, method=method)
+    traced = trace_memory(model, ctx, layout, precision, method=method)
     a_total, t_total = comparable_totals(traced, analytic.terms)
     terms = {}
     for term in list(analytic.terms) + [k for k in traced.terms if k not in analytic.terms]:

@@ -284,7 +284,6 @@ def _print_plan(req, result, model_name: str, longest=None) -> None:
     recipe = (f"\n[bold]conventional (ZeRO-{conventional_zero_stage(req)}, no sp, no offload, full recompute, "
               "full loss, micro-batch 1):[/]")
     if conv is None:
-
         counts = gpu_counts(req.pins)
         where = f"{counts[0]:,} to {counts[-1]:,} GPUs" if len(counts) > 1 else f"{counts[0]:,} GPU{'s' if counts[0] > 1 else ''}"
         console.print(f"{recipe} fits at no GPU count searched ({where})", highlight=False)
@@ -856,14 +855,12 @@ def trace(
     Unpinned layout options are chosen as `ltune plan` would. Needs torch and transformers.
     """
     from .planner.memory import estimate_memory
-    from .planner.shape import Shape
 
     try:
         if plan_path is not None:
-            given = [CLI_FLAGS[k] for k, v in (("method", None if method == "full" else method), ("lora_rank", lora_rank),
-                     ("lora_alpha", lora_alpha), ("lora_dropout", lora_dropout), ("lora_targets", lora_targets),
-                     ("quant_type", quant_type), ("double_quant", double_quant), ("quant_storage", quant_storage))
-                     if v is not None]
+            method_flags = _method_options(method, lora_rank, lora_alpha, lora_dropout, lora_targets, quant_type,
+                                           double_quant, quant_storage)
+            given = [CLI_FLAGS[k] for k, v in method_flags.items() if v not in (None, DEFAULTS["method"])]
             if given:
                 raise ValueError(f"{given[0]}: a plan brings its own method (its `method` block); give one or the other")
             target = _plan_target(plan_path)
@@ -878,10 +875,8 @@ def trace(
                 **_method_options(method, lora_rank, lora_alpha, lora_dropout, lora_targets, quant_type, double_quant,
                                   quant_storage),
             ))
-        shape = Shape.of(target.model, target.seq_len, target.precision, target.loss_chunk_tokens,
-                         sdpa_math=not target.gpu.supports_bf16, method=target.method)
-        analytic = estimate_memory(target.model, target.gpu, target.layout, target.seq_len,
-                                   precision=target.precision, loss_chunk_tokens=target.loss_chunk_tokens, shape=shape)
+        analytic = estimate_memory(target.model, target.gpu, target.layout, target.seq_len, precision=target.precision,
+                                   loss_chunk_tokens=target.loss_chunk_tokens, method=target.method)
     except (PlanError, ProfileError, ValueError) as e:
         raise fail(_one_line(e))
     try:

@@ -31,7 +31,7 @@ from .activations import (
     shared_layer_inputs_bytes,
     tied_output_grad_bytes,
 )
-from .schema import Layout, MemoryBreakdown
+from .schema import Layout, MemoryBreakdown, Method
 from .shape import FP32, Shape
 from .zero import (
     ALLREDUCE_BUCKET_SIZE,
@@ -333,9 +333,11 @@ def estimate_memory(
     safety_margin: float = SAFETY_MARGIN,
     host_mem_bytes_per_node: int | None = None,
     shape: Shape | None = None,
+    method: Method | None = None,
 ) -> MemoryBreakdown:
-    """The per-GPU breakdown at the step's peak moment, and the host check."""
-    s = shape or Shape.of(model, seq_len, precision, loss_chunk_tokens, sdpa_math=not gpu.supports_bf16)
+    """The per-GPU breakdown at the step's peak moment, and the host check (`method`: what
+    trains, full fine-tuning when not given; a given `shape` carries its own)."""
+    s = shape or Shape.of(model, seq_len, precision, loss_chunk_tokens, sdpa_math=not gpu.supports_bf16, method=method)
     phase, terms = peak_terms(s, layout, gpu)
     return MemoryBreakdown(
         terms=terms,
