@@ -220,7 +220,7 @@ def _unmodelled(cfg: dict, family: str) -> str | None:
             return f"sliding-window attention ('use_sliding_window' {cfg['use_sliding_window']!r:.20}, 'sliding_window' {cfg.get('sliding_window')!r:.20})"
     elif family not in _GEMMA:
         window, longest = cfg.get("sliding_window"), cfg.get("max_position_embeddings") or 0
-        if isinstance(window, int) and not isinstance(window, bool) and window < longest:
+        if _is_whole(window) and window < longest:
             return (f"sliding-window attention on every layer ('sliding_window' {window} < "
                     f"'max_position_embeddings' {longest}; set it to null in a copy to plan full attention)")
     return None
@@ -356,6 +356,11 @@ def model_from_hf_config(path: str | Path, name: str | None = None) -> ModelProf
         raise ProfileError(f"{path}: {_describe(e.errors()[0], fields, keys)}") from None
 
 
+def _is_whole(value) -> bool:
+    """A JSON whole number (an int that is not a bool, which Python counts as one)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _moe_fields(cfg: dict, family: str, layers, need) -> dict:
     """A mixture-of-experts config.json's expert, router and latent-attention keys as ModelProfile fields.
 
@@ -369,16 +374,16 @@ def _moe_fields(cfg: dict, family: str, layers, need) -> dict:
         value = cfg.get(key)
         return default if value is None else value
 
-    indices = range(layers) if isinstance(layers, int) and not isinstance(layers, bool) and layers > 0 else range(0)
+    indices = range(layers) if _is_whole(layers) and layers > 0 else range(0)
     if family == "mixtral":
         return dict(num_experts=need("num_local_experts"), num_experts_per_tok=need("num_experts_per_tok"),
                     moe_intermediate_size=need("intermediate_size"), norm_topk_prob=True,
                     router_aux_loss_coef=get("router_aux_loss_coef", 0.001))
     if family in ("qwen2_moe", "qwen3_moe"):
         step, only = get("decoder_sparse_step", 1), get("mlp_only_layers", [])
-        if not isinstance(step, int) or isinstance(step, bool) or step < 1:
+        if not _is_whole(step) or step < 1:
             raise ValueError(f"'decoder_sparse_step' {step!r:.40} (a positive whole number)")
-        if not isinstance(only, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in only):
+        if not isinstance(only, list) or not all(_is_whole(i) for i in only):
             raise ValueError(f"'mlp_only_layers' {only!r:.60} (a list of layer indices)")
         fields = dict(num_experts=need("num_experts"), num_experts_per_tok=need("num_experts_per_tok"),
                       moe_intermediate_size=need("moe_intermediate_size"),
@@ -401,14 +406,14 @@ def _moe_fields(cfg: dict, family: str, layers, need) -> dict:
         raise ValueError(f"'scoring_func' {scoring!r:.40} (transformers' {family} scores by "
                          f"{defaults['scoring_func']})")
     first_dense = get("first_k_dense_replace", defaults["first_k_dense_replace"])
-    if not isinstance(first_dense, int) or isinstance(first_dense, bool) or first_dense < 0:
+    if not _is_whole(first_dense) or first_dense < 0:
         raise ValueError(f"'first_k_dense_replace' {first_dense!r:.40} (a whole number)")
     greedy = method == "greedy"  # greedy top-k ignores the expert groups
     # q_lora_rank null (DeepSeek-V2-Lite): a plain q_proj; absent: transformers' default
     q_lora = cfg["q_lora_rank"] if "q_lora_rank" in cfg else defaults["q_lora_rank"]
     mla = {key: get(key, defaults[key]) for key in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")}
     rope, nope = mla["qk_rope_head_dim"], mla["qk_nope_head_dim"]
-    both_ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (rope, nope))
+    both_ints = _is_whole(rope) and _is_whole(nope)
     return dict(num_experts=need("n_routed_experts"), num_experts_per_tok=need("num_experts_per_tok"),
                 head_dim=rope + nope if both_ints else None,  # an MLA query/key head: non-rotary + rotary parts
                 moe_intermediate_size=need("moe_intermediate_size"), num_shared_experts=get("n_shared_experts", 0),
