@@ -66,7 +66,9 @@ def test_json_trainable_params(tmp_path):
            "--sp-degree", "1", "--loss", "chunked"]
     full_tps = _json([*PLAN_8B, *lay])["throughput"]["tokens_per_s_per_gpu"]
     lora_tps = _json([*PLAN_8B, *lay, "--method", "lora"])["throughput"]["tokens_per_s_per_gpu"]
-    assert 1.25 < lora_tps / full_tps < 1.45
+    # by less than the matmul FLOPs (8 vs 6 per frozen weight with recompute, about 1.33x): attention and
+    # the memory-bound work are the same for both
+    assert 1.0 < lora_tps / full_tps < 8 / 6
 
 
 def test_plan_yaml_method_block_and_check(tmp_path, monkeypatch):

@@ -1,5 +1,5 @@
 """Published training throughput, with sources: the runs the step-time model's constants
-(throughput.MATMUL_EFFICIENCY, ZERO3_OVERLAP) are fitted on (three independent sources: torchtitan,
+(throughput.MATMUL_EFFICIENCY, ELEMENTWISE_PASSES, ZERO3_OVERLAP) are fitted on (three independent sources: torchtitan,
 XTuner's 8k row, MosaicML llm-foundry's MPT benchmarks), runs on GPUs no profile describes, and
 XTuner's runs beyond 8k, held out of every fit as an independent check (bench/calibration.py prints all;
 tests/test_planner_throughput.py tests them). The only copy of these figures: every number below
@@ -196,7 +196,7 @@ _MOSAICML = (
     _mosaic("7b", 2048, 8, 6, 2, False, 4641, "amp_bf16 DEFAULT"),
 )
 
-#: the runs the fitted constants (MATMUL_EFFICIENCY, ZERO3_OVERLAP) are fitted on: runs on GPUs
+#: the runs the fitted constants (MATMUL_EFFICIENCY, ELEMENTWISE_PASSES, ZERO3_OVERLAP) are fitted on: runs on GPUs
 #: whose profile describes them (A100-SXM4-80GB: measured MAMF, published FlashAttention-2 rate)
 FITTED_RUNS = (*(r for r in _TORCHTITAN if r.gpu == "a100-80g"), _XTUNER_8K, *_MOSAICML)
 

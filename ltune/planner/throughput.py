@@ -6,11 +6,18 @@
 - attention: the FLOPs the flash kernel executes (the causal half; per document with packing
   and varlen attention, Shape.attention_tokens) at the published FlashAttention-2 kernel rate of
   the GPU (GpuProfile.flash_attention_tflops) times ATTENTION_EFFICIENCY;
+- memory-bound work (norms, activation functions, residual adds, rotary embeddings, casts): bytes
+  proportional to each layer's hidden and MLP activations at the GPU's HBM bandwidth
+  (elementwise_seconds; Ivanov et al. 2021 'Data Movement Is All You Need': such operators take
+  about a third of BERT's training time for a fraction of a percent of its FLOPs), so a GPU with
+  more FLOPs per byte of HBM (H100 against A100) loses a larger share of its step to it;
 - ZeRO-3 gathers and reduce-scatters, of which ZERO3_OVERLAP can hide under compute; ZeRO 0-2
   gradient and parameter collectives, Ulysses all-to-alls and offload exposed;
-  NVLink inside a node, the profile's per-GPU NIC across nodes.
+  NVLink inside a node; a ring across nodes runs one channel through each of the node's NICs,
+  so its bus bandwidth is the node's NICs together (collective_bandwidth), while an all-to-all's
+  off-node share goes through each GPU's own NIC (all_to_all_seconds).
 
-Two of the three constants (MATMUL_EFFICIENCY, ZERO3_OVERLAP) are fitted on published A100 80GB runs
+Three of the four efficiency constants (MATMUL_EFFICIENCY, ELEMENTWISE_PASSES, ZERO3_OVERLAP) are fitted on published A100 80GB runs
 of three independent sources, torchtitan (FSDP2), XTuner (DeepSpeed ZeRO-3) and MosaicML llm-foundry's
 MPT benchmarks (Composer FSDP) (planner/calibration_data.py FITTED_RUNS; ATTENTION_EFFICIENCY stays 1.0) by least squares
 on the log error; bench/calibration.py prints the fit, every run's error and each source's error
@@ -42,9 +49,14 @@ from ..profiles.schema import GpuProfile
 from .shape import Shape, tokens_per_rank
 from .schema import Layout, Throughput
 
-#: share of the measured matmul rate (peak x GpuProfile.matmul_efficiency) a whole training step
-#: reaches on its linear layers, norms, activations and loss included (fitted: bench/calibration.py)
-MATMUL_EFFICIENCY = 0.75
+#: share of the measured matmul rate (peak x GpuProfile.matmul_efficiency) the linear layers of a
+#: training step reach (fitted: bench/calibration.py)
+MATMUL_EFFICIENCY = 0.92
+
+#: memory-bound bytes per token and layer, in passes over the layer's hidden and MLP activations
+#: (hidden_size + the MLP width a token runs) in the model dtype per forward (the backward counted
+#: as two forwards, a recomputed forward as one more), at the HBM bandwidth (fitted: bench/calibration.py)
+ELEMENTWISE_PASSES = 25.0
 
 #: share of the published FlashAttention-2 kernel rate (GpuProfile.flash_attention_tflops) the
 #: attention of a training step reaches: not fitted (the fitted runs, 2k-8k, hardly constrain it),
@@ -52,8 +64,11 @@ MATMUL_EFFICIENCY = 0.75
 ATTENTION_EFFICIENCY = 1.0
 
 #: share of ZeRO-3 / FSDP parameter gathers and gradient reduce-scatters that prefetching hides
-#: under compute; the rest is exposed even when compute is longer (fitted: bench/calibration.py)
-ZERO3_OVERLAP = 0.90
+#: under compute; the rest is exposed even when compute is longer (fitted: bench/calibration.py;
+#: near 0: at the NICs' full bus bandwidth the fitted runs are best explained with all of the
+#: traffic exposed, and as no fitted cluster's measured bus bandwidth is published, it also
+#: absorbs a network below its line rate)
+ZERO3_OVERLAP = 0.01
 
 #: FlashAttention's benchmark counts the backward as 2.5 forwards (benchmarks/benchmark_flash_attention.py:
 #: 5 matmuls against 2); its published rates are in that convention
@@ -249,15 +264,54 @@ def dequant_seconds(s: Shape, gpu: GpuProfile, recomputed: float) -> float:
     return (2.0 + recomputed) * dequant_bytes(s) / gpu.hbm_bandwidth_bytes_per_s
 
 
+def mlp_width_per_token(s: Shape) -> float:
+    """The MLP width one token runs, averaged over the layers: intermediate_size for a dense model;
+    a MoE model's MoE layers run top-k routed experts and the shared experts, its dense layers
+    (deepseek's first layers) their own MLP."""
+    if not s.is_moe:
+        return float(s.intermediate_size)
+    moe = s.num_experts_per_tok * s.moe_intermediate_size + s.shared_expert_intermediate_size
+    dense_layers = s.num_layers - s.num_moe_layers
+    return (s.num_moe_layers * moe + dense_layers * s.intermediate_size) / s.num_layers
+
+
+def elementwise_seconds(s: Shape, lay: Layout, gpu: GpuProfile, recomputed: float) -> float:
+    """This rank's memory-bound work for one micro-batch: ELEMENTWISE_PASSES x the model dtype's bytes
+    over every layer's hidden and MLP activations (h + mlp_width_per_token) per token, for the forward,
+    the backward (two) and the recomputed forward, at the HBM bandwidth (Ivanov et al. 2021)."""
+    width = s.hidden_size + mlp_width_per_token(s)
+    traffic = ELEMENTWISE_PASSES * s.dtype_bytes * width * s.num_layers * (3.0 + recomputed)
+    return tokens_per_rank(s, lay) * traffic / gpu.hbm_bandwidth_bytes_per_s
+
+
 def compute_seconds(s: Shape, lay: Layout, gpu: GpuProfile, recomputed: float | None = None) -> float:
-    """Matmul plus attention time of one micro-batch on one rank (plus QLoRA's dequantization)."""
+    """Matmul, attention and memory-bound time of one micro-batch on one rank (plus QLoRA's
+    dequantization)."""
     r = recompute_share(lay) if recomputed is None else recomputed
-    return matmul_seconds(s, lay, gpu, r) + attention_seconds(s, lay, gpu, r) + dequant_seconds(s, gpu, r)
+    return (matmul_seconds(s, lay, gpu, r) + attention_seconds(s, lay, gpu, r)
+            + elementwise_seconds(s, lay, gpu, r) + dequant_seconds(s, gpu, r))
 
 
 def collective_bandwidth(gpu: GpuProfile, ranks: int) -> float:
-    """Bus bandwidth of a collective over `ranks` GPUs: NVLink inside a node, the NIC across."""
-    return gpu.intra_node_bandwidth_bytes_per_s if ranks <= gpu.gpus_per_node else gpu.inter_node_bandwidth_bytes_per_s
+    """Bus bandwidth of a ring collective over `ranks` GPUs: NVLink inside a node; across nodes NCCL
+    runs one ring channel through each of the node's NICs, so the bus bandwidth is the node's NICs
+    together (gpus_per_node x the per-GPU NIC share), capped by NVLink (nccl-tests #152: 'theoretical
+    100 GB/s (25GB/s per HDR)' for four HDR NICs per A100 node; #100: 91 GB/s measured busbw on two
+    HGX A100 with four 200 Gb/s NICs)."""
+    intra = gpu.intra_node_bandwidth_bytes_per_s
+    if ranks <= gpu.gpus_per_node:
+        return intra
+    return min(intra, gpu.gpus_per_node * gpu.inter_node_bandwidth_bytes_per_s)
+
+
+def all_to_all_seconds(bytes_per_rank: float, ranks: int, gpu: GpuProfile) -> float:
+    """An all-to-all of bytes_per_rank from each of `ranks` GPUs (1/ranks to each peer): the share for
+    peers in the node over NVLink, the share for peers in other nodes through the GPU's own share of
+    the node's NICs (every GPU of the node sends at once), both at the same time."""
+    on_node = min(ranks, gpu.gpus_per_node)
+    inside = bytes_per_rank * (on_node - 1) / ranks / gpu.intra_node_bandwidth_bytes_per_s
+    across = bytes_per_rank * (ranks - on_node) / ranks / gpu.inter_node_bandwidth_bytes_per_s
+    return max(inside, across)
 
 
 def ring_seconds(payload_bytes: float, ranks: int, bandwidth: float) -> float:
@@ -300,8 +354,8 @@ def exposed_zero3_seconds(comm: float, compute: float) -> float:
 def ulysses_seconds(s: Shape, lay: Layout, gpu: GpuProfile, recomputed: float | None = None) -> float:
     """Ulysses all-to-alls (Jacobs et al. 2023): q, k, v and the output per layer in
     forward, their gradients in backward, again in the recomputed forward; each moves
-    (sp-1)/sp of the rank's activations, on the critical path. MLA: v and the output are
-    value_size wide (heads x v_head_dim), k q_size."""
+    (sp-1)/sp of the rank's activations (all_to_all_seconds), on the critical path. MLA: v and
+    the output are value_size wide (heads x v_head_dim), k q_size."""
     if lay.sp_degree == 1:
         return 0.0
     r = recompute_share(lay) if recomputed is None else recomputed
@@ -310,8 +364,7 @@ def ulysses_seconds(s: Shape, lay: Layout, gpu: GpuProfile, recomputed: float | 
         per_layer = s.dtype_bytes * t * (s.q_size + s.kv_size + 2 * value_size(s))
     else:
         per_layer = s.dtype_bytes * t * (2 * s.q_size + 2 * s.kv_size)
-    volume = s.num_layers * (2 + r) * per_layer * (lay.sp_degree - 1) / lay.sp_degree
-    return volume / collective_bandwidth(gpu, lay.sp_degree)
+    return all_to_all_seconds(s.num_layers * (2 + r) * per_layer, lay.sp_degree, gpu)
 
 
 def offload_seconds(s: Shape, lay: Layout, gpu: GpuProfile) -> float:
