@@ -8,7 +8,9 @@ moves by more than 1e-4) from FIT_START. throughput.py holds the fit rounded to 
 Prints, per run, the predicted and published tokens/s/GPU and the error with the constants in
 throughput.py; then, for each independent source, its runs predicted by a fit that leaves that
 source out (leave-one-source-out); then the runs on GPUs no profile describes (in no fit); then XTuner's runs beyond 8k, which no
-fit ever sees.
+fit ever sees; then the pairs of published rows of one source that no model of this shape can
+both match (contradictions: a row doing at least another's work per micro-batch yet faster, or
+slower by more than its largest work ratio).
 Goal: every run within 25%, the leave-one-source-out median within 15%.
 """
 
@@ -20,7 +22,7 @@ from contextlib import contextmanager
 
 from ltune.planner import throughput as T
 from ltune.planner.calibration_data import FITTED_RUNS, HELD_OUT_RUNS, UNPROFILED_RUNS, PublishedRun
-from ltune.planner.shape import Shape
+from ltune.planner.shape import Shape, tokens_per_rank
 from ltune.profiles import load_gpu
 
 NAMES = ("MATMUL_EFFICIENCY", "ELEMENTWISE_PASSES", "ZERO3_OVERLAP")
@@ -104,6 +106,62 @@ def leave_one_source_out(runs):
     return out
 
 
+def published_seconds_per_micro_batch(run: PublishedRun) -> float:
+    """The published time of one micro-batch on one rank: its tokens over the published tokens/s/GPU."""
+    return tokens_per_rank(Shape.of(run.profile(), run.seq_len), run.layout) / run.tokens_per_s_per_gpu
+
+
+def _work(run: PublishedRun) -> tuple[int, int]:
+    """(tokens a rank runs per micro-batch, tokens x the keys each query sees): what every linear term
+    (matmuls, memory-bound work, Ulysses traffic) and the attention term of a micro-batch grow with."""
+    tokens = tokens_per_rank(Shape.of(run.profile(), run.seq_len), run.layout)
+    return tokens, tokens * min(run.seq_len, run.doc_tokens or run.seq_len)
+
+
+def _comparable(a: PublishedRun, b: PublishedRun) -> bool:
+    """Two rows of one source whose micro-batches differ only in work: the same model, GPU type and
+    count, ZeRO stage and recomputed share (so the same ZeRO traffic per micro-batch)."""
+    share = {r: T.recompute_share(r.layout) if r.recomputed is None else r.recomputed for r in (a, b)}
+    return (a.origin == b.origin and a.profile().name == b.profile().name and a.gpu == b.gpu
+            and a.layout.num_gpus == b.layout.num_gpus and a.layout.zero_stage == b.layout.zero_stage
+            and share[a] == share[b] and a.label != b.label)
+
+
+def contradictions(runs) -> list[tuple[PublishedRun, PublishedRun, str]]:
+    """Pairs of published rows that no step-time model of this shape can both match: a micro-batch
+    is a sum of terms that grow with the tokens a rank runs (matmuls, memory-bound work, all-to-alls)
+    or with tokens x keys (attention), plus ZeRO traffic that is the same for two comparable rows,
+    plus a cost paid once per optimizer step (spread over grad_accum micro-batches). So when row a
+    does at least row b's work in every term:
+    - a's micro-batch cannot be faster than b's, unless a per-step cost spread over more micro-batches
+      in a makes up the gap (the smallest such cost is stated);
+    - with the same sp and accumulation, a's time cannot grow by more than its largest work ratio.
+    Returns (a, b, why) for each violation."""
+    out = []
+    for a in runs:
+        for b in runs:
+            if not _comparable(a, b):
+                continue
+            (lin_a, att_a), (lin_b, att_b) = _work(a), _work(b)
+            if lin_a < lin_b or att_a < att_b or a.layout.sp_degree < b.layout.sp_degree:
+                continue
+            if (lin_a, att_a, a.layout.sp_degree) == (lin_b, att_b, b.layout.sp_degree):
+                continue  # the same work as ltune describes it (torchtitan's two selective checkpointings)
+            t_a, t_b = published_seconds_per_micro_batch(a), published_seconds_per_micro_batch(b)
+            if t_a < t_b:
+                why = f"does at least its work per micro-batch, yet takes {t_a:.2f} s against {t_b:.2f} s"
+                if a.grad_accum > b.grad_accum:
+                    step = (t_b - t_a) / (1 / b.grad_accum - 1 / a.grad_accum)
+                    why += f"; only a cost of at least {step:.1f} s per optimizer step explains both"
+                out.append((a, b, why))
+            bound = max(lin_a / lin_b, att_a / att_b)
+            if (a.layout.sp_degree == b.layout.sp_degree and a.grad_accum == b.grad_accum
+                    and t_a / t_b > bound * (1 + 1e-9)):
+                out.append((a, b, f"takes {t_a / t_b:.2f}x its time per micro-batch for at most {bound:.2f}x "
+                                  f"its work in any term"))
+    return out
+
+
 def row(run: PublishedRun, err: float) -> str:
     pred = run.tokens_per_s_per_gpu * (1 + err)
     return f"  {run.label:44s} {pred:9,.0f} {run.tokens_per_s_per_gpu:9,.0f} {100 * err:+7.1f}%"
@@ -146,6 +204,10 @@ def main() -> None:
         print(row(r, errors[r.label]))
     held = [abs(errors[r.label]) for r in HELD_OUT_RUNS]
     print(f"  held-out median |error| {100 * statistics.median(held):.1f}%")
+
+    print("\npublished rows no model of this shape can both match (same source, model and GPUs)")
+    for a, b, why in contradictions((*FITTED_RUNS, *UNPROFILED_RUNS, *HELD_OUT_RUNS)):
+        print(f"  {a.label} against {b.label}: {why}")
 
     worst = max(errors.items(), key=lambda kv: abs(kv[1]))
     within = sum(abs(e) <= 0.25 for e in errors.values())

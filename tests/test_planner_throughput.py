@@ -291,3 +291,32 @@ _UNPROFILED = {
 ])
 def test_runs_on_unprofiled_gpus(run):
     assert predicted(run) == pytest.approx(run.tokens_per_s_per_gpu, rel=0.25)
+
+
+def _row(label: str, seq_len: int, sp: int, accum: int, tps: float) -> PublishedRun:
+    return PublishedRun(label, "test", "llama2-7b", "a100-80g", seq_len,
+                        Layout(num_gpus=8, zero_stage=3, sp_degree=sp, recompute="full"), tps, source="test",
+                        grad_accum=accum)
+
+
+def test_contradicting_rows_are_found():
+    """A 32k sp4 row runs the same 8192 tokens a rank as an 8k sp1 row with 4x the keys per query: it
+    cannot be faster per micro-batch unless a per-step cost spread over its 4 micro-batches makes up
+    the gap, (8.192 - 6.827) / (1 - 1/4) = 1.82 s; a 16k sp1 row whose micro-batch takes more than 4x
+    the 8k one (2x tokens, 4x tokens x keys) exceeds every term's growth."""
+    audit = _calibration().contradictions
+    short, long_ = _row("8k", 8192, 1, 1, 1000.0), _row("32k", 32768, 4, 4, 1200.0)
+    ((a, b, why),) = audit([short, long_])
+    assert (a.label, b.label) == ("32k", "8k") and "at least 1.8 s per optimizer step" in why
+    assert audit([short, _row("32k", 32768, 4, 4, 900.0)]) == []  # slower: consistent
+    ((a, b, why),) = audit([short, _row("16k", 16384, 1, 1, 1000.0 * 2 / 4.2)])
+    assert a.label == "16k" and "4.20x its time" in why and "at most 4.00x" in why
+    assert audit([short, _row("16k", 16384, 1, 1, 1000.0 * 2 / 3.9)]) == []
+
+
+def test_published_contradictions_are_the_documented_misses():
+    """The audit of the published rows finds the two pairs the held-out misses cite."""
+    runs = (*FITTED_RUNS, *UNPROFILED_RUNS, *HELD_OUT_RUNS)
+    found = {(a.label, b.label) for a, b, _ in _calibration().contradictions(runs)}
+    assert found == {("XTuner Llama2-70B 32k 32xA100 sp4", "XTuner Llama2-70B 8k 32xA100 sp1"),
+                     ("XTuner Yi-34B-200K 256k 32xA100 sp8", "XTuner Yi-34B-200K 128k 32xA100 sp8")}
