@@ -7,8 +7,8 @@ moves by more than 1e-4) from FIT_START. throughput.py holds the fit rounded to 
 
 Prints, per run, the predicted and published tokens/s/GPU and the error with the constants in
 throughput.py; then, for each independent source, its runs predicted by a fit that leaves that
-source out (leave-one-source-out); then the runs on GPUs no profile describes (in no fit); then XTuner's runs beyond 8k, which no
-fit ever sees; then the pairs of published rows of one source that no model of this shape can
+source out (leave-one-source-out); then the runs on GPUs no profile describes (in no fit); then XTuner's runs beyond 8k
+and more rows of MosaicML's table (H100, MPT-1B and 3B), which no fit ever sees; then the pairs of published rows of one source that no model of this shape can
 both match (contradictions: a row doing at least another's work per micro-batch yet faster, or
 slower by more than its largest work ratio).
 Goal: every run within 25%, the leave-one-source-out median within 15%.
@@ -21,7 +21,9 @@ import statistics
 from contextlib import contextmanager
 
 from ltune.planner import throughput as T
-from ltune.planner.calibration_data import FITTED_RUNS, HELD_OUT_RUNS, UNPROFILED_RUNS, PublishedRun
+from ltune.planner.calibration_data import (
+    FITTED_RUNS, HELD_OUT_MOSAICML, HELD_OUT_RUNS, UNPROFILED_RUNS, PublishedRun,
+)
 from ltune.planner.shape import Shape, tokens_per_rank
 from ltune.profiles import load_gpu
 
@@ -175,7 +177,7 @@ def main() -> None:
     print("least-squares fit (log error) on FITTED_RUNS: " + ", ".join(f"{n}={v:.3f}" for n, v in zip(NAMES, fitted)))
 
     print(f"\nfitted runs, constants of throughput.py\n{header}")
-    errors = {r.label: error(r) for r in (*FITTED_RUNS, *HELD_OUT_RUNS)}
+    errors = {r.label: error(r) for r in (*FITTED_RUNS, *HELD_OUT_RUNS, *HELD_OUT_MOSAICML)}
     for r in FITTED_RUNS:
         print(row(r, errors[r.label]))
 
@@ -205,8 +207,14 @@ def main() -> None:
     held = [abs(errors[r.label]) for r in HELD_OUT_RUNS]
     print(f"  held-out median |error| {100 * statistics.median(held):.1f}%")
 
+    print(f"\nheld out of every fit (MosaicML on H100, MPT-1B and 3B on A100), constants of throughput.py\n{header}")
+    for r in HELD_OUT_MOSAICML:
+        print(row(r, errors[r.label]))
+    held = [abs(errors[r.label]) for r in HELD_OUT_MOSAICML]
+    print(f"  held-out median |error| {100 * statistics.median(held):.1f}%")
+
     print("\npublished rows no model of this shape can both match (same source, model and GPUs)")
-    for a, b, why in contradictions((*FITTED_RUNS, *UNPROFILED_RUNS, *HELD_OUT_RUNS)):
+    for a, b, why in contradictions((*FITTED_RUNS, *UNPROFILED_RUNS, *HELD_OUT_RUNS, *HELD_OUT_MOSAICML)):
         print(f"  {a.label} against {b.label}: {why}")
 
     worst = max(errors.items(), key=lambda kv: abs(kv[1]))

@@ -78,7 +78,7 @@ def communication_bound_line(ev, model, gpu) -> str | None:
     th, lay = ev.throughput, ev.layout
     if not communication_bound(th):
         return None
-    where = "inside one node (NVLink)" if lay.num_gpus <= gpu.gpus_per_node else "across nodes (the NIC)"
+    where = "inside one node (NVLink)" if lay.num_gpus <= gpu.gpus_per_node else "across nodes (the nodes' NICs)"
     moves = ("gathers all parameters in forward and backward and reduce-scatters all gradients"
              if lay.zero_stage == 3 else "reduces all gradients and gathers the updated parameters")
     experts = (f", every expert of each layer, while compute uses the {model.active_params() / 1e9:.2f}B active"

@@ -16,7 +16,7 @@ from ltune.cli import app
 from ltune.planner import throughput as T
 from ltune.planner.schema import Layout
 from ltune.planner.shape import Shape
-from ltune.profiles import load_gpu
+from ltune.profiles import load_gpu, load_model
 from ltune.profiles.schema import ModelProfile
 
 runner = CliRunner()
@@ -204,3 +204,14 @@ def test_cli_mixtral_profile():
     assert "12.88B (2 of 8)" in row
     dense = next(line for line in listing.stdout.splitlines() if "llama3.1-8b" in line)
     assert "12.88B" not in dense and " all " in dense
+
+
+@pytest.mark.parametrize("name, width", [
+    ("mixtral-8x7b", 2 * 14336),                         # top-2 of experts 14336 wide, every layer
+    ("qwen1.5-moe-a2.7b", 4 * 1408 + 5632),             # top-4 of 1408, shared expert 5632
+    ("deepseek-v2-lite", (26 * (6 * 1408 + 2 * 1408) + 10944) / 27),  # layer 0 dense (10944); 26 MoE: top-6 + 2 shared
+    ("llama3.1-8b", 14336),
+])
+def test_memory_bound_work_follows_the_mlp_a_token_runs(name, width):
+    """The memory-bound term counts the MLP width one token runs (config.json of each model)."""
+    assert T.mlp_width_per_token(Shape.of(load_model(name), 4096)) == pytest.approx(width, rel=1e-12)

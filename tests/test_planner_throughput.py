@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 
 from ltune.planner import throughput as T
-from ltune.planner.calibration_data import FITTED_RUNS, HELD_OUT_RUNS, UNPROFILED_RUNS, PublishedRun
+from ltune.planner.calibration_data import (
+    FITTED_RUNS, HELD_OUT_MOSAICML, HELD_OUT_RUNS, UNPROFILED_RUNS, PublishedRun,
+)
 from ltune.planner.schema import Layout
 from ltune.planner.shape import Shape
 from ltune.profiles import load_gpu, load_model
@@ -102,9 +104,11 @@ def test_zero3_traffic_and_its_overlap(s8k):
 
 def test_ring_across_nodes_is_capped_by_nvlink():
     """H100 nodes: 8 NICs of 46 GB/s make 368 GB/s, NVLink's bus bandwidth too; a node of PCIe GPUs
-    (h100-pcie: 25 GB/s between GPUs, a 200 Gb/s NIC per two GPUs) is held to its 25 GB/s."""
+    (h100-pcie: 25 GB/s between GPUs, a 200 Gb/s NIC per two GPUs) is held to its 25 GB/s; V100 nodes
+    (a 100 Gb/s NIC per two GPUs, ~6 GB/s a GPU) get their NICs' 48 GB/s, under NVLink's 120."""
     assert T.collective_bandwidth(load_gpu("h100-80g"), 64) == 368e9
     assert T.collective_bandwidth(load_gpu("h100-pcie"), 64) == 25e9
+    assert T.collective_bandwidth(load_gpu("v100-32g"), 64) == 8 * 6e9
     assert T.collective_bandwidth(load_gpu("a100-80g"), 8) == 235e9
 
 
@@ -124,6 +128,22 @@ def test_ulysses_across_nodes_by_hand():
     lay = Layout(num_gpus=16, sp_degree=16, recompute="full")
     volume = L * 3 * 2 * 2048 * (2 * Q + 2 * KV)  # bytes of the rank's 32768/16 tokens
     assert T.ulysses_seconds(s, lay, load_gpu("a100-80g")) == pytest.approx(volume * 8 / 16 / 24e9, rel=1e-12)
+
+
+@pytest.mark.parametrize("sp, inside, across", [
+    (6, 1, 4),    # ranks 6-11 of 24: two on one node (1 peer), four on the next
+    (12, 3, 8),   # ranks 12-23: four on one node (3 peers), eight on the next
+    (4, 3, 0),    # inside a node
+])
+def test_ulysses_groups_that_straddle_nodes(sp, inside, across):
+    """Ulysses groups are consecutive ranks: on 8-GPU A100 nodes, the slowest rank of a group that
+    straddles a node boundary has the fewest peers in its node and the most across it. Qwen2.5-1.5B
+    (config.json: 28 layers, 12 heads of 128, 2 KV heads), so sp 4, 6 and 12 divide its heads."""
+    s = Shape.of(load_model("qwen2.5-1.5b"), 24 * 1024)
+    lay = Layout(num_gpus=24, sp_degree=sp, recompute="none")
+    volume = 28 * 2 * 2 * (24 * 1024 // sp) * (2 * 1536 + 2 * 256)
+    hand = max(volume * inside / sp / 235e9, volume * across / sp / 24e9)
+    assert T.ulysses_seconds(s, lay, load_gpu("a100-80g")) == pytest.approx(hand, rel=1e-12)
 
 
 def test_mfu_keeps_the_palm_convention(s8k):
@@ -163,7 +183,7 @@ def test_calibration_set_is_big_and_independent():
     assert len(runs) >= 10 and len({r.origin for r in runs}) >= 3
     # the fit itself sees three sources, so leaving one out still leaves two (7 runs or more) to fit three constants
     assert {r.origin for r in FITTED_RUNS} == {"torchtitan", "xtuner", "mosaicml"}
-    assert not {r.label for r in FITTED_RUNS} & {r.label for r in HELD_OUT_RUNS}
+    assert not {r.label for r in FITTED_RUNS} & {r.label for r in (*HELD_OUT_RUNS, *HELD_OUT_MOSAICML)}
     assert [r.label for r in FITTED_RUNS if r.origin == "xtuner"] == ["XTuner Llama2-7B 8k 8xA100 sp1"]
 
 
@@ -180,10 +200,13 @@ _MPT_NUM_PARAMS = {
     ("13b", 2048): 12_853_954_560, ("13b", 4096): 12_864_440_320, ("13b", 8192): 12_885_411_840,
     ("30b", 2048): 29_975_214_080, ("30b", 4096): 29_989_894_144, ("30b", 8192): 30_019_254_272,
     ("70b", 2048): 64_862_437_376,
+    ("1b", 2048): 1_315_950_592, ("1b", 4096): 1_320_144_896, ("1b", 8192): 1_328_533_504,
+    ("3b", 2048): 2_651_837_440, ("3b", 4096): 2_657_080_320, ("3b", 8192): 2_667_566_080,
 }
 
 
-@pytest.mark.parametrize("run", [r for r in FITTED_RUNS if r.origin == "mosaicml"], ids=lambda r: r.label)
+@pytest.mark.parametrize("run", [r for r in (*FITTED_RUNS, *HELD_OUT_MOSAICML) if r.origin == "mosaicml"],
+                         ids=lambda r: r.label)
 def test_mpt_standins_have_mpt_parameters(run):
     """The llama stand-ins carry MPT's parameters as published, less its learned positions (SeqLen x d,
     a lookup without matmul FLOPs), within 0.1% (MPT's biases and LayerNorms)."""
@@ -248,6 +271,29 @@ def test_held_out_median_within_15_percent():
     assert statistics.median(errors) <= 0.15
 
 
+_MOSAICML_MISSES = {
+    "MosaicML MPT-30b 8k 8xH100 AC": (
+        "the same row as on A100 (+34%): on H100 too the 8k micro-batch of 30B takes 2.60x the 4k one for 2x the "
+        "tokens, where 7B's 8k and 4k rows (equal tokens per micro-batch) differ by 1.24x; the model is 36% too fast"),
+}
+
+
+@pytest.mark.parametrize("run", [
+    pytest.param(r, id=r.label, marks=pytest.mark.xfail(strict=True, reason=_MOSAICML_MISSES[r.label]))
+    if r.label in _MOSAICML_MISSES else pytest.param(r, id=r.label)
+    for r in HELD_OUT_MOSAICML
+])
+def test_held_out_mosaicml_runs_within_25_percent(run):
+    """llm-foundry's H100 rows and its MPT-1B and 3B rows, chosen by the fitted rows' rule and never fitted:
+    the A100 fit carried to another GPU (MAMF, HBM bandwidth, FlashAttention rate) and to narrow models."""
+    assert predicted(run) == pytest.approx(run.tokens_per_s_per_gpu, rel=0.25)
+
+
+def test_held_out_mosaicml_median_within_15_percent():
+    errors = [abs(predicted(r) / r.tokens_per_s_per_gpu - 1) for r in HELD_OUT_MOSAICML]
+    assert statistics.median(errors) <= 0.15
+
+
 def test_long_context_falls_as_the_kernel_predicts():
     """XTuner Llama2-7B from 32k to 256k on 8 A100 (no fit sees them): the model's ratios of
     tokens/s/GPU within 10% of the published ones; PaLM attention without the causal half at one
@@ -268,13 +314,6 @@ def test_multi_node_scaling_of_torchtitan_h100():
     by_count = {r.layout.num_gpus: r for r in UNPROFILED_RUNS if r.gpu == "h100-80g"}
     published = by_count[128].tokens_per_s_per_gpu / by_count[8].tokens_per_s_per_gpu
     assert predicted(by_count[128]) / predicted(by_count[8]) == pytest.approx(published, abs=0.02)
-
-
-def test_scaling_across_nodes_loses_little():
-    """torchtitan's H100s lose 2.7% per GPU from 8 to 128 (published 5762 and 5605 tokens/s/GPU): the model's
-    128-GPU step is slower than its 8-GPU step, by less than 5%."""
-    by_count = {r.layout.num_gpus: r for r in UNPROFILED_RUNS if r.gpu == "h100-80g"}
-    assert 0.95 < predicted(by_count[128]) / predicted(by_count[8]) < 1.0
 
 
 _UNPROFILED = {
@@ -316,7 +355,7 @@ def test_contradicting_rows_are_found():
 
 def test_published_contradictions_are_the_documented_misses():
     """The audit of the published rows finds the two pairs the held-out misses cite."""
-    runs = (*FITTED_RUNS, *UNPROFILED_RUNS, *HELD_OUT_RUNS)
+    runs = (*FITTED_RUNS, *UNPROFILED_RUNS, *HELD_OUT_RUNS, *HELD_OUT_MOSAICML)
     found = {(a.label, b.label) for a, b, _ in _calibration().contradictions(runs)}
     assert found == {("XTuner Llama2-70B 32k 32xA100 sp4", "XTuner Llama2-70B 8k 32xA100 sp1"),
                      ("XTuner Yi-34B-200K 256k 32xA100 sp8", "XTuner Yi-34B-200K 128k 32xA100 sp8")}

@@ -140,10 +140,16 @@ _MOSAIC = (
     "node-node interconnect (RoCE)': MPT models trained with Composer, FSDP FULL_SHARD (ZeRO-3), C4 packed to "
     "SeqLen, 8 A100 80GB per node, 1600 Gb/s per node (200 Gb/s per GPU, the a100-80g profile's NIC)"
 )
+_MOSAIC_H100 = (
+    "mosaicml/llm-foundry scripts/train/benchmarking/README.md (commit 061f2c7), table 'H100 80GB BF16': MPT models "
+    "trained with Composer, FSDP FULL_SHARD (ZeRO-3), amp_bf16, 8 GPUs per node (h100_80gb: planned as the h100-80g "
+    "SXM5 profile; the table states no interconnect, the profile's 400 Gb/s NIC per GPU is assumed)"
+)
 #: MPT's shapes (llm-foundry scripts/train/yamls/pretrain/mpt-<size>.yaml): d_model, n_heads, n_layers;
 #: every MPT has expansion_ratio 4 and vocab_size 50368, and the README's NumParams column equals
 #: 12*L*d^2 + 50368*d + SeqLen*d (learned positions) + (13*L + 2)*d (biases and LayerNorms) for each
-_MPT_SHAPES = {"7b": (4096, 32, 32), "13b": (5120, 40, 40), "30b": (7168, 56, 48), "70b": (8192, 64, 80)}
+_MPT_SHAPES = {"1b": (2048, 16, 24), "3b": (2560, 20, 32), "7b": (4096, 32, 32), "13b": (5120, 40, 40),
+               "30b": (7168, 56, 48), "70b": (8192, 64, 80)}
 _MPT_NOTE = (
     "MPT described as a llama stand-in of the same parameter count and FLOPs: MPT's MLP is a non-gated 4x GELU "
     "(8*d^2 per layer), the stand-in's a gated one of width round(8d/3) (3*d*width, within 0.003%), multi-head "
@@ -166,15 +172,18 @@ def mpt_standin(size: str) -> ModelProfile:
     )
 
 
-def _mosaic(size: str, seq_len: int, gpus: int, mb: int, accum: int, ckpt: bool, tps: float, mp: str) -> PublishedRun:
-    """One row of llm-foundry's A100 80GB table: MicroBatchSize, GradAccum, Activation Checkpointing (Composer's
-    FSDP checkpointing of every MPT block: full recompute), Throughput (T/s/GPU) as published."""
+def _mosaic(size: str, seq_len: int, gpus: int, mb: int, accum: int, ckpt: bool, tps: float, mp: str,
+            gpu: str = "a100-80g") -> PublishedRun:
+    """One row of llm-foundry's A100 80GB (or H100 80GB BF16) table: MicroBatchSize, GradAccum, Activation
+    Checkpointing (Composer's FSDP checkpointing of every MPT block: full recompute), Throughput (T/s/GPU) as
+    published."""
+    h100 = gpu == "h100-80g"
     return PublishedRun(
-        f"MosaicML MPT-{size} {seq_len // 1024}k {gpus}xA100 {'AC' if ckpt else 'no AC'}", "mosaicml",
-        mpt_standin(size), "a100-80g", seq_len,
+        f"MosaicML MPT-{size} {seq_len // 1024}k {gpus}x{'H100' if h100 else 'A100'} {'AC' if ckpt else 'no AC'}",
+        "mosaicml", mpt_standin(size), gpu, seq_len,
         Layout(num_gpus=gpus, zero_stage=3, recompute="full" if ckpt else "none", micro_batch_size=mb), tps,
-        source=f"{_MOSAIC}; row {size}, SeqLen {seq_len}, {gpus} GPUs, MicroBatchSize {mb}, GradAccum {accum}, "
-        f"{mp}, Activation Checkpointing {ckpt}: {tps:g} T/s/GPU",
+        source=f"{_MOSAIC_H100 if h100 else _MOSAIC}; row {size}, SeqLen {seq_len}, {gpus} GPUs, MicroBatchSize {mb}, "
+        f"GradAccum {accum}, {mp}, Activation Checkpointing {ckpt}: {tps:g} T/s/GPU",
         grad_accum=accum, note=_MPT_NOTE,
     )
 
@@ -223,4 +232,32 @@ HELD_OUT_RUNS = (
     _xtuner("llama2-70b", 1048576, 64, 64, 21.8, "Llama2-70B 1M"),
 )
 
-ALL_RUNS = (*FITTED_RUNS, *UNPROFILED_RUNS, *HELD_OUT_RUNS)
+#: more rows of llm-foundry's benchmark table, never in any fit, chosen by the fitted rows' rule (SeqLen
+#: 2048-8192) before any was predicted: every H100 80GB BF16 row of MPT-7B and up (the fit's A100 constants
+#: carried to another GPU: its MAMF, HBM bandwidth and FlashAttention rate), and every A100 80GB row of MPT-1B
+#: and 3B (narrow models, where memory-bound work weighs more against the matmuls)
+HELD_OUT_MOSAICML = (
+    _mosaic("70b", 2048, 64, 8, 4, True, 1039, "amp_bf16 DEFAULT", "h100-80g"),
+    _mosaic("70b", 2048, 32, 2, 16, True, 882, "amp_bf16 DEFAULT", "h100-80g"),
+    _mosaic("30b", 8192, 8, 1, 21, True, 1384, "amp_bf16 DEFAULT", "h100-80g"),
+    _mosaic("30b", 4096, 8, 1, 21, True, 1802, "amp_bf16 DEFAULT", "h100-80g"),
+    _mosaic("30b", 2048, 32, 14, 3, True, 2308, "amp_bf16 DEFAULT", "h100-80g"),
+    _mosaic("30b", 2048, 16, 10, 3, True, 2263, "amp_bf16 DEFAULT", "h100-80g"),
+    _mosaic("30b", 2048, 8, 3, 21, True, 2002, "amp_bf16 DEFAULT", "h100-80g"),
+    _mosaic("13b", 4096, 8, 10, 3, True, 4717, "amp_bf16 DEFAULT", "h100-80g"),
+    _mosaic("13b", 2048, 64, 2, 1, False, 4800, "amp_bf16 DEFAULT", "h100-80g"),
+    _mosaic("13b", 2048, 32, 2, 1, False, 4811, "amp_bf16 DEFAULT", "h100-80g"),
+    _mosaic("13b", 2048, 16, 2, 1, False, 4767, "amp_bf16 DEFAULT", "h100-80g"),
+    _mosaic("13b", 2048, 8, 2, 1, False, 4792, "amp_bf16 DEFAULT", "h100-80g"),
+    _mosaic("7b", 8192, 8, 8, 2, True, 6935, "amp_bf16 DEFAULT", "h100-80g"),
+    _mosaic("7b", 4096, 8, 16, 2, True, 8611, "amp_bf16 DEFAULT", "h100-80g"),
+    _mosaic("7b", 2048, 8, 6, 1, False, 10643, "amp_bf16 DEFAULT", "h100-80g"),
+    _mosaic("3b", 8192, 8, 3, 6, False, 7695, "amp_bf16 DEFAULT"),
+    _mosaic("3b", 4096, 8, 5, 6, False, 9457, "amp_bf16 DEFAULT"),
+    _mosaic("3b", 2048, 8, 10, 2, False, 10811, "amp_bf16 DEFAULT"),
+    _mosaic("1b", 8192, 8, 3, 4, False, 13814, "amp_bf16 DEFAULT"),
+    _mosaic("1b", 4096, 8, 7, 4, False, 17807, "amp_bf16 DEFAULT"),
+    _mosaic("1b", 2048, 8, 14, 4, False, 20513, "amp_bf16 DEFAULT"),
+)
+
+ALL_RUNS = (*FITTED_RUNS, *UNPROFILED_RUNS, *HELD_OUT_RUNS, *HELD_OUT_MOSAICML)

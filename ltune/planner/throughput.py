@@ -45,6 +45,8 @@ value_head_size, so the PV matmul and the attention output use value_size.
 
 from __future__ import annotations
 
+import math
+
 from ..profiles.schema import GpuProfile
 from .shape import Shape, tokens_per_rank
 from .schema import Layout, Throughput
@@ -307,8 +309,11 @@ def collective_bandwidth(gpu: GpuProfile, ranks: int) -> float:
 def all_to_all_seconds(bytes_per_rank: float, ranks: int, gpu: GpuProfile) -> float:
     """An all-to-all of bytes_per_rank from each of `ranks` GPUs (1/ranks to each peer): the share for
     peers in the node over NVLink, the share for peers in other nodes through the GPU's own share of
-    the node's NICs (every GPU of the node sends at once), both at the same time."""
-    on_node = min(ranks, gpu.gpus_per_node)
+    the node's NICs (every GPU of the node sends at once), both at the same time. Groups are runs of
+    consecutive ranks, so a group can straddle a node boundary: the slowest rank, which sets the
+    time, shares its node with gcd(ranks, gpus_per_node) members of its group (sp 6 on 8-GPU nodes:
+    ranks 6-11 put two on one node, four on the next)."""
+    on_node = math.gcd(ranks, gpu.gpus_per_node)
     inside = bytes_per_rank * (on_node - 1) / ranks / gpu.intra_node_bandwidth_bytes_per_s
     across = bytes_per_rank * (ranks - on_node) / ranks / gpu.inter_node_bandwidth_bytes_per_s
     return max(inside, across)
