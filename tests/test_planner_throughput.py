@@ -131,13 +131,14 @@ def test_ulysses_across_nodes_by_hand():
 
 
 @pytest.mark.parametrize("sp, inside, across", [
-    (6, 1, 4),    # ranks 6-11 of 24: two on one node (1 peer), four on the next
-    (12, 3, 8),   # ranks 12-23: four on one node (3 peers), eight on the next
+    (6, 5, 4),    # ranks 0-5 of 24 share a node (5 peers); ranks 6-11 put two on one node, four on the next
+    (12, 7, 8),   # ranks 0-11: eight on one node (7 peers); ranks 12-23: four on one node, eight on the next
     (4, 3, 0),    # inside a node
 ])
 def test_ulysses_groups_that_straddle_nodes(sp, inside, across):
-    """Ulysses groups are consecutive ranks: on 8-GPU A100 nodes, the slowest rank of a group that
-    straddles a node boundary has the fewest peers in its node and the most across it. Qwen2.5-1.5B
+    """Ulysses groups are consecutive ranks: on 8-GPU A100 nodes a group can straddle a node boundary;
+    the step waits for the rank with the most traffic over NVLink and the one with the most across
+    the NIC (the NIC, whenever the group leaves its node). Qwen2.5-1.5B
     (config.json: 28 layers, 12 heads of 128, 2 KV heads), so sp 4, 6 and 12 divide its heads."""
     s = Shape.of(load_model("qwen2.5-1.5b"), 24 * 1024)
     lay = Layout(num_gpus=24, sp_degree=sp, recompute="none")

@@ -309,13 +309,15 @@ def collective_bandwidth(gpu: GpuProfile, ranks: int) -> float:
 def all_to_all_seconds(bytes_per_rank: float, ranks: int, gpu: GpuProfile) -> float:
     """An all-to-all of bytes_per_rank from each of `ranks` GPUs (1/ranks to each peer): the share for
     peers in the node over NVLink, the share for peers in other nodes through the GPU's own share of
-    the node's NICs (every GPU of the node sends at once), both at the same time. Groups are runs of
-    consecutive ranks, so a group can straddle a node boundary: the slowest rank, which sets the
-    time, shares its node with gcd(ranks, gpus_per_node) members of its group (sp 6 on 8-GPU nodes:
-    ranks 6-11 put two on one node, four on the next)."""
-    on_node = math.gcd(ranks, gpu.gpus_per_node)
-    inside = bytes_per_rank * (on_node - 1) / ranks / gpu.intra_node_bandwidth_bytes_per_s
-    across = bytes_per_rank * (ranks - on_node) / ranks / gpu.inter_node_bandwidth_bytes_per_s
+    the node's NICs (every GPU of the node sends at once), both at the same time; the slowest rank
+    sets the time. Groups are runs of consecutive ranks, so a group can straddle a node boundary: a
+    rank has at most min(ranks, gpus_per_node) members of its group in its node, and at least
+    gcd(ranks, gpus_per_node) (sp 6 on 8-GPU nodes: ranks 0-5 share a node, ranks 6-11 put two on
+    one node and four on the next), so the most NVLink traffic and the most NIC traffic of any rank."""
+    most_inside = min(ranks, gpu.gpus_per_node) - 1
+    most_across = ranks - math.gcd(ranks, gpu.gpus_per_node)
+    inside = bytes_per_rank * most_inside / ranks / gpu.intra_node_bandwidth_bytes_per_s
+    across = bytes_per_rank * most_across / ranks / gpu.inter_node_bandwidth_bytes_per_s
     return max(inside, across)
 
 
