@@ -1,15 +1,17 @@
 """The step-time model against published throughput (ltune/planner/calibration_data.py).
 
-Fit: the fitted constants of ltune/planner/throughput.py (MATMUL_EFFICIENCY, ELEMENTWISE_PASSES, ZERO3_OVERLAP;
-ATTENTION_EFFICIENCY is not fitted) minimise the sum over FITTED_RUNS of log(predicted / published)^2, by coordinate
-descent (golden-section search on one constant at a time, within FIT_BOUNDS, until no constant
-moves by more than 1e-4) from FIT_START. throughput.py holds the fit rounded to two decimals (ELEMENTWISE_PASSES to one).
+Fit: the fitted constants of ltune/planner/throughput.py (MATMUL_EFFICIENCY, ELEMENTWISE_PASSES,
+ZERO3_OVERLAP; ATTENTION_EFFICIENCY is not fitted) minimise the sum over FITTED_RUNS of
+log(predicted / published)^2, by coordinate descent (golden-section search on one constant at a
+time, within FIT_BOUNDS, until no constant moves by more than 1e-4) from FIT_START. throughput.py
+holds the fit rounded to two decimals (ELEMENTWISE_PASSES to one).
 
 Prints, per run, the predicted and published tokens/s/GPU and the error with the constants in
 throughput.py; then, for each independent source, its runs predicted by a fit that leaves that
-source out (leave-one-source-out); then the runs on GPUs no profile describes (in no fit); then XTuner's runs beyond 8k
-and more rows of MosaicML's table (H100, MPT-1B and 3B), which no fit ever sees; then the pairs of published rows of one source that no model of this shape can
-both match (contradictions: a row doing at least another's work per micro-batch yet faster, or
+source out (leave-one-source-out); then the runs on GPUs no profile describes (in no fit); then
+XTuner's runs beyond 8k and more rows of MosaicML's table (H100, MPT-1B and 3B), which no fit
+ever sees; then the pairs of published rows of one source that no model of this shape can both
+match (contradictions: a row doing at least another's work per micro-batch yet faster, or
 slower by more than its largest work ratio).
 Goal: every run within 25%, the leave-one-source-out median within 15%.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import math
 import statistics
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from ltune.planner import throughput as T
 from ltune.planner.calibration_data import (
@@ -108,58 +111,60 @@ def leave_one_source_out(runs):
     return out
 
 
-def published_seconds_per_micro_batch(run: PublishedRun) -> float:
-    """The published time of one micro-batch on one rank: its tokens over the published tokens/s/GPU."""
-    return tokens_per_rank(Shape.of(run.profile(), run.seq_len), run.layout) / run.tokens_per_s_per_gpu
+@dataclass(frozen=True)
+class MicroBatch:
+    """One published row's micro-batch on one rank: what its terms grow with, and its published time."""
+
+    setup: tuple  # what two rows share to compare work: source, model, GPU type and count, ZeRO stage, recompute
+    tokens: int  # tokens the rank runs: what every linear term (matmuls, memory-bound work, all-to-alls) grows with
+    token_keys: int  # tokens x the keys each query sees: what the attention term grows with
+    sp_degree: int
+    grad_accum: int
+    seconds: float  # its tokens over the published tokens/s/GPU
 
 
-def _work(run: PublishedRun) -> tuple[int, int]:
-    """(tokens a rank runs per micro-batch, tokens x the keys each query sees): what every linear term
-    (matmuls, memory-bound work, Ulysses traffic) and the attention term of a micro-batch grow with."""
-    tokens = tokens_per_rank(Shape.of(run.profile(), run.seq_len), run.layout)
-    return tokens, tokens * min(run.seq_len, run.doc_tokens or run.seq_len)
-
-
-def _comparable(a: PublishedRun, b: PublishedRun) -> bool:
-    """Two rows of one source whose micro-batches differ only in work: the same model, GPU type and
-    count, ZeRO stage and recomputed share (so the same ZeRO traffic per micro-batch)."""
-    share = {r: T.recompute_share(r.layout) if r.recomputed is None else r.recomputed for r in (a, b)}
-    return (a.origin == b.origin and a.profile().name == b.profile().name and a.gpu == b.gpu
-            and a.layout.num_gpus == b.layout.num_gpus and a.layout.zero_stage == b.layout.zero_stage
-            and share[a] == share[b] and a.label != b.label)
+def micro_batch(run: PublishedRun) -> MicroBatch:
+    """The published row's micro-batch (MicroBatch), built once per row."""
+    model = run.profile()
+    tokens = tokens_per_rank(Shape.of(model, run.seq_len), run.layout)
+    share = T.recompute_share(run.layout) if run.recomputed is None else run.recomputed
+    return MicroBatch(
+        setup=(run.origin, model.name, run.gpu, run.layout.num_gpus, run.layout.zero_stage, share),
+        tokens=tokens, token_keys=tokens * min(run.seq_len, run.doc_tokens or run.seq_len),
+        sp_degree=run.layout.sp_degree, grad_accum=run.grad_accum, seconds=tokens / run.tokens_per_s_per_gpu,
+    )
 
 
 def contradictions(runs) -> list[tuple[PublishedRun, PublishedRun, str]]:
     """Pairs of published rows that no step-time model of this shape can both match: a micro-batch
     is a sum of terms that grow with the tokens a rank runs (matmuls, memory-bound work, all-to-alls)
-    or with tokens x keys (attention), plus ZeRO traffic that is the same for two comparable rows,
-    plus a cost paid once per optimizer step (spread over grad_accum micro-batches). So when row a
-    does at least row b's work in every term:
+    or with tokens x keys (attention), plus ZeRO traffic that is the same for two rows of one setup
+    (MicroBatch.setup), plus a cost paid once per optimizer step (spread over grad_accum
+    micro-batches). So when row a does at least row b's work in every term:
     - a's micro-batch cannot be faster than b's, unless a per-step cost spread over more micro-batches
       in a makes up the gap (the smallest such cost is stated);
     - with the same sp and accumulation, a's time cannot grow by more than its largest work ratio.
     Returns (a, b, why) for each violation."""
+    rows = [(r, micro_batch(r)) for r in runs]
     out = []
-    for a in runs:
-        for b in runs:
-            if not _comparable(a, b):
+    for a, x in rows:
+        for b, y in rows:
+            if a.label == b.label or x.setup != y.setup:
                 continue
-            (lin_a, att_a), (lin_b, att_b) = _work(a), _work(b)
-            if lin_a < lin_b or att_a < att_b or a.layout.sp_degree < b.layout.sp_degree:
+            if x.tokens < y.tokens or x.token_keys < y.token_keys or x.sp_degree < y.sp_degree:
                 continue
-            if (lin_a, att_a, a.layout.sp_degree) == (lin_b, att_b, b.layout.sp_degree):
+            if (x.tokens, x.token_keys, x.sp_degree) == (y.tokens, y.token_keys, y.sp_degree):
                 continue  # the same work as ltune describes it (torchtitan's two selective checkpointings)
-            t_a, t_b = published_seconds_per_micro_batch(a), published_seconds_per_micro_batch(b)
-            if t_a < t_b:
-                why = f"does at least its work per micro-batch, yet takes {t_a:.2f} s against {t_b:.2f} s"
-                if a.grad_accum > b.grad_accum:
-                    step = (t_b - t_a) / (1 / b.grad_accum - 1 / a.grad_accum)
+            if x.seconds < y.seconds:
+                why = f"does at least its work per micro-batch, yet takes {x.seconds:.2f} s against {y.seconds:.2f} s"
+                if x.grad_accum > y.grad_accum:
+                    step = (y.seconds - x.seconds) / (1 / y.grad_accum - 1 / x.grad_accum)
                     why += f"; only a cost of at least {step:.1f} s per optimizer step explains both"
                 out.append((a, b, why))
-            bound = max(lin_a / lin_b, att_a / att_b)
-            if (a.layout.sp_degree == b.layout.sp_degree and a.grad_accum == b.grad_accum
-                    and t_a / t_b > bound * (1 + 1e-9)):
-                out.append((a, b, f"takes {t_a / t_b:.2f}x its time per micro-batch for at most {bound:.2f}x "
+            bound = max(x.tokens / y.tokens, x.token_keys / y.token_keys)
+            ratio = x.seconds / y.seconds
+            if x.sp_degree == y.sp_degree and x.grad_accum == y.grad_accum and ratio > bound * (1 + 1e-9):
+                out.append((a, b, f"takes {ratio:.2f}x its time per micro-batch for at most {bound:.2f}x "
                                   f"its work in any term"))
     return out
 
@@ -201,17 +206,13 @@ def main() -> None:
     print(f"  torchtitan H100 scaling 8 -> 128 GPUs (ZeRO-3 across 16 nodes): predicted {ratio:.3f}, "
           f"published {published:.3f}")
 
-    print(f"\nheld out of every fit (XTuner beyond 8k), constants of throughput.py\n{header}")
-    for r in HELD_OUT_RUNS:
-        print(row(r, errors[r.label]))
-    held = [abs(errors[r.label]) for r in HELD_OUT_RUNS]
-    print(f"  held-out median |error| {100 * statistics.median(held):.1f}%")
-
-    print(f"\nheld out of every fit (MosaicML on H100, MPT-1B and 3B on A100), constants of throughput.py\n{header}")
-    for r in HELD_OUT_MOSAICML:
-        print(row(r, errors[r.label]))
-    held = [abs(errors[r.label]) for r in HELD_OUT_MOSAICML]
-    print(f"  held-out median |error| {100 * statistics.median(held):.1f}%")
+    held_out = (("XTuner beyond 8k", HELD_OUT_RUNS), ("MosaicML on H100, MPT-1B and 3B on A100", HELD_OUT_MOSAICML))
+    for title, runs in held_out:
+        print(f"\nheld out of every fit ({title}), constants of throughput.py\n{header}")
+        for r in runs:
+            print(row(r, errors[r.label]))
+        held = [abs(errors[r.label]) for r in runs]
+        print(f"  held-out median |error| {100 * statistics.median(held):.1f}%")
 
     print("\npublished rows no model of this shape can both match (same source, model and GPUs)")
     for a, b, why in contradictions((*FITTED_RUNS, *UNPROFILED_RUNS, *HELD_OUT_RUNS, *HELD_OUT_MOSAICML)):

@@ -17,9 +17,10 @@
   so its bus bandwidth is the node's NICs together (collective_bandwidth), while an all-to-all's
   off-node share goes through each GPU's own NIC (all_to_all_seconds).
 
-Three of the four efficiency constants (MATMUL_EFFICIENCY, ELEMENTWISE_PASSES, ZERO3_OVERLAP) are fitted on published A100 80GB runs
-of three independent sources, torchtitan (FSDP2), XTuner (DeepSpeed ZeRO-3) and MosaicML llm-foundry's
-MPT benchmarks (Composer FSDP) (planner/calibration_data.py FITTED_RUNS; ATTENTION_EFFICIENCY stays 1.0) by least squares
+Three of the four efficiency constants (MATMUL_EFFICIENCY, ELEMENTWISE_PASSES, ZERO3_OVERLAP) are
+fitted on published A100 80GB runs of three independent sources, torchtitan (FSDP2), XTuner
+(DeepSpeed ZeRO-3) and MosaicML llm-foundry's MPT benchmarks (Composer FSDP)
+(planner/calibration_data.py FITTED_RUNS; ATTENTION_EFFICIENCY stays 1.0) by least squares
 on the log error; bench/calibration.py prints the fit, every run's error and each source's error
 when it is left out of the fit. MFU keeps the PaLM convention
 (model_flops_per_token: 6N + 12*L*H*Q*T, no causal halving), as published MFU figures do.
